@@ -1,0 +1,1 @@
+"""featx command line: a thin Typer layer over the library (the only package that imports typer/rich)."""
