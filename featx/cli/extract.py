@@ -1,0 +1,52 @@
+"""`featx extract IMAGES`: features from a pretrained backbone into one resumable, pickle-free feature store."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app, run_boundary
+from .common import err, out, print_json, progress_bar, warn
+
+
+@app.command("extract")
+@run_boundary
+def extract_cmd(
+    images: Path = typer.Argument(..., help="Image folder: class subfolders give labels, train/ val/ test/ give splits."),
+    output: Path = typer.Option(Path("featx-out/features.npz"), "-o", "--output", help="Feature store to write (.npz)."),
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="Backbone name (see `featx models`)."),
+    no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random (seeded) initialisation instead of ImageNet weights."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file (.safetensors or torch state dict)."),
+    layer: str = typer.Option("pooled", "--layer", help="'pooled' (classifier input), stageN, or a module name (globally pooled)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per batch (default 64 CPU, 256 CUDA)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: CPU count, at most 8)."),
+    chunk_size: int = typer.Option(1024, "--chunk-size", min=1, help="Images per resumable chunk."),
+    strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file is skipped."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing file that is not a featx store."),
+    json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+):
+    """Extract features for every image in a folder (resumes if interrupted)."""
+    from ..features.engine import extract_features
+
+    with progress_bar("extracting", unit="img") as update:
+        res = extract_features(
+            images, output, backbone=backbone, pretrained=not no_pretrained, weights=weights, layer=layer,
+            device=device, batch_size=batch_size, workers=workers, chunk_size=chunk_size, strict=strict,
+            overwrite=overwrite, progress=update,
+        )
+    for w in res.warnings:
+        warn(w)
+    for s in res.skipped:
+        warn(f"skipped {s['path']}: {s['reason']}")
+    for g in res.leakage:
+        warn(f"train/val leakage: identical files {', '.join(g['paths'])}")
+    if json_:
+        print_json(res.to_dict())
+        return
+    resumed = f" ({res.resumed_images} resumed)" if res.resumed_images else ""
+    out.print(
+        f"[bold green]{res.n_images}[/] images{resumed}, [bold]{res.n_skipped}[/] skipped, {res.feature_dim}-d features "
+        f"from {res.backbone} on {res.device} in {res.seconds:.1f} s ({res.images_per_s:.1f} img/s) -> {res.path}"
+    )

@@ -1,0 +1,100 @@
+"""`featx finetune BACKBONE IMAGES`: fine-tune a pretrained backbone; writes a run folder that predict accepts."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from .app import app, run_boundary
+from .common import err, out, print_json, warn
+
+
+def is_main_rank() -> bool:
+    """Under torchrun only rank 0 prints results (every rank runs the command)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def epoch_line(row: dict) -> None:
+    """One progress line per epoch on stderr; `*` marks a new best validation accuracy."""
+    val = ""
+    if row.get("val_accuracy") is not None:
+        val = (f" | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f} "
+               f"bal {row['val_balanced_accuracy']:.4f}")
+    star = " [green]*[/]" if row.get("improved") and row.get("val_accuracy") is not None else ""
+    err.print(f"epoch {row['epoch']}/{row['total_epochs']} \\[{escape(row['phase'])}] loss {row['train_loss']:.4f} "
+              f"acc {row['train_accuracy']:.4f}{val} | lr {row['lr']:.3g} | {row['seconds']:.1f} s, "
+              f"{row['images_per_s']:.0f} img/s{star}", markup=True, highlight=False)
+
+
+def log_message(msg: str) -> None:
+    if msg.startswith("warning: "):
+        warn(msg[len("warning: "):])
+    else:
+        err.print(msg, markup=False, highlight=False)
+
+
+def print_result(res, json_: bool) -> None:
+    if not is_main_rank():
+        return
+    if json_:
+        print_json(res.summary())
+        return
+    b = res.best
+    if b.get("accuracy") is not None:
+        score = (f"best val accuracy [bold green]{b['accuracy']:.4f}[/] (balanced {b['balanced_accuracy']:.4f}) "
+                 f"at epoch {b['epoch']}")
+    else:
+        score = f"no validation images; kept the last epoch ({b['epoch']})"
+    state = "" if res.completed else " [yellow](stopped early on request: continue with --resume)[/]"
+    out.print(f"{score}, {len(res.rows)} epochs in {res.seconds:.1f} s{state}")
+    if res.skipped:
+        out.print(f"{len(res.skipped)} image(s) could not be decoded and were skipped (listed in report.md)")
+    out.print(f"run folder: [bold]{res.run_dir}[/]  (featx predict IMAGES --model {res.run_dir})")
+
+
+@app.command("finetune")
+@run_boundary
+def finetune_cmd(
+    backbone: str = typer.Argument(..., help="Backbone name, e.g. efficientnet_lite0, resnet18, tv/resnet18 (see `featx models`)."),
+    images: Path = typer.Argument(..., help="Labelled image folder: class subfolders, optionally inside train/ and val/."),
+    epochs: int = typer.Option(15, "--epochs", min=1, help="Total epochs (head phase + fine-tuning phase)."),
+    head_epochs: int = typer.Option(3, "--head-epochs", min=0, help="Epochs training only the new head (capped at epochs/3)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (per process under torchrun)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size (default: the backbone's own)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate of the head in phase 2; lower layers get less."),
+    head_lr: float = typer.Option(3e-3, "--head-lr", help="Learning rate of phase 1 (head on the frozen backbone)."),
+    unfreeze: str = typer.Option("all", "--unfreeze", help="Layer groups to unfreeze in phase 2: N or 'all'."),
+    layer_decay: float = typer.Option(0.7, "--layer-decay", help="LR multiplier per layer group going down."),
+    augment: str = typer.Option("standard", "--augment", help="none | light | standard | strong."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | sgd (Nesterov momentum 0.9)."),
+    weight_decay: float = typer.Option(0.01, "--weight-decay", help="Decoupled weight decay (not on biases/norms)."),
+    label_smoothing: float = typer.Option(0.1, "--label-smoothing", help="Label smoothing of the training loss."),
+    patience: int = typer.Option(5, "--patience", min=0, help="Early stopping after N epochs without a better val accuracy (0: off)."),
+    val_split: float = typer.Option(0.2, "--val-split", help="Held-out fraction (stratified, seeded) when there is no val/ folder."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file (.safetensors or torch state dict)."),
+    no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Start from a random init instead of ImageNet weights."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the split, the head init, shuffling and augmentation."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes (default: CPUs - 1, at most 8)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Run folders go to RUNS_DIR/finetune/NAME."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run folder name (default: exp, exp2, ...)."),
+    exist_ok: bool = typer.Option(False, "--exist-ok", help="Allow overwriting an existing --name folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the --name run (or the latest one) from its last epoch."),
+    max_epochs: Optional[int] = typer.Option(None, "--stop-after", min=1, help="Stop after this epoch (resumable), e.g. to time-box a job."),
+    json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary (run_dir, model, best) on stdout."),
+):
+    """Fine-tune a pretrained backbone: head on the frozen net, then unfreeze with layer-wise learning rates."""
+    from ..training import finetune
+
+    res = finetune(
+        backbone, images, epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, image_size=image_size,
+        lr=lr, head_lr=head_lr, unfreeze=unfreeze, layer_decay=layer_decay, augment=augment, optimizer=optimizer,
+        weight_decay=weight_decay, label_smoothing=label_smoothing, patience=patience, val_split=val_split,
+        weights=str(weights) if weights else None, pretrained=not no_pretrained, seed=seed, device=device,
+        workers=workers, runs_dir=str(runs_dir), name=name, exist_ok=exist_ok, resume=resume, stop_after=max_epochs,
+        log=log_message if is_main_rank() else None, on_epoch=epoch_line,
+    )
+    print_result(res, json_)

@@ -1,0 +1,107 @@
+"""`featx fit [FEATURES]`: fit a classification head on extracted features and report honest validation scores."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app, run_boundary
+from .common import out, print_json, warn
+from .tables import comparison_table, confusion_table, cv_line, fmt, metrics_table, per_class_table
+
+# Literal defaults (not imported) so that `featx --help` does not import numpy/sklearn; tests check they agree.
+DEFAULT_FEATURES = Path("featx-out") / "features.npz"
+DEFAULT_HEAD = Path("featx-out") / "head.skops"
+
+
+class _ToWarn(logging.Handler):
+    """Library warnings (logging, logger 'featx.*') shown as yellow `Warning:` lines on stderr."""
+
+    def emit(self, record):
+        warn(record.getMessage())
+
+
+@contextlib.contextmanager
+def _library_warnings():
+    logger = logging.getLogger("featx")
+    handler = _ToWarn(level=logging.WARNING)
+    logger.addHandler(handler)
+    old_propagate = logger.propagate
+    logger.propagate = False  # otherwise Python's last-resort handler prints each warning a second time
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = old_propagate
+
+
+@app.command("fit")
+@run_boundary
+def fit_cmd(
+    features: Path = typer.Argument(DEFAULT_FEATURES, help="Features file from `featx extract` (labelled)."),
+    head: str = typer.Option("logistic", "--head", help="logistic | svm | svm-rbf | linear | knn | all."),
+    output: Path = typer.Option(DEFAULT_HEAD, "-o", "--output", help="Head file to write (.skops); reports go beside it."),
+    C: Optional[float] = typer.Option(None, "--C", help="Fix the regularisation strength (ridge: alpha=1/(2C)) instead of a CV search."),
+    k: Optional[int] = typer.Option(None, "--k", help="Fix k for the knn head instead of a CV search."),
+    class_weight: Optional[str] = typer.Option(None, "--class-weight", help="'balanced' for imbalanced classes."),
+    val_split: float = typer.Option(0.2, "--val-split", help="Stratified hold-out fraction when the features carry no val split."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Validate on these features instead (same backbone)."),
+    cv: int = typer.Option(5, "--cv", help="Folds of the CV search (0 = off)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the hold-out, the CV folds and the SVMs."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: where the logistic head may run (cuda = torch L-BFGS)."),
+    backend: str = typer.Option("auto", "--backend", help="auto | sklearn | torch (logistic head only)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel CV fits (-1 = all cores)."),
+    json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+):
+    """Fit a head (logistic, SVM, ridge, k-NN) on features; report val/test scores, per-class table, confusion matrix."""
+    from ..heads import fit_head
+
+    with _library_warnings():
+        res = fit_head(features, head=head, output=output, C=C, k=k, class_weight=class_weight, val_split=val_split,
+                       val=val, cv=cv, seed=seed, device=device, backend=backend, n_jobs=jobs)
+    if json_:
+        print_json(res.to_dict())
+        return
+    if res.results:
+        _print_comparison(res)
+        out.print()
+        out.print(f"[bold]Best: {res.kind}[/bold]")
+    _print_one(res)
+    if res.results:
+        others = ", ".join(str(r.path) for r in res.results if r.path)
+        if others:
+            out.print(f"[dim]every head: {others}[/dim]")
+
+
+def _print_one(res) -> None:
+    t = res.training
+    backbone = res.head.feature_meta.get("backbone") or "unknown backbone"
+    params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.head.meta["params"].items())
+    out.print(f"[bold]{res.kind}[/bold] head ({params}) on {t['n']} training samples x {t['n_features']} features "
+              f"({backbone}), fitted with {t['backend']} on {t['device']} in {t['fit_seconds']:.2f} s")
+    out.print(f"validated on {res.validation}")
+    out.print(cv_line(res.cv))
+    out.print(metrics_table(res.scores, title="Scores (held-out data)"))
+    for name, m in res.scores.items():
+        out.print(per_class_table(m, title=f"Per class, {name}"))
+        out.print(confusion_table(m, title=f"Confusion matrix, {name} (rows = true)"))
+    out.print(f"[dim]accuracy on the training rows themselves (not a score): {fmt(t['training_data_accuracy'])}[/dim]")
+    if res.path:
+        out.print(f"head -> [bold]{res.path}[/bold]")
+    if res.report_path:
+        out.print(f"report -> {res.report_path} (+ confusion PNGs)")
+
+
+def _print_comparison(res) -> None:
+    split = res.selection_split or "val"
+    rows = [r.to_dict() for r in res.results]
+    cols = [("head", "head"), ("params", "params"), ("CV mean", "cv.mean"), ("CV std", "cv.std"),
+            (f"{split} acc.", f"scores.{split}.accuracy"), (f"{split} bal. acc.", f"scores.{split}.balanced_accuracy"),
+            (f"{split} macro-F1", f"scores.{split}.macro_f1")]
+    if any("test" in r["scores"] for r in rows) and split != "test":
+        cols.append(("test acc.", "scores.test.accuracy"))
+    cols.append(("fit s", "training.fit_seconds"))
+    out.print(comparison_table(rows, cols, title=f"Heads, sorted by {split} accuracy"))

@@ -1,0 +1,20 @@
+"""Heads on frozen features: scikit-learn pipelines, CV search, a torch/GPU logistic head, and the safe head file."""
+from __future__ import annotations
+
+from .fit import FitResult, FitSettings, fit_head
+from .pipelines import HEADS, SPECS, make_estimator
+from .store import DEFAULT_HEAD_PATH, TRUSTED_TYPES, Head, load_head, save_head
+
+__all__ = [
+    "HEADS",
+    "SPECS",
+    "DEFAULT_HEAD_PATH",
+    "TRUSTED_TYPES",
+    "FitResult",
+    "FitSettings",
+    "Head",
+    "fit_head",
+    "load_head",
+    "save_head",
+    "make_estimator",
+]

@@ -1,0 +1,281 @@
+"""Metrics and plots shared by every command that scores a model: metrics dicts, confusion matrix, curves, galleries, bars.
+
+Everything here is plain data in, JSON-able dicts or PNG files out; nothing imports typer/rich. matplotlib is imported
+lazily (with the Agg backend, so plotting works on headless machines) and every PNG is written atomically.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ._io import atomic_write
+
+__all__ = [
+    "classification_metrics",
+    "classification_report",
+    "summary",
+    "save_confusion_png",
+    "save_learning_curve_png",
+    "save_gallery_png",
+    "save_bar_chart_png",
+]
+
+SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "n")
+
+
+def classification_metrics(y_true: Sequence, y_pred: Sequence, classes: Sequence | None = None) -> dict:
+    """Accuracy, balanced accuracy, macro-F1, a per-class table and the confusion matrix (rows = true class).
+
+    ``classes`` fixes the row/column order; labels seen in ``y_true``/``y_pred`` but missing from it are appended
+    (sorted) so that no sample silently drops out of the matrix. Balanced accuracy and macro-F1 average over the
+    classes that actually occur in ``y_true`` (a class with no true samples has no recall to average).
+    """
+    y_true = np.asarray(y_true).astype(str)
+    y_pred = np.asarray(y_pred).astype(str)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true has {len(y_true)} entries but y_pred has {len(y_pred)}")
+    order = [str(c) for c in (classes if classes is not None else [])]
+    extra = sorted((set(y_true.tolist()) | set(y_pred.tolist())) - set(order))
+    order += extra
+    index = {c: i for i, c in enumerate(order)}
+    k = len(order)
+    cm = np.zeros((k, k), dtype=np.int64)
+    if len(y_true):
+        np.add.at(cm, ([index[t] for t in y_true], [index[p] for p in y_pred]), 1)
+
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    tp = np.diag(cm)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
+        recall = np.where(support > 0, tp / np.maximum(support, 1), 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-300), 0.0)
+    present = support > 0
+    n = int(len(y_true))
+    return {
+        "accuracy": float(tp.sum() / n) if n else float("nan"),
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
+        "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
+        "n": n,
+        "classes": order,
+        "per_class": {
+            c: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, c in enumerate(order)
+        },
+        "confusion": cm.tolist(),
+    }
+
+
+# The name docs/ARCHITECTURE.md uses; same function.
+classification_report = classification_metrics
+
+
+def summary(metrics: Mapping) -> dict:
+    """The four headline numbers of a metrics dict (what ``--json`` prints per split)."""
+    return {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
+
+
+# --------------------------------------------------------------------------------------------------- plotting
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # headless: never try to open a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    """Render to memory, then write atomically (a crash never leaves half a PNG at ``path``)."""
+    plt = _plt()
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    path = Path(path)
+    with atomic_write(path, "wb") as fh:
+        fh.write(buf.getvalue())
+    return path
+
+
+def save_confusion_png(metrics: Mapping, path, title: str | None = None, *, normalize: bool = False) -> Path:
+    """Confusion matrix heat map (rows = true, columns = predicted) with counts in the cells.
+
+    Colours show row-normalised recall so that small classes are as visible as large ones; the numbers stay counts
+    (or row fractions with ``normalize=True``). Cell labels are dropped above 30 classes, where they would overlap.
+    """
+    plt = _plt()
+    classes = list(metrics["classes"])
+    cm = np.asarray(metrics["confusion"], dtype=float).reshape(len(classes), len(classes))
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    k = len(classes)
+    size = min(max(4.0, 0.45 * k + 2.5), 24.0)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=100)
+    im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xticklabels(classes, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center", fontsize=8)
+    ax.set_yticklabels(classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                val = frac[i, j] if normalize else cm[i, j]
+                text = f"{val:.2f}" if normalize else f"{int(val)}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if frac[i, j] > 0.5 else "black")
+    if title is None:
+        acc = metrics.get("accuracy")
+        title = "confusion matrix" + (f" (accuracy {acc:.3f}, n={metrics.get('n')})" if acc is not None else "")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def save_learning_curve_png(rows: Iterable[Mapping], path, title: str | None = None) -> Path:
+    """Loss (train and val) and val accuracy per epoch, from rows of ``{epoch, train_loss, val_loss, val_accuracy}``.
+
+    Missing or ``None`` values are skipped, so a run without validation still gets its training loss plotted.
+    """
+    plt = _plt()
+    rows = list(rows)
+
+    def series(key):
+        xs, ys = [], []
+        for i, r in enumerate(rows):
+            v = r.get(key)
+            if v is None or (isinstance(v, float) and math.isnan(v)) or v == "":
+                continue
+            xs.append(float(r.get("epoch", i + 1)))
+            ys.append(float(v))
+        return xs, ys
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for key, style in (("train_loss", "-o"), ("val_loss", "-s")):
+        xs, ys = series(key)
+        if xs:
+            ax1.plot(xs, ys, style, markersize=3, label=key.replace("_", " "))
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    if ax1.get_legend_handles_labels()[0]:
+        ax1.legend()
+    xs, ys = series("val_accuracy")
+    if xs:
+        ax2.plot(xs, ys, "-o", markersize=3, color="tab:green", label="val accuracy")
+        best = int(np.argmax(ys))
+        ax2.annotate(f"best {ys[best]:.3f}", (xs[best], ys[best]), textcoords="offset points", xytext=(0, 8), ha="center")
+        ax2.legend()
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("accuracy")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _item_fields(item) -> tuple:
+    if isinstance(item, Mapping):
+        path = item.get("path", item.get("image"))
+        return path, item.get("true"), item.get("pred"), item.get("confidence")
+    path, true, pred, *rest = item
+    return path, true, pred, (rest[0] if rest else None)
+
+
+def _thumbnail(path, size: int):
+    """A square RGB thumbnail, or None when the file cannot be read (the caller draws a grey tile)."""
+    try:
+        try:
+            from .data.decode import load_rgb  # EXIF orientation as the model saw it, when available
+        except ImportError:  # pragma: no cover - decode module written concurrently
+            load_rgb = None
+        if load_rgb is not None:
+            img = load_rgb(path)
+        else:  # pragma: no cover
+            from PIL import Image
+
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        img = img.copy()
+        img.thumbnail((size, size))
+        return np.asarray(img)
+    except Exception:  # unreadable, truncated, missing: a gallery must still render
+        return None
+
+
+def save_gallery_png(items: Iterable, path, title: str = "", *, thumb: int = 128, columns: int = 6) -> Path:
+    """Thumbnails with ``true -> pred (confidence)`` captions (e.g. the worst misclassifications).
+
+    ``items`` are dicts with ``path`` (or ``image``), ``true``, ``pred``, ``confidence``, or tuples in that order.
+    An image that cannot be read is shown as a grey tile with its caption, so the gallery never fails on one file.
+    """
+    plt = _plt()
+    items = list(items)
+    n = len(items)
+    cols = max(1, min(columns, n))
+    nrows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.2 * cols, 2.5 * nrows + 0.4), dpi=100, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    if n == 0:
+        axes[0, 0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
+    for ax, item in zip(axes.ravel(), items):
+        p, true, pred, conf = _item_fields(item)
+        img = _thumbnail(p, thumb) if p is not None else None
+        if img is None:
+            ax.imshow(np.full((thumb, thumb, 3), 160, dtype=np.uint8))
+            ax.text(thumb / 2, thumb / 2, "unreadable", ha="center", va="center", fontsize=8)
+        else:
+            ax.imshow(img)
+        caption = f"{true} -> {pred}" if true is not None else f"{pred}"
+        if conf is not None:
+            try:
+                caption += f" ({float(conf):.2f})"
+            except (TypeError, ValueError):
+                pass
+        name = os.path.basename(str(p)) if p is not None else ""
+        wrong = true is not None and str(true) != str(pred)
+        ax.set_title(f"{caption}\n{name[:28]}", fontsize=7, color="tab:red" if wrong else "black")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_bar_chart_png(rows: Sequence[Mapping], path, key: str = "accuracy", label_key: str = "name",
+                       title: str | None = None) -> Path:
+    """Horizontal bars of ``row[key]`` labelled by ``row[label_key]``, best at the top (e.g. comparing heads)."""
+    plt = _plt()
+    data = [(str(r.get(label_key, "?")), r.get(key)) for r in rows]
+    data = [(lab, float(v)) for lab, v in data if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    data.sort(key=lambda t: t[1])  # barh draws bottom-up: ascending puts the best on top
+    fig, ax = plt.subplots(figsize=(7, max(2.0, 0.45 * len(data) + 1.2)), dpi=100)
+    if data:
+        labels, values = zip(*data)
+        bars = ax.barh(range(len(values)), values, color="tab:blue")
+        ax.set_yticks(range(len(values)))
+        ax.set_yticklabels(labels)
+        hi = max(values)
+        for b, v in zip(bars, values):
+            ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {v:.3f}", va="center", fontsize=8)
+        if min(values) >= 0:  # scores in [0, 1] read best on a fixed axis; anything else keeps matplotlib's
+            ax.set_xlim(0, max(1.0, hi) * 1.12)
+    else:
+        ax.text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(key.replace("_", " "))
+    ax.set_title(title or key.replace("_", " "))
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,35 @@
+"""Shared fixtures: CPU only, no progress bars, the shared ants/bees photos when present, tiny image folders."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests run on the CPU even on a GPU machine, unless marked gpu
+os.environ.setdefault("FEATX_NO_PROGRESS", "1")
+os.environ.setdefault("FEATX_OFFLINE", "1")  # never try the network from tests
+
+HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
+
+
+@pytest.fixture(scope="session")
+def hymenoptera() -> Path:
+    if not (HYMENOPTERA / "train").is_dir():
+        pytest.skip("../shared/data/hymenoptera is not present")
+    return HYMENOPTERA
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+    except Exception:
+        cuda = False
+    if cuda:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,267 @@
+"""fit_head on small real features (sklearn digits): every head kind, validation rules, CV search, torch logistic head."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from featx.errors import ArtifactError, DataError, UsageError
+from featx.features.store import FeatureSet
+from featx.heads import HEADS, fit_head, load_head
+
+META = {"backbone": "efficientnet_lite0", "weights_sha256": "ab" * 32, "weights_source": "test",
+        "preprocess": {"input_size": 8, "resize": 8}, "layer": "pooled", "feature_dim": 64,
+        "versions": {"torch": "x"}}
+
+
+def digits(n=None, splits=False, seed=0, meta=META) -> FeatureSet:
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    if n is not None:
+        X, y = X[:n], y[:n]
+    labels = np.array([f"digit{v}" for v in y])
+    sp = None
+    if splits:
+        rng = np.random.default_rng(seed)
+        sp = rng.choice(["train", "val", "test"], size=len(X), p=[0.6, 0.2, 0.2])
+    return FeatureSet(X, [f"img/{i}.png" for i in range(len(X))], labels=labels, splits=sp,
+                      classes=sorted(set(labels)), meta=dict(meta))
+
+
+@pytest.fixture(scope="module")
+def small():
+    return digits(n=700)
+
+
+# Short grids per kind keep the CV cheap; they still bracket the best values on digits.
+GRIDS = {"logistic": [0.01, 0.1, 1.0], "svm": [0.001, 0.01, 0.1], "svm-rbf": [1.0, 10.0], "linear": [1.0, 10.0, 100.0],
+         "knn": [1, 3, 5]}
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_every_head_kind_fits_and_scores_on_held_out_rows(kind, small):
+    res = fit_head(small, kind, cv=3, grid=GRIDS[kind])
+    assert res.head.kind == kind
+    assert res.validation.startswith("a stratified 20% hold-out")
+    val = res.scores["val"]
+    assert val["n"] == 140 and res.training["n"] == 560  # 20% of 700 held out, never trained on
+    assert val["accuracy"] > 0.85, val
+    assert set(res.head.classes) == set(small.labels.tolist())
+    # CV reported with mean and std over 3 folds; the chosen value is one of the grid values
+    assert res.cv["folds"] == 3 and res.cv["best"] in res.cv["grid"]
+    assert 0.5 < res.cv["mean"] <= 1.0 and res.cv["std"] >= 0.0
+    # scores agree with predict, in class-name order; kinds say which scores they give
+    scores, kind_of = res.head.predict_scores(small.features[:50])
+    assert scores.shape == (50, 10)
+    assert kind_of == ("probability" if kind in ("logistic", "knn") else "decision")
+    pred = res.head.predict(small.subset(np.arange(50)))
+    assert pred.dtype.kind == "U"
+    np.testing.assert_array_equal(np.asarray(res.head.classes)[scores.argmax(1)], pred)
+    d = res.to_dict()
+    assert set(d["scores"]["val"]) == {"accuracy", "balanced_accuracy", "macro_f1", "n"}
+
+
+def test_splits_train_on_train_and_report_val_and_test():
+    fs = digits(n=900, splits=True)
+    res = fit_head(fs, "logistic", C=0.1, cv=3)
+    assert set(res.scores) == {"val", "test"}
+    assert res.training["n"] == int((fs.splits == "train").sum())
+    assert res.scores["val"]["n"] == int((fs.splits == "val").sum())
+    assert res.scores["test"]["n"] == int((fs.splits == "test").sum())
+    assert res.validation == "the features' 'val' split"
+    assert res.cv["fixed"] and res.cv["grid"] == [0.1] and res.head.meta["params"] == {"C": 0.1}
+    assert res.scores["val"]["accuracy"] > 0.9
+
+
+def test_train_only_splits_carve_a_validation_set_from_train():
+    fs = digits(n=500)
+    fs.splits = np.array(["train"] * 400 + ["test"] * 100)
+    res = fit_head(fs, "linear", cv=0)
+    assert set(res.scores) == {"val", "test"}
+    assert res.scores["val"]["n"] == 80 and res.training["n"] == 320
+
+
+def test_hold_out_is_stratified_and_seeded(small):
+    a = fit_head(small, "knn", k=3, cv=0, seed=1)
+    b = fit_head(small, "knn", k=3, cv=0, seed=1)
+    c = fit_head(small, "knn", k=3, cv=0, seed=2)
+    assert a.scores["val"]["confusion"] == b.scores["val"]["confusion"]
+    assert a.scores["val"]["confusion"] != c.scores["val"]["confusion"]
+    supports = [r["support"] for r in a.scores["val"]["per_class"].values()]
+    assert min(supports) >= 12 and max(supports) <= 16  # ~14 per class: stratified, not random
+
+
+def test_explicit_val_features_and_provenance_check():
+    fs = digits()
+    train, val = fs.subset(np.arange(0, 1200)), fs.subset(np.arange(1200, 1797))
+    res = fit_head(train, "svm", C=0.01, cv=0, val=val)
+    assert res.scores["val"]["n"] == 597 and res.training["n"] == 1200
+    other = FeatureSet(val.features, val.paths, labels=val.labels, meta={**META, "backbone": "timm/resnet18"})
+    with pytest.raises(ArtifactError, match="timm/resnet18"):
+        fit_head(train, "svm", C=0.01, cv=0, val=other)
+
+
+def test_unlabeled_single_class_and_tiny_classes_are_data_errors(small):
+    unlabeled = FeatureSet(small.features, small.paths, meta=META)
+    with pytest.raises(DataError, match="no labels"):
+        fit_head(unlabeled)
+    one = small.subset(small.labels == "digit3")
+    with pytest.raises(DataError, match="single class"):
+        fit_head(one, cv=0)
+    lonely = small.subset(np.r_[np.flatnonzero(small.labels != "digit7"), np.flatnonzero(small.labels == "digit7")[:1]])
+    with pytest.raises(DataError, match="digit7"):
+        fit_head(lonely, cv=3)
+
+
+def test_class_too_small_for_k_folds_lowers_k(small, caplog):
+    keep = np.r_[np.flatnonzero(small.labels != "digit5"), np.flatnonzero(small.labels == "digit5")[:3]]
+    fs = small.subset(keep)
+    fs.splits = np.array(["train"] * len(fs))
+    fs.splits[np.flatnonzero(fs.labels == "digit1")[:10]] = "val"
+    with caplog.at_level(logging.WARNING, logger="featx"):
+        res = fit_head(fs, "linear", cv=5, grid=[10.0])
+    assert res.cv["folds"] == 3  # digit5 has 3 training rows
+    assert "3-fold instead of 5-fold" in caplog.text
+
+
+def test_bad_options_are_usage_errors(small):
+    with pytest.raises(UsageError, match="did you mean 'svm'"):
+        fit_head(small, "svn")
+    with pytest.raises(UsageError, match="--k"):
+        fit_head(small, "knn", C=1.0)
+    with pytest.raises(UsageError, match="knn"):
+        fit_head(small, "logistic", k=3)
+    with pytest.raises(UsageError, match="val-split"):
+        fit_head(small, val_split=1.5)
+    with pytest.raises(UsageError, match="balanced"):
+        fit_head(small, class_weight="heavy")
+    with pytest.raises(UsageError):
+        fit_head(small, backend="torch", head="svm")
+
+
+def test_grid_widens_when_the_best_value_is_at_an_edge(small):
+    # ridge on digits wants alpha ~ 10-100: a grid of far too weak values must grow upwards
+    res = fit_head(small, "linear", cv=3, grid=[0.001, 0.01])
+    assert res.cv["widened"] >= 1
+    assert max(res.cv["grid"]) > 0.01 and res.cv["best"] > 0.01
+    means = {r["value"]: r["mean"] for r in res.cv["per_value"]}
+    assert means[res.cv["best"]] == max(means.values()) and means[res.cv["best"]] > means[0.001]
+    # knn: k=1 is a floor, never reported as an edge to widen past
+    knn = fit_head(small, "knn", cv=3, grid=[1, 3])
+    assert knn.cv["best"] != 1 or not knn.cv["at_edge"]
+
+
+def test_class_weight_balanced_reaches_the_estimator_and_the_metric(small):
+    keep = np.r_[np.flatnonzero(small.labels != "digit0"), np.flatnonzero(small.labels == "digit0")[:12]]
+    res = fit_head(small.subset(keep), "svm", class_weight="balanced", cv=3, grid=[0.01])
+    assert res.head.pipeline[-1].class_weight == "balanced"
+    assert res.cv["metric"] == "balanced_accuracy"
+    assert res.head.meta["class_weight"] == "balanced"
+
+
+def test_cv_off_uses_the_default_value(small):
+    res = fit_head(small, "svm-rbf", cv=0)
+    assert res.cv is None and res.head.meta["params"] == {"C": 1.0}
+
+
+def test_training_accuracy_is_labelled_not_a_score(small):
+    res = fit_head(small, "knn", k=1, cv=0)
+    d = res.to_dict()
+    assert d["training"]["training_data_accuracy"] == 1.0  # 1-NN memorises: exactly why it is not a score
+    assert "train" not in d["scores"] and d["scores"]["val"]["accuracy"] < 1.0
+
+
+def test_nothing_is_written_without_output(small, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = fit_head(small, "linear", cv=0)
+    assert res.path is None and res.report_path is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_files_beside_the_head(small, tmp_path):
+    import json
+
+    res = fit_head(small, "logistic", C=0.1, cv=0, output=tmp_path / "h.skops")
+    assert res.path == tmp_path / "h.skops" and res.path.is_file()
+    rep = json.loads((tmp_path / "h.report.json").read_text())
+    assert rep["head"] == "logistic" and rep["metrics"]["val"]["confusion"]
+    assert rep["metrics"]["val"]["per_class"]["digit0"]["support"] > 0
+    assert (tmp_path / "h.confusion-val.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in tmp_path.iterdir() if ".featx-tmp-" in p.name]
+
+
+def test_all_heads_sorted_by_validation_and_each_saved(tmp_path):
+    fs = digits(n=500)
+    res = fit_head(fs, "all", cv=0, output=tmp_path / "best.skops")
+    assert [r.kind for r in res.results] and sorted(r.kind for r in res.results) == sorted(HEADS)
+    accs = [r.scores["val"]["accuracy"] for r in res.results]
+    assert accs == sorted(accs, reverse=True)
+    assert res.kind == res.results[0].kind and res.path == tmp_path / "best.skops"
+    for kind in HEADS:
+        assert load_head(tmp_path / f"best-{kind}.skops").kind == kind
+    assert load_head(tmp_path / "best.skops").kind == res.kind
+    assert (tmp_path / "best.comparison.png").is_file()
+    assert [r["head"] for r in res.to_dict()["results"]] == [r.kind for r in res.results]
+
+
+# --------------------------------------------------------------------------------------------- torch head
+
+
+def _sk_vs_torch(fs, C):
+    sk = fit_head(fs, "logistic", C=C, cv=0, backend="sklearn")
+    th = fit_head(fs, "logistic", C=C, cv=0, backend="torch", device="cpu")
+    return sk, th
+
+
+def test_torch_logistic_matches_sklearn_on_cpu(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    sk, th = _sk_vs_torch(digits(), C=0.1)
+    assert th.training["backend"] == "torch" and sk.training["backend"] == "sklearn"
+    assert abs(sk.scores["val"]["accuracy"] - th.scores["val"]["accuracy"]) <= 0.005
+    # same objective -> (nearly) the same solution, not just the same accuracy
+    np.testing.assert_allclose(th.head.pipeline[-1].coef_, sk.head.pipeline[-1].coef_, atol=0.02)
+    # stored as an ordinary sklearn pipeline, loadable and usable without torch
+    assert type(th.head.pipeline[-1]) is LogisticRegression
+    th.head.save(tmp_path / "t.skops")
+    loaded = load_head(tmp_path / "t.skops")
+    X = digits().features[:100]
+    np.testing.assert_allclose(loaded.pipeline.predict_proba(X), th.head.pipeline.predict_proba(X))
+    assert loaded.meta["backend"] == "torch"
+
+
+def test_torch_logistic_two_classes_and_class_weight():
+    fs = digits()
+    two = fs.subset(np.isin(fs.labels, ["digit1", "digit7"]))
+    sk, th = _sk_vs_torch(two, C=0.05)
+    assert th.head.pipeline[-1].coef_.shape == (1, 64)  # sklearn's binary layout
+    np.testing.assert_allclose(th.head.pipeline[-1].coef_, sk.head.pipeline[-1].coef_, atol=0.02)
+    wt = fit_head(two, "logistic", C=0.05, cv=0, backend="torch", class_weight="balanced")
+    ws = fit_head(two, "logistic", C=0.05, cv=0, class_weight="balanced")
+    np.testing.assert_allclose(wt.head.pipeline[-1].coef_, ws.head.pipeline[-1].coef_, atol=0.02)
+
+
+def test_torch_backend_cv_search_runs(small):
+    res = fit_head(small.subset(np.arange(300)), "logistic", cv=2, grid=[0.1, 1.0], backend="torch", device="cpu")
+    assert res.cv["folds"] == 2 and len(res.cv["per_value"]) >= 2
+    assert res.cv["best"] in res.cv["grid"] and res.scores["val"]["accuracy"] > 0.85
+
+
+def test_cuda_request_without_cuda_is_a_usage_error(small):
+    import torch
+
+    if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != "":
+        pytest.skip("CUDA present")
+    with pytest.raises(UsageError, match="CUDA"):
+        fit_head(small, "logistic", device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_logistic_head_matches_sklearn():
+    sk = fit_head(digits(), "logistic", C=0.1, cv=0)
+    gpu = fit_head(digits(), "logistic", C=0.1, cv=0, device="cuda")
+    assert gpu.training["device"].startswith("cuda")
+    assert abs(sk.scores["val"]["accuracy"] - gpu.scores["val"]["accuracy"]) <= 0.005
