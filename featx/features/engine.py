@@ -399,7 +399,7 @@ def extract_features(
     fs = FeatureSet(
         features=feats,
         paths=[r.relpath for r in kept],
-        labels=[r.label for r in kept] if folder.has_labels else None,
+        labels=[r.label or "" for r in kept] if folder.has_labels else None,
         splits=[r.split for r in kept] if folder.has_splits else None,
         classes=folder.classes,
         meta=meta,

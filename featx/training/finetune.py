@@ -140,7 +140,9 @@ def _phases(cfg: FinetuneConfig, bb) -> list:
     phases = []
     if head_epochs:
         phases.append(Phase("head", head_epochs, lambda m: _setup_head(m, bb, cfg), early_stop=False))
-    phases.append(Phase("finetune", cfg.epochs - head_epochs, lambda m: _setup_unfrozen(m, bb, cfg), early_stop=True))
+    bn_stats = cfg.train_bn_stats if cfg.train_bn_stats is not None else not (cfg.pretrained or cfg.weights)
+    phases.append(Phase("finetune", cfg.epochs - head_epochs, lambda m: _setup_unfrozen(m, bb, cfg), early_stop=True,
+                        bn_stats=bn_stats))
     return phases
 
 

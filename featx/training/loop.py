@@ -48,6 +48,7 @@ class Phase:
     # sets requires_grad on the model and returns optimizer param groups [{"params", "lr", "weight_decay"}]
     setup: Callable[[nn.Module], list]
     early_stop: bool = True  # patience counts only in phases that may stop early (not the short head phase)
+    bn_stats: bool = True  # False: every BatchNorm keeps its running statistics (eval mode), even if it trains
 
 
 @dataclass
@@ -145,12 +146,12 @@ def split_decay(named_params, lr: float, weight_decay: float) -> list:
     return groups
 
 
-def freeze_bn_stats(model: nn.Module) -> None:
-    """BatchNorm layers whose parameters are frozen keep their running statistics (eval mode)."""
+def freeze_bn_stats(model: nn.Module, all_bn: bool = False) -> None:
+    """BatchNorm layers whose parameters are frozen (or all of them) keep their running statistics (eval mode)."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if all_bn or (params and not any(p.requires_grad for p in params)):
                 m.eval()
 
 
@@ -263,7 +264,7 @@ def train(spec: RunSpec) -> TrainResult:
         # -- one epoch of training ----------------------------------------------------------------------
         seed_everything(cfg.seed * 1000 + epoch)  # per-epoch seeding: a resumed run replays the same randomness
         net.train()
-        freeze_bn_stats(model)
+        freeze_bn_stats(model, all_bn=not phase.bn_stats)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.float64, device=device)

@@ -1,0 +1,105 @@
+"""`featx fit` in-process: tables and files on success, --json keys, one-line errors that write nothing."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from featx.cli.app import app
+from featx.features.store import DEFAULT_FEATURES_PATH, FeatureSet
+from featx.heads import DEFAULT_HEAD_PATH, HEADS, load_head
+
+META = {"backbone": "efficientnet_lite0", "weights_sha256": "cd" * 32, "preprocess": {"input_size": 8},
+        "layer": "pooled", "feature_dim": 64}
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def feats(tmp_path_factory):
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:450], y[:450]
+    labels = np.array([f"digit{v}" for v in y])
+    splits = np.array(["train", "val", "test"])[np.arange(len(X)) % 5 % 3]  # 40/40/20 %, interleaved
+    d = tmp_path_factory.mktemp("feats")
+    FeatureSet(X, [f"{i}.png" for i in range(len(X))], labels=labels, splits=splits, classes=sorted(set(labels)),
+               meta=META).save(d / "f.npz")
+    FeatureSet(X, [f"{i}.png" for i in range(len(X))], meta=META).save(d / "unlabeled.npz")
+    return d
+
+
+def test_cli_defaults_agree_with_the_library():
+    from featx.cli import fit as cli_fit
+
+    assert cli_fit.DEFAULT_FEATURES == DEFAULT_FEATURES_PATH
+    assert cli_fit.DEFAULT_HEAD == DEFAULT_HEAD_PATH
+
+
+def test_fit_prints_cv_scores_per_class_and_confusion(feats, tmp_path):
+    out = tmp_path / "h.skops"
+    r = runner.invoke(app, ["fit", str(feats / "f.npz"), "--head", "svm", "-o", str(out), "--cv", "3"])
+    assert r.exit_code == 0, r.output
+    text = r.stdout
+    assert "CV (3-fold accuracy): C=" in text and "±" in text
+    for word in ("val", "test", "balanced acc.", "macro-F1", "Per class, val", "Confusion matrix, test", "digit7"):
+        assert word in text
+    assert "not a score" in text  # training accuracy only under that label
+    assert load_head(out).kind == "svm"
+    assert (tmp_path / "h.report.json").is_file() and (tmp_path / "h.confusion-val.png").is_file()
+    assert (tmp_path / "h.confusion-test.png").is_file()
+
+
+def test_fit_json_summary(feats, tmp_path):
+    r = runner.invoke(app, ["fit", str(feats / "f.npz"), "--head", "knn", "--k", "3", "-o", str(tmp_path / "k.skops"),
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["head"] == "knn" and d["params"] == {"n_neighbors": 3}
+    assert d["cv"]["fixed"] is True and d["cv"]["folds"] == 5
+    for split in ("val", "test"):
+        assert set(d["scores"][split]) == {"accuracy", "balanced_accuracy", "macro_f1", "n"}
+    assert d["scores"]["val"]["n"] == 180 and d["scores"]["val"]["accuracy"] > 0.9
+    assert d["path"].endswith("k.skops")
+
+
+def test_fit_all_prints_a_sorted_comparison(feats, tmp_path):
+    r = runner.invoke(app, ["fit", str(feats / "f.npz"), "--head", "all", "--cv", "0", "-o", str(tmp_path / "b.skops")])
+    assert r.exit_code == 0, r.output
+    assert "Heads, sorted by val accuracy" in r.stdout and "Best:" in r.stdout
+    for kind in HEADS:
+        assert kind in r.stdout and (tmp_path / f"b-{kind}.skops").is_file()
+    rj = runner.invoke(app, ["fit", str(feats / "f.npz"), "--head", "all", "--cv", "0", "-o",
+                             str(tmp_path / "c.skops"), "--json"])
+    d = json.loads(rj.stdout)
+    accs = [x["scores"]["val"]["accuracy"] for x in d["results"]]
+    assert accs == sorted(accs, reverse=True) and d["head"] == d["results"][0]["head"]
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["missing.npz"], 5, "does not exist"),
+    (["{feats}/unlabeled.npz"], 3, "no labels"),
+    (["{feats}/f.npz", "--head", "svn"], 2, "did you mean 'svm'"),
+    (["{feats}/f.npz", "--head", "knn", "--C", "1"], 2, "--k"),
+    (["{feats}/f.npz", "--val-split", "0"], 2, "val-split"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(feats, tmp_path, monkeypatch, args, code, needle):
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(feats=feats) for a in args]
+    r = runner.invoke(app, ["fit", *args, "-o", str(tmp_path / "out" / "h.skops")])
+    assert r.exit_code == code, r.output
+    assert r.stderr.startswith("Error:") and needle in " ".join(r.stderr.split())
+    assert "Traceback" not in r.output
+    assert r.stdout == ""
+    assert not (tmp_path / "out").exists() and not (tmp_path / "featx-out").exists()
+
+
+def test_help_lists_the_options():
+    r = runner.invoke(app, ["fit", "--help"])
+    assert r.exit_code == 0
+    for opt in ("--head", "--output", "--C", "--k", "--class-weight", "--val-split", "--val", "--cv", "--seed",
+                "--device", "--json"):
+        assert opt in r.stdout

@@ -1,0 +1,118 @@
+"""`featx finetune`: the two-phase recipe on a tiny folder, the run folder, load_model, --resume, the CLI contract."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from featx.cli.app import app
+from featx.training import finetune, load_model
+from featx.training.data import stack_uint8
+
+from .imagegen import make_folder
+
+# a 0.37M-parameter timm ResNet: random init needs no download, and a CPU step takes milliseconds
+TINY = "timm/test_resnet.r160_in1k"
+RUN_FILES = {"config.json", "metrics.csv", "learning_curve.png", "confusion.png", "best.safetensors",
+             "last.safetensors", "model.json", "report.md", "resume.safetensors"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # CI boxes have 2 cores shared by parallel jobs; oversubscribed intra-op threads make tiny nets 10x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("ft") / "data", classes=("a", "b", "c"), n_per_class=8, size=40)
+
+
+def test_finetune_lowers_the_loss_and_writes_a_complete_run(data, tmp_path):
+    res = finetune(TINY, data, pretrained=False, epochs=4, head_epochs=1, image_size=32, batch_size=8, workers=0,
+                   runs_dir=str(tmp_path))
+    assert [r["phase"] for r in res.rows] == ["head", "finetune", "finetune", "finetune"]
+    assert res.rows[-1]["train_loss"] < res.rows[0]["train_loss"]
+    assert res.run_dir == tmp_path / "finetune" / "exp"
+    assert RUN_FILES <= {p.name for p in res.run_dir.iterdir()}
+    rows = list(csv.DictReader(open(res.run_dir / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert {"train_loss", "val_accuracy", "lr", "seconds", "images_per_s"} <= set(rows[0])
+    meta = json.loads((res.run_dir / "model.json").read_text())
+    assert meta["kind"] == "finetune" and meta["backbone"] == TINY and meta["classes"] == ["a", "b", "c"]
+    assert meta["preprocess"]["input_size"] == 32 and "torch" in meta["versions"]
+    assert meta["trainable_params"] == res.trainable_params > 300_000  # phase 2 unfroze everything ("all")
+    # phase 1 trained only the head: its parameters are the only ones that changed between init and epoch 1
+    cfg = json.loads((res.run_dir / "config.json").read_text())
+    assert cfg["phases"] == [["head", 1], ["finetune", 3]] and cfg["unfreeze"] == "all"
+
+
+def test_checkpoint_predicts_like_the_validation_run(data, tmp_path):
+    res = finetune(TINY, data, pretrained=False, epochs=2, image_size=32, batch_size=8, workers=0,
+                   runs_dir=str(tmp_path), name="p")
+    for ref in (res.run_dir, res.run_dir / "model.json", res.run_dir / "best.safetensors"):
+        tm = load_model(ref)
+        assert tm.classes == ["a", "b", "c"] and tm.kind == "finetune"
+    # classify the validation images through the recorded recipe; accuracy equals the recorded best
+    from featx.data.decode import load_rgb
+
+    val = sorted((data / "val").rglob("*.jpg"))
+    x = stack_uint8([tm.preprocess.resize_crop(load_rgb(p, draft_size=tm.preprocess.resize)) for p in val])
+    pred = tm.predict_uint8(x).argmax(1).tolist()
+    acc = sum(tm.classes[i] == p.parent.name for i, p in zip(pred, val)) / len(val)
+    assert acc == pytest.approx(res.best["accuracy"])
+
+
+def test_resume_continues_exactly_where_it_stopped(data, tmp_path):
+    kw = dict(pretrained=False, epochs=3, head_epochs=1, image_size=32, batch_size=8, workers=0, runs_dir=str(tmp_path))
+    full = finetune(TINY, data, name="full", **kw)
+    part = finetune(TINY, data, name="part", stop_after=2, **kw)
+    assert not part.completed and len(part.rows) == 2
+    assert "--resume" in (part.run_dir / "report.md").read_text()
+    resumed = finetune(TINY, data, name="part", resume=True, **{**kw, "epochs": 99})  # saved settings win
+    assert resumed.completed and [r["epoch"] for r in resumed.rows] == [1, 2, 3]
+    rows = list(csv.DictReader(open(resumed.run_dir / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    # per-epoch seeding + saved optimizer state: the resumed run retraces the uninterrupted one
+    for a, b in zip(full.rows, resumed.rows):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+
+
+def test_cli_json_contract_and_refusals(data, tmp_path):
+    runs = tmp_path / "runs"
+    args = ["finetune", TINY, str(data), "--no-pretrained", "--epochs", "1", "--image-size", "32", "--batch-size", "8",
+            "--workers", "0", "--runs-dir", str(runs), "--name", "cli"]
+    r = CliRunner().invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["run_dir"] == str(runs / "finetune" / "cli")
+    assert Path(s["model"]).name == "model.json" and load_model(s["model"]).classes == ["a", "b", "c"]
+    assert set(s["best"]) >= {"accuracy", "balanced_accuracy", "epoch"} and s["best"]["epoch"] == 1
+    # an existing --name is neither overwritten nor mixed with a new run
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "already exists" in r.output
+    r = CliRunner().invoke(app, [*args[:-2], "--unfreeze", "top"])
+    assert r.exit_code == 2 and "--unfreeze" in r.output
+    r = CliRunner().invoke(app, ["finetune", "no_such_net", str(data), "--runs-dir", str(runs)])
+    assert r.exit_code == 2 and "unknown backbone" in r.output
+    r = CliRunner().invoke(app, ["finetune", TINY, str(data), "--runs-dir", str(data / "runs")])
+    assert r.exit_code == 2 and "inside the input folder" in r.output
+
+
+def test_unfreeze_top_groups_only(data, tmp_path):
+    res = finetune(TINY, data, pretrained=False, epochs=2, head_epochs=1, unfreeze=1, image_size=32, batch_size=8,
+                   workers=0, runs_dir=str(tmp_path))
+    from featx.backbones import create_backbone
+
+    bb = create_backbone(TINY, pretrained=False)
+    top = sum(p.numel() for m in bb.layer_groups()[-1] for p in m.parameters())
+    head = sum(p.numel() for p in bb.reset_classifier(3).parameters())
+    assert res.trainable_params == top + head
