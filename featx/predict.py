@@ -33,7 +33,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from ._io import TMP_MARK, atomic_write, refuse_inside, safe_str, write_json
-from .errors import ArtifactError, DataError, FeatxError, StrictModeError, UsageError
+from .errors import ArtifactError, DataError, StrictModeError, UsageError
 
 log = logging.getLogger("featx")
 
@@ -202,8 +202,8 @@ class PredictResult:
     n_errors: int
     errors: list  # [{"path", "reason", "stage"}]
     device: str
-    seconds: float
-    images_per_s: float
+    seconds: float  # the whole call, model loading included
+    images_per_s: float  # decoding + network + head only (what scales with the number of images)
     output: Optional[Path] = None
     format: str = "csv"
     labelled: bool = False
@@ -353,14 +353,16 @@ def predict_folder(
         _check_sort_targets(sort_root, root, pred.classes)
     warnings = list(folder.warnings)
 
+    t_run = time.perf_counter()
     scores, errors_at = _run(folder.records, pred, dev, s, progress, root)
+    run_seconds = time.perf_counter() - t_run
     rows, counts, errors = _make_rows(folder, pred, scores, errors_at, s.top_k)
     n = len(rows)
     seconds = time.perf_counter() - t0
     res = PredictResult(
         rows=rows, classes=list(pred.classes), counts=counts, confidence_kind=CONFIDENCE_KINDS[pred.score_kind],
         model=pred.description, model_kind=pred.kind, n_images=n, n_errors=len(errors), errors=errors,
-        device=str(dev), seconds=seconds, images_per_s=n / seconds if seconds > 0 else 0.0,
+        device=str(dev), seconds=seconds, images_per_s=n / run_seconds if run_seconds > 0 else 0.0,
         output=out_path, format=fmt, labelled=folder.has_labels, dry_run=s.dry_run, warnings=warnings)
 
     if folder.has_labels:
@@ -614,6 +616,8 @@ def _same_file(a: Path, b: Path) -> bool:
     try:
         if os.path.samefile(a, b):
             return True
+        if not os.path.isfile(b):
+            return False
         sa, sb = os.stat(a), os.stat(b)
     except OSError:
         return False
@@ -656,9 +660,7 @@ def sort_images(items, sort_root, *, mode: str = "copy", min_confidence: Optiona
         act = SortAction(src, folder, None, "copy" if mode == "copy" else mode, "planned")
         try:
             _place(src, target, mode, act, claimed, dry_run)
-        except FeatxError:
-            raise
-        except OSError as exc:
+        except OSError as exc:  # one unwritable file must not stop the other 9,999; it is listed as failed
             act.status, act.error = "failed", f"{type(exc).__name__}: {exc.strerror or exc}"
             log.warning("could not sort %s: %s", safe_str(str(src)), act.error)
         actions.append(act)

@@ -49,7 +49,6 @@ def test_finetune_lowers_the_loss_and_writes_a_complete_run(data, tmp_path):
     assert meta["kind"] == "finetune" and meta["backbone"] == TINY and meta["classes"] == ["a", "b", "c"]
     assert meta["preprocess"]["input_size"] == 32 and "torch" in meta["versions"]
     assert meta["trainable_params"] == res.trainable_params > 300_000  # phase 2 unfroze everything ("all")
-    # phase 1 trained only the head: its parameters are the only ones that changed between init and epoch 1
     cfg = json.loads((res.run_dir / "config.json").read_text())
     assert cfg["phases"] == [["head", 1], ["finetune", 3]] and cfg["unfreeze"] == "all"
 
@@ -116,3 +115,19 @@ def test_unfreeze_top_groups_only(data, tmp_path):
     top = sum(p.numel() for m in bb.layer_groups()[-1] for p in m.parameters())
     head = sum(p.numel() for p in bb.reset_classifier(3).parameters())
     assert res.trainable_params == top + head
+
+
+def test_head_phase_leaves_the_backbone_and_its_bn_statistics_untouched(data, tmp_path):
+    from featx.backbones import create_backbone
+    from featx.training.checkpoint import load_weights
+
+    res = finetune(TINY, data, pretrained=False, epochs=1, image_size=32, batch_size=8, workers=0, runs_dir=str(tmp_path))
+    assert [r["phase"] for r in res.rows] == ["head"] and res.trainable_params < 1000
+    init = create_backbone(TINY, pretrained=False, num_classes=3).model.state_dict()  # the same seeded init
+    trained, _ = load_weights(res.run_dir / "last.safetensors")
+    head_keys = {k for k in trained if k.startswith("fc.")}
+    assert head_keys and any(not torch.equal(trained[k], init[k]) for k in head_keys)
+    body = [k for k in trained if k not in head_keys]
+    assert any("running_mean" in k for k in body)
+    for k in body:  # weights and BatchNorm running statistics alike
+        assert torch.equal(trained[k], init[k]), k

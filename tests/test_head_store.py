@@ -19,6 +19,15 @@ META = {"backbone": "efficientnet_lite0", "weights_sha256": "e1" * 32, "weights_
         "feature_dim": 64, "versions": {"torch": "2.x", "pillow": "13"}}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny fits on a shared 2-core box: OpenMP/BLAS threads spinning against other processes make them ~50x slower."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
 def features(meta=META, n=400) -> FeatureSet:
     from sklearn.datasets import load_digits
 

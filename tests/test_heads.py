@@ -16,6 +16,15 @@ META = {"backbone": "efficientnet_lite0", "weights_sha256": "ab" * 32, "weights_
         "versions": {"torch": "x"}}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny fits on a shared 2-core box: OpenMP/BLAS threads spinning against other processes make them ~50x slower."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        yield
+
+
 def digits(n=None, splits=False, seed=0, meta=META) -> FeatureSet:
     from sklearn.datasets import load_digits
 
@@ -181,6 +190,18 @@ def test_nothing_is_written_without_output(small, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_output_never_replaces_a_file_that_is_not_a_head(small, tmp_path):
+    data = tmp_path / "features.npz"
+    small.save(data)
+    before = data.read_bytes()
+    with pytest.raises(UsageError, match="refusing to overwrite"):
+        fit_head(small, "linear", cv=0, output=data)
+    assert data.read_bytes() == before
+    res = fit_head(small, "linear", cv=0, output=tmp_path / "h.skops")
+    fit_head(small, "knn", k=1, cv=0, output=res.path)  # an existing head is simply replaced
+    assert load_head(res.path).kind == "knn"
+
+
 def test_report_files_beside_the_head(small, tmp_path):
     import json
 
@@ -210,13 +231,23 @@ def test_all_heads_sorted_by_validation_and_each_saved(tmp_path):
 # --------------------------------------------------------------------------------------------- torch head
 
 
+@pytest.fixture
+def torch_one_thread():
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _sk_vs_torch(fs, C):
     sk = fit_head(fs, "logistic", C=C, cv=0, backend="sklearn")
     th = fit_head(fs, "logistic", C=C, cv=0, backend="torch", device="cpu")
     return sk, th
 
 
-def test_torch_logistic_matches_sklearn_on_cpu(tmp_path):
+def test_torch_logistic_matches_sklearn_on_cpu(tmp_path, torch_one_thread):
     from sklearn.linear_model import LogisticRegression
 
     sk, th = _sk_vs_torch(digits(), C=0.1)
@@ -233,7 +264,7 @@ def test_torch_logistic_matches_sklearn_on_cpu(tmp_path):
     assert loaded.meta["backend"] == "torch"
 
 
-def test_torch_logistic_two_classes_and_class_weight():
+def test_torch_logistic_two_classes_and_class_weight(torch_one_thread):
     fs = digits()
     two = fs.subset(np.isin(fs.labels, ["digit1", "digit7"]))
     sk, th = _sk_vs_torch(two, C=0.05)
@@ -244,7 +275,7 @@ def test_torch_logistic_two_classes_and_class_weight():
     np.testing.assert_allclose(wt.head.pipeline[-1].coef_, ws.head.pipeline[-1].coef_, atol=0.02)
 
 
-def test_torch_backend_cv_search_runs(small):
+def test_torch_backend_cv_search_runs(small, torch_one_thread):
     res = fit_head(small.subset(np.arange(300)), "logistic", cv=2, grid=[0.1, 1.0], backend="torch", device="cpu")
     assert res.cv["folds"] == 2 and len(res.cv["per_value"]) >= 2
     assert res.cv["best"] in res.cv["grid"] and res.scores["val"]["accuracy"] > 0.85

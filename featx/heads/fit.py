@@ -324,14 +324,10 @@ def _fit_one(kind: str, plan: _Plan, s: FitSettings) -> FitResult:
     use_torch, device = _use_torch(kind, n, d, s)
 
     if use_torch:
-        from sklearn.pipeline import Pipeline
-        from sklearn.preprocessing import StandardScaler
-
         from .torch_logistic import TorchLogisticRegression
 
-        def make(v):
-            return Pipeline([("scale", StandardScaler()),
-                             ("clf", TorchLogisticRegression(C=float(v), class_weight=s.class_weight, device=device))])
+        def make(v):  # standardises on the device itself; becomes Pipeline(StandardScaler, LogisticRegression)
+            return TorchLogisticRegression(C=float(v), class_weight=s.class_weight, device=device)
     else:
         def make(v):
             return make_estimator(kind, v, class_weight=s.class_weight, seed=s.seed)
@@ -380,23 +376,24 @@ def _fit_one(kind: str, plan: _Plan, s: FitSettings) -> FitResult:
         log.warning("%s head: %s", kind, w)
 
     if use_torch:
-        from .torch_logistic import to_sklearn_pipeline
-
-        pipeline = to_sklearn_pipeline(est)
+        pipeline = est.to_sklearn_pipeline()
+        del est  # frees the device copy's last references before scoring on the CPU
     else:
         pipeline = est
     classes = [str(c) for c in pipeline.classes_]
 
     scores = {name: classification_metrics(e.labels, pipeline.predict(e.features), classes)
               for name, e in plan.evals.items()}
-    train_acc = float(np.mean(pipeline.predict(X).astype(str) == y))
+    # A diagnostic only, so a sample will do: predicting every training row costs O(n^2) for knn and svm-rbf.
+    sample = np.random.default_rng(s.seed).choice(n, size=min(n, 5000), replace=False)
+    train_acc = float(np.mean(pipeline.predict(X[sample]).astype(str) == y[sample]))
     training = {
         "n": int(n),
         "n_features": int(d),
         "fit_seconds": round(fit_seconds, 4),
         "backend": "torch" if use_torch else "sklearn",
         "device": device if use_torch else "cpu",
-        # Reported for diagnosing over-fitting only: accuracy on the rows the head was fitted on is not a score.
+        # For diagnosing over-fitting only (on <= 5000 of the rows the head was fitted on): never a score.
         "training_data_accuracy": train_acc,
     }
     versions = library_versions()
@@ -438,7 +435,20 @@ def _resolve_output(output) -> Optional[Path]:
         out = out / DEFAULT_HEAD_PATH.name
     if not out.suffix:
         out = out.with_suffix(".skops")
+    if out.exists() and not _is_skops_file(out):
+        # A typo like `-o features.npz` must not replace the user's data with a head.
+        raise UsageError(f"refusing to overwrite {out}: it exists and is not a featx head file; choose another -o")
     return out
+
+
+def _is_skops_file(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return "schema.json" in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _save(best: FitResult, output: Optional[Path], report_dir: Optional[Path], every: bool) -> None:
@@ -469,9 +479,9 @@ def _save(best: FitResult, output: Optional[Path], report_dir: Optional[Path], e
         report.setdefault("files", {})[f"confusion-{name}"] = str(png)
     if every:
         split = best.selection_split or "val"
-        rows = [{"name": r.kind, split: r.scores.get(split, {}).get("accuracy")} for r in best.results]
+        rows = [{"name": r.kind, "accuracy": r.scores.get(split, {}).get("accuracy")} for r in best.results]
         png = rdir / f"{stem}.comparison.png"
-        save_bar_chart_png(rows, png, key=split, label_key="name", title=f"head comparison ({split} accuracy)")
+        save_bar_chart_png(rows, png, key="accuracy", label_key="name", title=f"head comparison ({split} accuracy)")
         report.setdefault("files", {})["comparison"] = str(png)
     write_json(best.report_path, report)
 

@@ -23,20 +23,41 @@ def resolve_device(device: str = "auto") -> str:
     return str(_resolve(device))
 
 
-def fit_logistic_lbfgs(X: np.ndarray, y_idx: np.ndarray, n_classes: int, *, C: float = 1.0, sample_weight=None,
+def _as_device_tensor(X, dev):
+    import torch
+
+    if isinstance(X, torch.Tensor):
+        return X.to(dev, dtype=torch.float32)
+    return torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32)).to(dev)
+
+
+def standardize(Xt):
+    """(standardised copy, mean, var, scale) computed on the tensor's device; scale as sklearn's StandardScaler
+    (population variance; near-zero scales become 1 so constant features stay finite)."""
+    import torch
+
+    mean = Xt.mean(dim=0, dtype=torch.float64)
+    var = ((Xt - mean.to(Xt.dtype)) ** 2).mean(dim=0, dtype=torch.float64)
+    scale = torch.sqrt(var)
+    scale = torch.where(scale < 10 * np.finfo(np.float64).eps, torch.ones_like(scale), scale)
+    Xs = (Xt - mean.to(Xt.dtype)) / scale.to(Xt.dtype)
+    return Xs, mean, var, scale
+
+
+def fit_logistic_lbfgs(X, y_idx: np.ndarray, n_classes: int, *, C: float = 1.0, sample_weight=None,
                        device: str = "cpu", max_iter: int = 1000, tol: float = 1e-4):
     """Return ``(coef, intercept, n_iter)`` as numpy arrays in sklearn's layout ((1, D) for two classes, else (K, D)).
 
-    ``X`` should already be standardised (the pipeline's scaler does it); float32 throughout, full batch.
+    ``X`` (numpy or a tensor) should already be standardised; float32 throughout, full batch on ``device``.
     """
     import torch
 
     dev = torch.device(device)
-    Xt = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=dev)
-    yt = torch.as_tensor(np.asarray(y_idx, dtype=np.int64), device=dev)
+    Xt = _as_device_tensor(X, dev)
+    yt = torch.as_tensor(np.asarray(y_idx, dtype=np.int64)).to(dev)
     n, d = Xt.shape
     sw = torch.ones(n, device=dev) if sample_weight is None else torch.as_tensor(
-        np.asarray(sample_weight, dtype=np.float32), device=dev)
+        np.asarray(sample_weight, dtype=np.float32)).to(dev)
     sw_sum = float(sw.sum())
     binary = n_classes == 2
     k = 1 if binary else n_classes
@@ -74,7 +95,12 @@ def fit_logistic_lbfgs(X: np.ndarray, y_idx: np.ndarray, n_classes: int, *, C: f
 
 
 class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
-    """sklearn-compatible estimator (usable in CV and Pipelines) backed by :func:`fit_logistic_lbfgs`."""
+    """Standardise + multinomial logistic regression on ``device``, as one sklearn-compatible estimator.
+
+    Standardising on the device too keeps the large-set path free of CPU passes over the data (the copy to the
+    device is the only one). :meth:`to_sklearn_pipeline` returns the equivalent fitted
+    ``Pipeline(StandardScaler, LogisticRegression)`` that the head file stores.
+    """
 
     def __init__(self, C: float = 1.0, class_weight=None, device: str = "cpu", max_iter: int = 1000, tol: float = 1e-4):
         self.C = C
@@ -84,6 +110,7 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
         self.tol = tol
 
     def fit(self, X, y):
+        import torch
         from sklearn.utils.class_weight import compute_sample_weight
 
         y = np.asarray(y)
@@ -91,15 +118,25 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
         if len(self.classes_) < 2:
             raise ValueError("need at least two classes")
         sw = compute_sample_weight(self.class_weight, y) if self.class_weight is not None else None
+        with torch.no_grad():
+            Xt = _as_device_tensor(X, torch.device(self.device))
+            Xs, mean, var, scale = standardize(Xt)
+            del Xt
+        self.mean_ = mean.cpu().numpy()
+        self.var_ = var.cpu().numpy()
+        self.scale_ = scale.cpu().numpy()
         self.coef_, self.intercept_, n_iter = fit_logistic_lbfgs(
-            X, y_idx, len(self.classes_), C=self.C, sample_weight=sw, device=self.device,
+            Xs, y_idx, len(self.classes_), C=self.C, sample_weight=sw, device=self.device,
             max_iter=self.max_iter, tol=self.tol)
+        del Xs
         self.n_iter_ = np.asarray([n_iter], dtype=np.int32)
-        self.n_features_in_ = int(np.asarray(X).shape[1])
+        self.n_features_in_ = int(X.shape[1])
+        self.n_samples_seen_ = int(X.shape[0])
         return self
 
     def decision_function(self, X):
-        z = np.asarray(X, dtype=np.float64) @ self.coef_.T + self.intercept_
+        Xs = (np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_
+        z = Xs @ self.coef_.T + self.intercept_
         return z[:, 0] if z.shape[1] == 1 else z
 
     def predict(self, X):
@@ -107,23 +144,22 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
         idx = (z > 0).astype(int) if z.ndim == 1 else z.argmax(axis=1)
         return self.classes_[idx]
 
-    def to_sklearn(self):
-        """A fitted ``sklearn.linear_model.LogisticRegression`` with the same coefficients (CPU-only, no torch)."""
+    def to_sklearn_pipeline(self):
+        """The fitted ``Pipeline(StandardScaler, LogisticRegression)`` with the same numbers (CPU-only, no torch)."""
         from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import Pipeline
+        from sklearn.preprocessing import StandardScaler
 
+        scaler = StandardScaler()
+        scaler.mean_ = np.asarray(self.mean_, dtype=np.float64)
+        scaler.var_ = np.asarray(self.var_, dtype=np.float64)
+        scaler.scale_ = np.asarray(self.scale_, dtype=np.float64)
+        scaler.n_samples_seen_ = np.int64(self.n_samples_seen_)
+        scaler.n_features_in_ = self.n_features_in_
         lr = LogisticRegression(C=float(self.C), class_weight=self.class_weight, max_iter=self.max_iter, tol=self.tol)
         lr.classes_ = np.asarray(self.classes_)
         lr.coef_ = np.asarray(self.coef_, dtype=np.float64)
         lr.intercept_ = np.asarray(self.intercept_, dtype=np.float64)
         lr.n_features_in_ = self.n_features_in_
         lr.n_iter_ = np.asarray(self.n_iter_, dtype=np.int32)
-        return lr
-
-
-def to_sklearn_pipeline(pipeline):
-    """Swap a fitted TorchLogisticRegression step for its sklearn twin (the scaler is kept as is)."""
-    from sklearn.pipeline import Pipeline
-
-    steps = [(name, est.to_sklearn() if isinstance(est, TorchLogisticRegression) else est)
-             for name, est in pipeline.steps]
-    return Pipeline(steps)
+        return Pipeline([("scale", scaler), ("clf", lr)])

@@ -1,0 +1,142 @@
+"""`featx predict IMAGES`: classify a folder into a CSV/JSONL table, evaluate when labelled, optionally sort into folders."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .._io import safe_str
+from .app import app, run_boundary
+from .common import out, print_json, progress_bar, warn
+from .tables import confusion_table, fmt, metrics_table, per_class_table
+
+PLAN_LINES = 40  # sort actions listed in full on the terminal (dry run); the rest are counted
+
+
+class _ToWarn(logging.Handler):
+    """Library warnings (logger 'featx.*', e.g. a head fitted with another sklearn) as yellow lines on stderr."""
+
+    def emit(self, record):
+        warn(record.getMessage())
+
+
+@contextlib.contextmanager
+def _library_warnings():
+    logger = logging.getLogger("featx")
+    handler = _ToWarn(level=logging.WARNING)
+    logger.addHandler(handler)
+    old = logger.propagate
+    logger.propagate = False  # otherwise Python's last-resort handler prints each warning twice
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = old
+
+
+@app.command("predict")
+@run_boundary
+def predict_cmd(
+    images: Path = typer.Argument(..., help="Folder of images. Class subfolders = labelled: accuracy, confusion matrix, gallery."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Head file (.skops) from `featx fit`, or a run folder / model.json from `featx finetune` / `featx scratch`. Default: featx-out/head.skops."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Table to write. Default: featx-out/predictions.csv (.jsonl with --format jsonl)."),
+    format_: Optional[str] = typer.Option(None, "--format", help="csv | jsonl (default: from the -o suffix, else csv)."),
+    top_k: int = typer.Option(3, "--top-k", min=0, help="Top classes and scores per row."),
+    sort_into: Optional[Path] = typer.Option(None, "--sort-into", help="Also copy each image into DIR/<predicted class>/."),
+    link: bool = typer.Option(False, "--link", help="With --sort-into: hard-link (symlink across file systems) instead of copying."),
+    move: bool = typer.Option(False, "--move", help="With --sort-into: move the images (the only mode that removes sources)."),
+    min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="With --sort-into: images below this go to DIR/_uncertain/ (a probability, or a decision score for SVM/ridge heads)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Predict and print the sort plan; write, copy and move nothing."),
+    strict: bool = typer.Option(False, "--strict", help="Exit non-zero (6) if any image could not be read (after writing the rest)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per batch (default 64 CPU, 256 CUDA)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: CPU count, at most 8)."),
+    report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Labelled input: where confusion.png, misclassified.png, metrics.json go (default: <output stem>.report/)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing output file that featx did not write."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights file, for a head fitted on features from a local weights file."),
+    json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+):
+    """Classify every image in a folder: a CSV/JSONL table, counts per class, scores when the folder is labelled."""
+    from ..errors import UsageError
+    from ..predict import predict_folder
+
+    if link and move:
+        raise UsageError("--link and --move exclude each other")
+    if (link or move) and sort_into is None:
+        raise UsageError("--link/--move apply to sorting; add --sort-into DIR")
+    mode = "move" if move else "link" if link else "copy"
+    with _library_warnings(), progress_bar("predicting", unit="img") as update:
+        res = predict_folder(
+            images, model, output=output, format=format_, top_k=top_k, device=device, batch_size=batch_size,
+            workers=workers, sort_into=sort_into, mode=mode, min_confidence=min_confidence, dry_run=dry_run,
+            strict=strict, report_dir=report_dir, overwrite=overwrite, weights=weights, progress=update,
+        )
+    for w in res.warnings:
+        warn(w)
+    for e in res.errors:
+        warn(f"could not read {e['path']}: {e['reason']}")
+    for a in res.sort_actions:
+        if a.status == "failed":
+            warn(f"could not sort {a.source}: {a.error}")
+    if json_:
+        print_json(res.to_dict())
+        return
+    _print(res)
+
+
+def _print(res) -> None:
+    from rich.table import Table
+
+    out.print(f"{res.n_images} images classified by {res.model} on {res.device} in {res.seconds:.1f} s "
+              f"({res.images_per_s:.1f} img/s); [bold]{res.n_errors}[/bold] unreadable")
+    conf = ("probability of the predicted class" if res.confidence_kind == "probability"
+            else "decision score of the predicted class (not a probability; larger = more confident)")
+    out.print(f"confidence = {conf}")
+    table = Table(title="Predicted classes", title_justify="left")
+    table.add_column("class")
+    table.add_column("images", justify="right")
+    table.add_column("share", justify="right")
+    ok = max(1, res.n_images - res.n_errors)
+    for cls, n in sorted(res.counts.items(), key=lambda t: (-t[1], t[0])):
+        table.add_row(cls, str(n), f"{100 * n / ok:.1f}%")
+    if res.n_errors:
+        table.add_row("(unreadable)", str(res.n_errors), "", style="red")
+    out.print(table)
+
+    if res.labelled and res.metrics is not None:
+        scores = {"all": res.metrics, **res.split_metrics} if res.split_metrics else {"all": res.metrics}
+        out.print(metrics_table(scores, title="Scores against the folder labels"))
+        out.print(per_class_table(res.metrics, title="Per class"))
+        out.print(confusion_table(res.metrics, title="Confusion matrix (rows = true)"))
+        if res.report_dir:
+            extra = f", {res.gallery_png.name}" if res.gallery_png else " (nothing misclassified, no gallery)"
+            out.print(f"report -> {res.report_dir} (confusion.png{extra}, metrics.json)")
+
+    if res.sort_into is not None:
+        _print_sort(res)
+    if res.dry_run:
+        out.print("[yellow]dry run: nothing was written[/yellow]")
+    elif res.output is not None:
+        out.print(f"predictions -> [bold]{res.output}[/bold]")
+
+
+def _print_sort(res) -> None:
+    verb = {"copy": "copy", "link": "link", "move": "move"}[res.sort_mode]
+    if res.dry_run:
+        out.print(f"[bold]Plan[/bold] ({verb} into {res.sort_into}"
+                  + (f", below {fmt(res.min_confidence)} -> _uncertain" if res.min_confidence is not None else "") + "):")
+        for a in res.sort_actions[:PLAN_LINES]:
+            state = "already there" if a.status == "already" else f"{verb}"
+            out.print(f"  {state}: {safe_str(str(a.source))} -> {safe_str(str(a.dest))}")
+        if len(res.sort_actions) > PLAN_LINES:
+            out.print(f"  ... and {len(res.sort_actions) - PLAN_LINES} more (--json lists them all)")
+    counts = res.sort_counts()
+    parts = []
+    for folder, st in sorted(counts.items()):
+        bits = [f"{n} {k}" for k, n in sorted(st.items())]
+        parts.append(f"{folder}: {', '.join(bits)}")
+    head = "would sort into" if res.dry_run else "sorted into"
+    out.print(f"{head} {res.sort_into} ({verb}): " + ("; ".join(parts) if parts else "nothing to sort"))
