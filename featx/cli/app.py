@@ -41,8 +41,11 @@ def run_boundary(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .common import library_warnings
+
         try:
-            return fn(*args, **kwargs)
+            with library_warnings():
+                return fn(*args, **kwargs)
         except FeatxError as exc:
             if _state["traceback"]:
                 raise

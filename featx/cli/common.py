@@ -1,7 +1,9 @@
 """Shared CLI plumbing: consoles, the --json printer, the error boundary and common option types."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -68,3 +70,28 @@ class progress_bar:
         if self._progress is not None:
             self._progress.stop()
         return False
+
+
+class _ToWarn(logging.Handler):
+    """Library warnings (logger 'featx.*') shown as yellow `Warning:` lines on stderr."""
+
+    def emit(self, record):
+        warn(record.getMessage())
+
+
+@contextlib.contextmanager
+def library_warnings():
+    """Route the library's logging warnings to the CLI's stderr console for the duration of a command."""
+    logger = logging.getLogger("featx")
+    if any(isinstance(h, _ToWarn) for h in logger.handlers):  # already routed by an outer command scope
+        yield
+        return
+    handler = _ToWarn(level=logging.WARNING)
+    logger.addHandler(handler)
+    old_propagate = logger.propagate
+    logger.propagate = False  # otherwise Python's last-resort handler prints each warning a second time
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = old_propagate

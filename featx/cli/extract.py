@@ -38,8 +38,10 @@ def extract_cmd(
         )
     for w in res.warnings:
         warn(w)
-    for s in res.skipped:
+    for s in res.skipped[:20]:
         warn(f"skipped {s['path']}: {s['reason']}")
+    if len(res.skipped) > 20:
+        warn(f"... and {len(res.skipped) - 20} more skipped files, all listed in the store's meta['skipped']")
     for g in res.leakage:
         warn(f"train/val leakage: identical files {', '.join(g['paths'])}")
     if json_:

@@ -1,41 +1,18 @@
 """`featx fit [FEATURES]`: fit a classification head on extracted features and report honest validation scores."""
 from __future__ import annotations
 
-import contextlib
-import logging
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from .app import app, run_boundary
-from .common import out, print_json, warn
+from .common import library_warnings, out, print_json, warn
 from .tables import comparison_table, confusion_table, cv_line, fmt, metrics_table, per_class_table
 
 # Literal defaults (not imported) so that `featx --help` does not import numpy/sklearn; tests check they agree.
 DEFAULT_FEATURES = Path("featx-out") / "features.npz"
 DEFAULT_HEAD = Path("featx-out") / "head.skops"
-
-
-class _ToWarn(logging.Handler):
-    """Library warnings (logging, logger 'featx.*') shown as yellow `Warning:` lines on stderr."""
-
-    def emit(self, record):
-        warn(record.getMessage())
-
-
-@contextlib.contextmanager
-def _library_warnings():
-    logger = logging.getLogger("featx")
-    handler = _ToWarn(level=logging.WARNING)
-    logger.addHandler(handler)
-    old_propagate = logger.propagate
-    logger.propagate = False  # otherwise Python's last-resort handler prints each warning a second time
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = old_propagate
 
 
 @app.command("fit")
@@ -59,7 +36,7 @@ def fit_cmd(
     """Fit a head (logistic, SVM, ridge, k-NN) on features; report val/test scores, per-class table, confusion matrix."""
     from ..heads import fit_head
 
-    with _library_warnings():
+    with library_warnings():
         res = fit_head(features, head=head, output=output, C=C, k=k, class_weight=class_weight, val_split=val_split,
                        val=val, cv=cv, seed=seed, device=device, backend=backend, n_jobs=jobs)
     if json_:
