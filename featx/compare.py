@@ -8,8 +8,10 @@ the scratch runs), each usable on its own with `featx predict`.
 from __future__ import annotations
 
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+import types
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -247,7 +249,7 @@ def _f(v, nd=4) -> str:
 
 
 def render_report(result: CompareResult, s: CompareSettings, chart_error: Optional[str] = None) -> str:
-    lines = [f"# featx compare", "",
+    lines = ["# featx compare", "",
              f"- images: {result.n_train} train, {result.n_val} validation ({result.split}); seed {s.seed}",
              f"- backbone for heads and fine-tuning: `{s.backbone}`" + (" (random init)" if not s.pretrained else ""),
              f"- budget: {'quick' if s.quick else 'default'}; total wall time {result.seconds:.1f} s", "",
@@ -272,3 +274,14 @@ def render_report(result: CompareResult, s: CompareSettings, chart_error: Option
     lines += [f"- {r.method}: `{r.artifact}`" for r in result.rows if r.artifact and not r.error]
     lines.append("")
     return "\n".join(lines)
+
+
+class _CallableModule(types.ModuleType):
+    """Importing ``featx.compare`` (the module) rebinds the package attribute ``featx.compare`` from the lazily
+    exported function to this module; making the module callable keeps ``featx.compare(images, ...)`` working."""
+
+    def __call__(self, *args, **kwargs):
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -66,3 +66,10 @@ def test_compare_refuses_to_skip_everything(tmp_path):
     r = CliRunner().invoke(app, ["compare", str(data), "--skip-heads", "--skip-finetune", "--skip-scratch",
                                  "--runs-dir", str(tmp_path / "r")])
     assert r.exit_code == 2 and "nothing to compare" in r.output
+
+
+def test_featx_compare_stays_callable_after_importing_the_module():
+    import featx
+    import featx.compare  # noqa: F401  (rebinds the package attribute to the module)
+
+    assert callable(featx.compare) and featx.compare.__call__

@@ -67,6 +67,12 @@ def test_checkpoint_predicts_like_the_validation_run(data, tmp_path):
     pred = tm.predict_uint8(x).argmax(1).tolist()
     acc = sum(tm.classes[i] == p.parent.name for i, p in zip(pred, val)) / len(val)
     assert acc == pytest.approx(res.best["accuracy"])
+    # `featx predict --model RUN_DIR` goes through the extraction engine and gives the same labels
+    from featx.predict import predict_folder
+
+    out = predict_folder(data / "val", model=res.run_dir, device="cpu", workers=0)
+    by_path = {Path(r["path"]).name: r["label"] for r in out.rows}
+    assert by_path == {p.name: tm.classes[i] for i, p in zip(pred, val)}
 
 
 def test_resume_continues_exactly_where_it_stopped(data, tmp_path):
@@ -102,6 +108,7 @@ def test_cli_json_contract_and_refusals(data, tmp_path):
     assert r.exit_code == 2 and "--unfreeze" in r.output
     r = CliRunner().invoke(app, ["finetune", "no_such_net", str(data), "--runs-dir", str(runs)])
     assert r.exit_code == 2 and "unknown backbone" in r.output
+    assert [d.name for d in (runs / "finetune").iterdir()] == ["cli"]  # the failed run left no empty exp/ behind
     r = CliRunner().invoke(app, ["finetune", TINY, str(data), "--runs-dir", str(data / "runs")])
     assert r.exit_code == 2 and "inside the input folder" in r.output
 
@@ -131,3 +138,12 @@ def test_head_phase_leaves_the_backbone_and_its_bn_statistics_untouched(data, tm
     assert any("running_mean" in k for k in body)
     for k in body:  # weights and BatchNorm running statistics alike
         assert torch.equal(trained[k], init[k]), k
+
+
+def test_augmentation_is_reproducible_whatever_the_worker_count(data, tmp_path):
+    kw = dict(pretrained=False, epochs=2, head_epochs=1, image_size=32, batch_size=8, runs_dir=str(tmp_path))
+    a = finetune(TINY, data, workers=0, **kw)
+    b = finetune(TINY, data, workers=2, **kw)
+    assert [r["train_loss"] for r in a.rows] == [r["train_loss"] for r in b.rows]
+    c = finetune(TINY, data, workers=0, seed=1, **kw)
+    assert [r["train_loss"] for r in c.rows] != [r["train_loss"] for r in a.rows]

@@ -73,7 +73,7 @@ def test_scratch_cli_json_summary_and_skipped_images(tmp_path):
     assert Path(summary["run_dir"]) == runs / "scratch" / "exp"
     skipped = {Path(s["path"]).name for s in summary["skipped"]}
     assert skipped == set(bad)
-    assert summary["n_train"] == 6 and summary["n_val"] == 12  # the bad files never replaced a good image
+    assert summary["n_train"] == 12 and summary["n_val"] == 12  # the bad files never replaced a good image
     report = (Path(summary["run_dir"]) / "report.md").read_text()
     assert "Skipped images (5)" in report and "empty file" in report
     assert load_model(summary["model"]).meta["arch"] == "resnet20"
@@ -85,7 +85,7 @@ def test_streaming_and_in_memory_paths_train_the_same_kind_of_run(tmp_path):
                       in_memory=True)
     b = train_scratch(data, arch="lenet5", epochs=2, image_size=16, workers=0, runs_dir=str(tmp_path / "r"),
                       in_memory=False)
-    assert a.n_train == b.n_train == 15 and a.n_val == b.n_val == 9
+    assert a.n_train == b.n_train == 18 and a.n_val == b.n_val == 6  # round(0.2 * 8) = 2 per class
     assert json.loads((a.run_dir / "config.json").read_text())["in_memory"] is True
     assert json.loads((b.run_dir / "config.json").read_text())["in_memory"] is False
     for res in (a, b):

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from .app import app, run_boundary
-from .common import err, out, print_json, progress_bar, warn
+from .common import out, print_json, progress_bar, warn
 
 
 @app.command("extract")

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from .app import app, run_boundary
-from .common import library_warnings, out, print_json, warn
+from .common import library_warnings, out, print_json
 from .tables import comparison_table, confusion_table, cv_line, fmt, metrics_table, per_class_table
 
 # Literal defaults (not imported) so that `featx --help` does not import numpy/sklearn; tests check they agree.

@@ -1,8 +1,6 @@
 """`featx predict IMAGES`: classify a folder into a CSV/JSONL table, evaluate when labelled, optionally sort into folders."""
 from __future__ import annotations
 
-import contextlib
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -14,27 +12,6 @@ from .common import out, print_json, progress_bar, warn
 from .tables import confusion_table, fmt, metrics_table, per_class_table
 
 PLAN_LINES = 40  # sort actions listed in full on the terminal (dry run); the rest are counted
-
-
-class _ToWarn(logging.Handler):
-    """Library warnings (logger 'featx.*', e.g. a head fitted with another sklearn) as yellow lines on stderr."""
-
-    def emit(self, record):
-        warn(record.getMessage())
-
-
-@contextlib.contextmanager
-def _library_warnings():
-    logger = logging.getLogger("featx")
-    handler = _ToWarn(level=logging.WARNING)
-    logger.addHandler(handler)
-    old = logger.propagate
-    logger.propagate = False  # otherwise Python's last-resort handler prints each warning twice
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = old
 
 
 @app.command("predict")
@@ -68,7 +45,7 @@ def predict_cmd(
     if (link or move) and sort_into is None:
         raise UsageError("--link/--move apply to sorting; add --sort-into DIR")
     mode = "move" if move else "link" if link else "copy"
-    with _library_warnings(), progress_bar("predicting", unit="img") as update:
+    with progress_bar("predicting", unit="img") as update:
         res = predict_folder(
             images, model, output=output, format=format_, top_k=top_k, device=device, batch_size=batch_size,
             workers=workers, sort_into=sort_into, mode=mode, min_confidence=min_confidence, dry_run=dry_run,

@@ -47,21 +47,22 @@ class _PixelDataset:
         return len(self.paths)
 
     def __getitem__(self, i):
-        from ..data.decode import DecodeError, load_rgb
+        from ..data.jpeg_batch import pil_pixels
 
-        pre = self.preprocess
-        kw = {"draft_size": pre.resize if pre.jpeg_draft else None}
-        if self.max_pixels:
-            kw["max_pixels"] = self.max_pixels
-        try:
-            img = load_rgb(self.paths[i], **kw)
-            return i, pre.resize_crop(img), None, None
-        except DecodeError as exc:
-            return i, None, exc.reason, exc.stage
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as exc:  # an unexpected decoder failure must not take the other 9,999 files down
-            return i, None, f"{type(exc).__name__}: {exc}", "decode"
+        return (i, *pil_pixels(self.paths[i], self.preprocess, self.max_pixels))
+
+
+class _JpegBytesDataset(_PixelDataset):
+    """For the device decoder: a plain JPEG comes back as its bytes (header checked, no pixel decoded), anything
+    else through the PIL path as above. Index -> (index, pixels or None, reason, stage, jpeg or None)."""
+
+    def __getitem__(self, i):
+        from ..data.jpeg_batch import pil_pixels, read_device_jpeg
+
+        jpeg = read_device_jpeg(self.paths[i], self.max_pixels)
+        if jpeg is not None:
+            return i, None, None, None, jpeg
+        return (i, *pil_pixels(self.paths[i], self.preprocess, self.max_pixels), None)
 
 
 def _collate(items):
@@ -103,23 +104,29 @@ def iter_outputs(
     workers: Optional[int] = None,
     precision: str = "auto",
     max_pixels: Optional[int] = None,
+    decoder: str = "pil",
 ) -> Iterator[Batch]:
     """Decode `paths` in workers and run `fn` (normalised float batch -> (N, K) tensor) on `device`, in order.
 
     `batches` (lists of positions) fixes the batch layout; otherwise consecutive runs of `batch_size`.
     CUDA out-of-memory retries the same images in halves, so the output does not depend on the memory left.
+    `decoder`: "pil" decodes and resizes in the workers; "torchvision" lets workers ship plain JPEGs as bytes and
+    decodes + resizes them batched on `device` (see `featx.data.jpeg_batch`); "auto" picks torchvision on CUDA.
+    Both give the same rows, errors and batches; the pixels differ slightly.
     """
     import torch
     from torch.utils.data import DataLoader
 
+    from ..data.jpeg_batch import DeviceJpegPipeline, collate_raw, resolve_decoder
     from ..devices import autocast
 
     if batches is None:
         batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
     workers = default_workers() if workers is None else workers
-    ds = _PixelDataset(paths, preprocess, max_pixels)
+    on_device = resolve_decoder(decoder, device, preprocess) == "torchvision"
+    ds = (_JpegBytesDataset if on_device else _PixelDataset)(paths, preprocess, max_pixels)
     loader = DataLoader(
-        ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+        ds, batch_sampler=batches, num_workers=workers, collate_fn=collate_raw if on_device else _collate,
         worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None, persistent_workers=False,
     )
@@ -140,6 +147,29 @@ def iter_outputs(
             half = len(x) // 2
             return torch.cat([run(x[:half]), run(x[half:])])
 
+    def forward(idx, t, errors):
+        x = t.permute(0, 3, 1, 2)  # NCHW view with channels_last strides: what cuDNN likes best
+        x = preprocess.normalize(x)
+        if not cuda:
+            x = x.contiguous()
+        with torch.inference_mode():
+            out = run(x)
+        return Batch(idx, out.cpu().numpy().astype(np.float32, copy=False), errors)
+
+    if on_device:
+        pipe = DeviceJpegPipeline(preprocess, device, max_pixels)
+        for raw in loader:
+            # Synchronous: the previous batch's `out.cpu()` finished every kernel before the decoder (which writes
+            # on its own stream) is handed memory the caching allocator recycled from that batch.
+            with torch.inference_mode():
+                idx, t, errors = pipe.assemble(raw, ds.paths)
+            if t is None:
+                yield Batch(idx, np.zeros((0, 0), np.float32), errors)
+                continue
+            yield forward(idx, t, errors)
+        log.debug("device JPEG pipeline: %s", pipe.stats)
+        return
+
     for idx, pixels, errors in loader:
         if pixels is None:
             yield Batch(idx, np.zeros((0, 0), np.float32), errors)
@@ -147,13 +177,7 @@ def iter_outputs(
         t = torch.from_numpy(pixels)  # N,H,W,3 uint8
         if cuda:
             t = t.pin_memory().to(device, non_blocking=True)
-        x = t.permute(0, 3, 1, 2)  # NCHW view with channels_last strides: what cuDNN likes best
-        x = preprocess.normalize(x)
-        if not cuda:
-            x = x.contiguous()
-        with torch.inference_mode():
-            out = run(x)
-        yield Batch(idx, out.cpu().numpy().astype(np.float32, copy=False), errors)
+        yield forward(idx, t, errors)
 
 
 def prepare_model(model, device):
@@ -181,6 +205,7 @@ class ExtractResult:
     leakage: list = field(default_factory=list)
     resumed_images: int = 0
     warnings: list = field(default_factory=list)
+    decoder: str = "pil"  # the input pipeline that ran: "pil" (CPU) or "torchvision" (batched on the device)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -256,6 +281,7 @@ def extract_features(
     overwrite: bool = False,
     max_pixels: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    decoder: str = "auto",
 ) -> ExtractResult:
     """Extract features for every image under `images` and write one feature store at `output`.
 
@@ -268,9 +294,13 @@ def extract_features(
         strict: any skipped file raises StrictModeError (finished chunks are kept; no store is written).
         overwrite: allow replacing an existing file that is not a featx features store.
         progress: callback(done_images, total_images).
+        decoder: auto | pil | torchvision. auto = JPEGs decoded and resized batched on the GPU when the device is
+            CUDA and torchvision can decode there, else pil (CPU decoding in the workers). Recorded in
+            meta["decoder"]; not part of the provenance fingerprint (the two paths give interchangeable features).
     """
     from ..backbones import Backbone, create_backbone
     from ..data.discover import discover, find_leakage
+    from ..data.jpeg_batch import resolve_decoder
     from ..devices import resolve_device
 
     t0 = time.perf_counter()
@@ -290,6 +320,7 @@ def extract_features(
         import torch
 
         dev = __import__("torch").device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    decoder = resolve_decoder(decoder, dev, bb.preprocess)
 
     records = folder.records
     n = len(records)
@@ -300,6 +331,8 @@ def extract_features(
         "files": fingerprint([(r.relpath, *_stat_key(r.path)) for r in records]),
         "max_pixels": max_pixels,
     }
+    if decoder != "pil":  # resumed chunks come from the decoder that meta["decoder"] names (pil jobs keep their old key)
+        job["decoder"] = decoder
     part = _partial_dir(output)
     if rank == 0:
         sweep_stale_temps(output.parent, output.name)
@@ -330,7 +363,8 @@ def extract_features(
             progress(done_mine, total_mine)
         with _SigtermAsInterrupt():
             stream = iter_outputs([r.path for r in records], bb.preprocess, bb.forward_features, device=dev,
-                                  batches=batches, workers=workers, precision=precision, max_pixels=max_pixels)
+                                  batches=batches, workers=workers, precision=precision, max_pixels=max_pixels,
+                                  decoder=decoder)
             for b_i, batch in enumerate(stream):
                 c = chunk_of[b_i]
                 idx_list, feat_list, err_list = acc[c]
@@ -361,7 +395,8 @@ def extract_features(
     if rank != 0:
         dist.barrier()
         return ExtractResult(path=output, n_images=0, n_skipped=0, feature_dim=bb.feature_dim,
-                             seconds=time.perf_counter() - t0, images_per_s=0.0, device=str(dev), backbone=bb.name)
+                             seconds=time.perf_counter() - t0, images_per_s=0.0, device=str(dev), backbone=bb.name,
+                             decoder=decoder)
 
     # Assemble: rank 0 reads every chunk in order.
     idx_all, feats_all, skipped = [], [], []
@@ -394,6 +429,7 @@ def extract_features(
         "skipped": skipped,
         "leakage": leakage,
         "device": str(dev),
+        "decoder": decoder,
         "world_size": world,
         "warnings": list(folder.warnings),
     })
@@ -415,7 +451,7 @@ def extract_features(
         path=result_path, n_images=len(kept), n_skipped=len(skipped), feature_dim=int(feats.shape[1]),
         seconds=round(elapsed, 3), images_per_s=round(computed / run_s, 1) if run_s > 0 else 0.0,
         device=str(dev), backbone=bb.name, skipped=skipped, leakage=leakage, resumed_images=resumed,
-        warnings=list(folder.warnings),
+        warnings=list(folder.warnings), decoder=decoder,
     )
 
 

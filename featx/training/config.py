@@ -5,7 +5,7 @@ run folder's ``config.json`` (only the device may change), so that a resumed run
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Optional, Union
 
 from ..errors import UsageError

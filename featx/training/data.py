@@ -211,7 +211,7 @@ class EvalCrop:
         self.pp = pp
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return torch.from_numpy(self.pp.resize_crop(img)).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(self.pp.resize_crop(img), copy=True)).permute(2, 0, 1).contiguous()
 
 
 def device_augment(x: torch.Tensor, preset: str, generator: torch.Generator) -> torch.Tensor:
@@ -277,18 +277,25 @@ class TensorBatches:
 
 
 class _PilDataset(torch.utils.data.Dataset):
-    """Item i -> (uint8 CHW tensor or error text, label, i). Sources are cached arrays or paths to decode."""
+    """Item (i, epoch) -> (uint8 CHW tensor or error text, label, i). Sources are cached arrays or paths to decode.
 
-    def __init__(self, sources: list, labels: list, pp: Preprocess, transform):
-        self.sources, self.labels, self.pp, self.transform = sources, labels, pp, transform
+    Training items reseed torch's RNG from (seed, epoch, i) before the random transforms, so augmentation is the
+    same whatever the number of worker processes, and a resumed run sees the same crops as an uninterrupted one.
+    """
+
+    def __init__(self, sources: list, labels: list, pp: Preprocess, transform, seed: Optional[int] = None):
+        self.sources, self.labels, self.pp, self.transform, self.seed = sources, labels, pp, transform, seed
 
     def __len__(self):
         return len(self.sources)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        i, epoch = item
         src = self.sources[i]
         try:
             img = Image.fromarray(src) if isinstance(src, np.ndarray) else decode(src, self.pp)
+            if self.seed is not None:
+                torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + i) % 2**63)
             x = self.transform(img)
             if not torch.is_tensor(x):
                 x = torch.as_tensor(np.asarray(x)).permute(2, 0, 1)
@@ -309,49 +316,71 @@ def _filter_collate(batch):
     return x, y, idx, bad
 
 
+class _EpochSampler(torch.utils.data.Sampler):
+    """Yields (index, epoch): a seeded per-epoch permutation (train) or the plain order (val), sharded by rank.
+
+    Training shards are cut to equal length (DDP needs the same number of steps on every rank); validation
+    shards are not padded, so every image is scored exactly once.
+    """
+
+    def __init__(self, n: int, train: bool, d: Dist, seed: int):
+        self.n, self.train, self.d, self.seed, self.epoch = n, train, d, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> list:
+        if not self.train:
+            return list(range(self.d.rank, self.n, self.d.world_size))
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)).tolist()
+        per = self.n // self.d.world_size
+        return order[self.d.rank * per:(self.d.rank + 1) * per]
+
+    def __iter__(self):
+        return iter([(i, self.epoch) for i in self._indices()])
+
+    def __len__(self) -> int:
+        return self.n // self.d.world_size if self.train else len(range(self.d.rank, self.n, self.d.world_size))
+
+
 class LoaderBatches:
-    """DataLoader with seeded (and, under torchrun, distributed) sampling; failed decodes are dropped and listed."""
+    """DataLoader with seeded, rank-sharded sampling and persistent workers; failed decodes are dropped and listed."""
 
     def __init__(self, sources: list, labels: list, relpaths: list, pp: Preprocess, transform, batch_size: int, *,
                  train: bool, workers: int = 0, dist: Optional[Dist] = None, seed: int = 0, device=None):
-        self.ds = _PilDataset(sources, labels, pp, transform)
-        self.relpaths, self.bs, self.train, self.workers = relpaths, batch_size, train, workers
         self.dist = dist or Dist()
+        self.ds = _PilDataset(sources, labels, pp, transform, seed if train else None)
+        self.relpaths, self.bs, self.train, self.workers = relpaths, batch_size, train, workers
         self.seed, self.device = seed, device
         self.skipped: list = []
         self._seen_bad: set = set()
-        self._sampler = None
-        if self.dist.enabled:
-            from torch.utils.data.distributed import DistributedSampler
-
-            # train: padded so every rank takes the same number of steps; val: no padding (exact metrics)
-            self._sampler = (DistributedSampler(self.ds, shuffle=True, seed=seed, drop_last=False) if train
-                             else _ShardSampler(len(self.ds), self.dist))
+        self.sampler = _EpochSampler(len(self.ds), train, self.dist, seed)
+        self._loader = None
 
     def __len__(self) -> int:
-        n = len(self._sampler) if self._sampler is not None else len(self.ds)
+        n = len(self.sampler)
         return n // self.bs if (self.train and n >= self.bs) else math.ceil(n / self.bs)
 
+    def _get_loader(self):
+        if self._loader is None:
+            # created once: persistent workers skip a process start-up per epoch (seconds on a fast GPU)
+            self._loader = torch.utils.data.DataLoader(
+                self.ds, batch_size=self.bs, sampler=self.sampler, num_workers=self.workers,
+                collate_fn=_filter_collate, drop_last=self.train and len(self.sampler) >= self.bs,
+                pin_memory=self.device is not None and self.device.type == "cuda",
+                persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers > 0 else None)
+        return self._loader
+
     def epoch(self, epoch: int):
-        sampler = self._sampler
-        if sampler is None and self.train:
-            sampler = torch.utils.data.RandomSampler(self.ds, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-        elif isinstance(sampler, torch.utils.data.distributed.DistributedSampler):
-            sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            self.ds, batch_size=self.bs, sampler=sampler, num_workers=self.workers, collate_fn=_filter_collate,
-            drop_last=self.train and len(self.ds) >= self.bs, pin_memory=self.device is not None and self.device.type == "cuda",
-            persistent_workers=False, worker_init_fn=_seed_worker,
-            generator=torch.Generator().manual_seed(self.seed * 100003 + epoch + 1),
-        )
-        for x, y, idx, bad in loader:
+        self.sampler.set_epoch(epoch)
+        nb = self.device is not None and self.device.type == "cuda"
+        for x, y, idx, bad in self._get_loader():
             for i, reason in bad:
                 if i not in self._seen_bad:
                     self._seen_bad.add(i)
                     self.skipped.append((str(self.relpaths[i]), reason))
             if x is None:
                 continue
-            nb = self.device is not None and self.device.type == "cuda"
             yield x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb), idx
 
 
@@ -372,26 +401,6 @@ class AugmentedBatches:
         g = torch.Generator().manual_seed(self.seed * 100003 + epoch + 7919)
         for xb, yb, idx in self.inner.epoch(epoch):
             yield device_augment(xb, self.augment, g), yb, idx
-
-
-class _ShardSampler(torch.utils.data.Sampler):
-    def __init__(self, n: int, d: Dist):
-        self.ix = list(range(d.rank, n, d.world_size))
-
-    def __iter__(self):
-        return iter(self.ix)
-
-    def __len__(self):
-        return len(self.ix)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds each worker from the loader's generator; numpy/random (used by some transforms) need it too
-    import random
-
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
 
 
 def default_workers(requested: Optional[int]) -> int:

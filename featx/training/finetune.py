@@ -17,7 +17,7 @@ from . import data as D
 from .config import FinetuneConfig
 from .distributed import Dist, setup
 from .loop import Phase, RunSpec, TrainResult, seed_everything, split_decay, train, write_config
-from .runs import start_run
+from .runs import remove_if_empty, start_run
 
 
 def finetune(backbone: str = "efficientnet_lite0", images: str | os.PathLike = ".", *,
@@ -43,12 +43,21 @@ def _rank0(log, dist: Dist):
 
 
 def _finetune(cfg: FinetuneConfig, images: Path, dist: Dist, device, log, on_epoch) -> TrainResult:
-    from ..backbones import create_backbone
-    from ..data.discover import discover
-
     if not images.is_dir():
         raise UsageError(f"{images} is not a folder of images")
     run_dir, cfg, resume_state = start_run("finetune", cfg, dist, images)
+    try:
+        return _finetune_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch)
+    except BaseException:
+        if dist.is_main and resume_state is None:
+            remove_if_empty(run_dir)
+        raise
+
+
+def _finetune_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch) -> TrainResult:
+    from ..backbones import create_backbone
+    from ..data.discover import discover
+
     cfg.check()
     folder = discover(images)
     split = D.make_split(folder, cfg.val_split, cfg.seed)

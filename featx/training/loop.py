@@ -208,6 +208,25 @@ def _better(acc: float, loss: float, best: dict) -> bool:
 
 def train(spec: RunSpec) -> TrainResult:
     """Run (or resume) the phases, writing the run folder as it goes; returns the result of the whole run."""
+    try:
+        return _train(spec)
+    except KeyboardInterrupt:
+        from ..errors import Interrupted
+
+        done = _last_saved_epoch(spec.run_dir)
+        hint = (f"{spec.run_dir} keeps epoch {done}; continue with --resume --name {spec.run_dir.name}"
+                if done else f"no epoch finished; nothing to resume in {spec.run_dir}")
+        raise Interrupted(f"training interrupted: {hint}", signum=2) from None
+
+
+def _last_saved_epoch(run_dir: Path) -> Optional[int]:
+    try:
+        return int(checkpoint.load_weights(run_dir / "last.safetensors")[1].get("epoch"))
+    except Exception:  # nothing saved yet, or unreadable: report "nothing to resume"
+        return None
+
+
+def _train(spec: RunSpec) -> TrainResult:
     cfg, dist, device, model = spec.cfg, spec.dist, spec.device, spec.model
     run_dir = spec.run_dir
     total_epochs = sum(ph.epochs for ph in spec.phases)
@@ -303,6 +322,10 @@ def train(spec: RunSpec) -> TrainResult:
         if spec.val_batches is not None:
             ev = evaluate(model, spec.val_batches, spec)
             m = ev["metrics"]
+            if m is None:
+                from ..errors import DataError
+
+                raise DataError("none of the validation images could be decoded; see the skipped images above")
             row.update(val_loss=round(ev["loss"], 5), val_accuracy=round(m["accuracy"], 5),
                        val_balanced_accuracy=round(m["balanced_accuracy"], 5))
             improved = _better(m["accuracy"], ev["loss"], state["best"])
@@ -362,7 +385,7 @@ def train(spec: RunSpec) -> TrainResult:
                          completed=bool(state["done"]), stopped_early=bool(state["stopped_early"]),
                          n_train=spec.n_train, n_val=spec.n_val, config=cfg.to_dict())
     if dist.is_main:
-        if not (run_dir / checkpoint.MODEL_JSON).is_file() and (run_dir / "best.safetensors").is_file():
+        if (run_dir / "best.safetensors").is_file():  # final form: trainable parameters of the whole run
             _write_model_json(spec, state, trainable)
         finish_run(spec, result)
     dist.barrier()
@@ -403,11 +426,6 @@ def write_metrics_csv(path: Path, rows: list) -> None:
         fh.write(buf.getvalue())
 
 
-def read_metrics_csv(path: Path) -> list:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
 def finish_run(spec: RunSpec, result: TrainResult) -> None:
     """Plots, config.json (final form) and report.md; failures to plot never lose the trained weights."""
     from .. import report
@@ -431,6 +449,10 @@ def finish_run(spec: RunSpec, result: TrainResult) -> None:
 
 def _fmt(v, nd=4) -> str:
     return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def _g(v) -> str:
+    return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
 
 def render_report(spec: RunSpec, result: TrainResult, notes: list) -> str:
@@ -458,7 +480,7 @@ def render_report(spec: RunSpec, result: TrainResult, notes: list) -> str:
         lines.append("")
     lines += ["## Epochs", "", "| " + " | ".join(METRIC_FIELDS) + " |", "|" + "---|" * len(METRIC_FIELDS)]
     for r in result.rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for k in METRIC_FIELDS) + " |")
+        lines.append("| " + " | ".join(_g(r.get(k)) for k in METRIC_FIELDS) + " |")
     lines += ["", "## Files", "",
               "- `model.json` + `best.safetensors`: the model (`featx predict IMAGES --model " + str(spec.run_dir) + "`)",
               "- `last.safetensors`, `resume.safetensors`: the last epoch, for `--resume`",

@@ -105,3 +105,11 @@ def start_run(kind: str, cfg, dist, images) -> tuple[Path, object, Optional[tupl
         raise UsageError(f"--resume: {run_dir}/last.safetensors (epoch {meta.get('epoch')}) and {RESUME_FILE} "
                          f"(epoch {state[0].get('epoch')}) disagree; the run was killed while saving. Start a new run.")
     return run_dir, new, state
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """A run that failed before writing anything (bad weights, no images) leaves no empty `expN` folder behind."""
+    try:
+        run_dir.rmdir()  # only succeeds on an empty folder
+    except OSError:
+        pass

@@ -19,7 +19,7 @@ from . import zoo
 from .config import ScratchConfig
 from .distributed import Dist, setup
 from .loop import Phase, RunSpec, TrainResult, seed_everything, split_decay, train, write_config
-from .runs import start_run
+from .runs import remove_if_empty, start_run
 
 
 def train_scratch(images: str | os.PathLike, *, arch: str = "lenet5", config: Optional[ScratchConfig] = None,
@@ -50,11 +50,20 @@ def auto_batch_size(n_train: int) -> int:
 
 
 def _train_scratch(cfg: ScratchConfig, images: Path, dist: Dist, device, log, on_epoch) -> TrainResult:
-    from ..data.discover import discover
-
     if not images.is_dir():
         raise UsageError(f"{images} is not a folder of images")
     run_dir, cfg, resume_state = start_run("scratch", cfg, dist, images)
+    try:
+        return _train_scratch_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch)
+    except BaseException:
+        if dist.is_main and resume_state is None:
+            remove_if_empty(run_dir)
+        raise
+
+
+def _train_scratch_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch) -> TrainResult:
+    from ..data.discover import discover
+
     cfg.check()
     arch = zoo.get_arch(cfg.arch)
     size = cfg.image_size or arch.image_size
