@@ -33,7 +33,7 @@ _API = {
     "finetune": "featx.training",
     "train_scratch": "featx.training",
     "load_model": "featx.training",
-    "compare": "featx.compare",
+    "compare": "featx.comparison",
 }
 
 __all__ = ["__version__", *_API]

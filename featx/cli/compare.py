@@ -37,7 +37,7 @@ def compare_cmd(
     json_: bool = typer.Option(False, "--json", help="Print one entry per method (method, accuracy, balanced_accuracy, seconds, trainable_params)."),
 ):
     """Is transfer learning worth it here? Heads on frozen features vs fine-tuning vs small CNNs from scratch."""
-    from ..compare import compare
+    from ..comparison import compare
 
     kw = {"archs": tuple(arch)} if arch else {}
     res = compare(

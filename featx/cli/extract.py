@@ -25,6 +25,11 @@ def extract_cmd(
     chunk_size: int = typer.Option(1024, "--chunk-size", min=1, help="Images per resumable chunk."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file is skipped."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing file that is not a featx store."),
+    decoder: str = typer.Option(
+        "auto", "--decoder",
+        help="auto | pil | torchvision. auto = JPEGs decoded and resized batched on the GPU when on CUDA; "
+             "pil forces CPU decoding in the workers.",
+    ),
     json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):
     """Extract features for every image in a folder (resumes if interrupted)."""
@@ -34,7 +39,7 @@ def extract_cmd(
         res = extract_features(
             images, output, backbone=backbone, pretrained=not no_pretrained, weights=weights, layer=layer,
             device=device, batch_size=batch_size, workers=workers, chunk_size=chunk_size, strict=strict,
-            overwrite=overwrite, progress=update,
+            overwrite=overwrite, progress=update, decoder=decoder,
         )
     for w in res.warnings:
         warn(w)
@@ -50,5 +55,6 @@ def extract_cmd(
     resumed = f" ({res.resumed_images} resumed)" if res.resumed_images else ""
     out.print(
         f"[bold green]{res.n_images}[/] images{resumed}, [bold]{res.n_skipped}[/] skipped, {res.feature_dim}-d features "
-        f"from {res.backbone} on {res.device} in {res.seconds:.1f} s ({res.images_per_s:.1f} img/s) -> {res.path}"
+        f"from {res.backbone} on {res.device} ({res.decoder} decoding) in {res.seconds:.1f} s "
+        f"({res.images_per_s:.1f} img/s) -> {res.path}"
     )

@@ -347,7 +347,8 @@ class DeviceJpegPipeline:
                 errors.append((i, reason, stage))
                 continue
             log.debug("%s: the device JPEG decoder rejected it; decoded on the CPU", paths[i])
-            pieces.append(torch.from_numpy(np.ascontiguousarray(px)).unsqueeze(0).to(self.device))
+            px = np.array(px, dtype=np.uint8)  # a writable copy: PIL's arrays are read-only
+            pieces.append(torch.from_numpy(px).unsqueeze(0).to(self.device))
             piece_slots.append(slot)
         if errors:
             pos = {int(i): p for p, i in enumerate(raw.index)}
@@ -357,7 +358,7 @@ class DeviceJpegPipeline:
         # One gather puts the rows back in batch order; its index goes over without a sync (pinned, non-blocking).
         slots = np.asarray(piece_slots, dtype=np.int64)
         order = np.argsort(slots, kind="stable")
-        x = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        x = torch.cat(pieces) if len(pieces) > 1 else pieces[0].contiguous()  # N,S,S,3 memory: channels_last later
         if not np.array_equal(order, np.arange(len(order))):
             perm = torch.from_numpy(order)
             if cuda:

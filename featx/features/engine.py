@@ -300,7 +300,7 @@ def extract_features(
     """
     from ..backbones import Backbone, create_backbone
     from ..data.discover import discover, find_leakage
-    from ..data.jpeg_batch import resolve_decoder
+    from ..data.jpeg_batch import DECODERS, resolve_decoder
     from ..devices import resolve_device
 
     t0 = time.perf_counter()
@@ -311,6 +311,8 @@ def extract_features(
     _check_output(output, overwrite)
     if chunk_size < 1:
         raise UsageError("chunk size must be at least 1")
+    if (decoder or "auto").lower() not in DECODERS:  # before the model loads
+        raise UsageError(f"--decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
 
     dev = resolve_device(device)
     bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, pretrained=pretrained, weights=weights, layer=layer)

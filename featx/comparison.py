@@ -1,4 +1,4 @@
-"""`featx.compare`: is transfer learning worth it on my images? Frozen-feature heads vs fine-tuning vs scratch CNNs.
+"""`featx.compare()`: is transfer learning worth it on my images? Frozen-feature heads vs fine-tuning vs scratch CNNs.
 
 Every method sees the same train/validation split (the folder's train/ and val/, else one stratified, seeded
 hold-out), so the table compares methods, not splits. The run folder ``runs/compare/<name>`` gets
@@ -8,9 +8,7 @@ the scratch runs), each usable on its own with `featx predict`.
 from __future__ import annotations
 
 import os
-import sys
 import time
-import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -274,14 +272,3 @@ def render_report(result: CompareResult, s: CompareSettings, chart_error: Option
     lines += [f"- {r.method}: `{r.artifact}`" for r in result.rows if r.artifact and not r.error]
     lines.append("")
     return "\n".join(lines)
-
-
-class _CallableModule(types.ModuleType):
-    """Importing ``featx.compare`` (the module) rebinds the package attribute ``featx.compare`` from the lazily
-    exported function to this module; making the module callable keeps ``featx.compare(images, ...)`` working."""
-
-    def __call__(self, *args, **kwargs):
-        return compare(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
