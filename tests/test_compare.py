@@ -15,13 +15,7 @@ from .imagegen import make_folder
 TINY = "timm/test_resnet.r160_in1k"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # CI boxes have 2 cores shared by parallel jobs; oversubscribed intra-op threads make tiny nets 10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_compare_quick_writes_table_json_and_report(tmp_path):

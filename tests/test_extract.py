@@ -14,7 +14,6 @@ import pytest
 
 import featx
 from featx.errors import DataError, FeatxError, StrictModeError, UsageError
-from featx.features import engine
 from tests.imagegen import make_bad_files, make_folder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,13 +21,7 @@ RUN_FILES = {"config.json", "metrics.csv", "learning_curve.png", "confusion.png"
              "last.safetensors", "model.json", "report.md", "resume.safetensors"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # CI boxes have 2 cores shared by parallel jobs; oversubscribed intra-op threads make tiny nets 10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from featx.training.zoo import list_archs
 from .imagegen import make_bad_files, make_folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # CI boxes have 2 cores shared by parallel jobs; oversubscribed intra-op threads make tiny nets 10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

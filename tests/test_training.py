@@ -15,13 +15,7 @@ from featx.training.loop import lr_factor
 from featx.training.runs import resolve_run_dir
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # CI boxes have 2 cores shared by parallel jobs; oversubscribed intra-op threads make tiny nets 10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_lr_schedule_warms_up_then_decays_to_one_percent():

@@ -9,15 +9,13 @@ learning rates (Howard & Ruder 2018, ULMFiT), which works on a few hundred image
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import UsageError
 from . import data as D
 from .config import FinetuneConfig
-from .distributed import Dist, setup
+from .distributed import Dist
 from .loop import Phase, RunSpec, TrainResult, seed_everything, split_decay, train, write_config
-from .runs import remove_if_empty, start_run
+from .runs import run_training
 
 
 def finetune(backbone: str = "efficientnet_lite0", images: str | os.PathLike = ".", *,
@@ -31,27 +29,7 @@ def finetune(backbone: str = "efficientnet_lite0", images: str | os.PathLike = "
     """
     cfg = (config or FinetuneConfig()).replace(backbone=backbone, **settings)
     cfg.check()
-    dist, device = setup(cfg.device)
-    try:
-        return _finetune(cfg, Path(images), dist, device, _rank0(log, dist), on_epoch)
-    finally:
-        dist.cleanup()
-
-
-def _rank0(log, dist: Dist):
-    return (lambda msg: log(msg)) if (log and dist.is_main) else (lambda msg: None)
-
-
-def _finetune(cfg: FinetuneConfig, images: Path, dist: Dist, device, log, on_epoch) -> TrainResult:
-    if not images.is_dir():
-        raise UsageError(f"{images} is not a folder of images")
-    run_dir, cfg, resume_state = start_run("finetune", cfg, dist, images)
-    try:
-        return _finetune_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch)
-    except BaseException:
-        if dist.is_main and resume_state is None:
-            remove_if_empty(run_dir)
-        raise
+    return run_training("finetune", cfg, images, log, on_epoch, _finetune_in)
 
 
 def _finetune_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch) -> TrainResult:

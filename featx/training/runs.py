@@ -113,3 +113,27 @@ def remove_if_empty(run_dir: Path) -> None:
         run_dir.rmdir()  # only succeeds on an empty folder
     except OSError:
         pass
+
+
+def run_training(kind: str, cfg, images, log, on_epoch, body):
+    """The frame shared by finetune and scratch: devices/DDP, the run folder, cleanup of a run that never started.
+
+    `body(run_dir, resume_state, cfg, images, dist, device, log, on_epoch)` does the training proper.
+    """
+    from .distributed import setup
+
+    dist, device = setup(cfg.device)
+    log0 = (lambda m: log(m)) if (log and dist.is_main) else (lambda m: None)
+    images = Path(images)
+    try:
+        if not images.is_dir():
+            raise UsageError(f"{images} is not a folder of images")
+        run_dir, cfg, resume_state = start_run(kind, cfg, dist, images)
+        try:
+            return body(run_dir, resume_state, cfg, images, dist, device, log0, on_epoch)
+        except BaseException:
+            if dist.is_main and resume_state is None:
+                remove_if_empty(run_dir)
+            raise
+    finally:
+        dist.cleanup()

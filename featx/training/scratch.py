@@ -13,13 +13,12 @@ from typing import Callable, Optional
 import torch
 
 from ..data.preprocess import Preprocess
-from ..errors import DataError, UsageError
+from ..errors import DataError
 from . import data as D
 from . import zoo
 from .config import ScratchConfig
-from .distributed import Dist, setup
 from .loop import Phase, RunSpec, TrainResult, seed_everything, split_decay, train, write_config
-from .runs import remove_if_empty, start_run
+from .runs import run_training
 
 
 def train_scratch(images: str | os.PathLike, *, arch: str = "lenet5", config: Optional[ScratchConfig] = None,
@@ -33,13 +32,7 @@ def train_scratch(images: str | os.PathLike, *, arch: str = "lenet5", config: Op
     cfg = (config or ScratchConfig()).replace(arch=arch, **settings)
     zoo.get_arch(cfg.arch)  # unknown names fail before any work, with suggestions
     cfg.check()
-    dist, device = setup(cfg.device)
-    log0 = (lambda m: log(m)) if (log and dist.is_main) else (lambda m: None)
-    try:
-        return _train_scratch(cfg, Path(images), dist, device, log0, on_epoch)
-    finally:
-        dist.cleanup()
-
+    return run_training("scratch", cfg, images, log, on_epoch, _train_scratch_in)
 
 def auto_batch_size(n_train: int) -> int:
     """About 16 steps per epoch, a power of two in [32, 512]: large batches, but enough steps on small data."""
@@ -47,18 +40,6 @@ def auto_batch_size(n_train: int) -> int:
     while b * 2 <= min(512, max(32, n_train // 16)):
         b *= 2
     return b
-
-
-def _train_scratch(cfg: ScratchConfig, images: Path, dist: Dist, device, log, on_epoch) -> TrainResult:
-    if not images.is_dir():
-        raise UsageError(f"{images} is not a folder of images")
-    run_dir, cfg, resume_state = start_run("scratch", cfg, dist, images)
-    try:
-        return _train_scratch_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch)
-    except BaseException:
-        if dist.is_main and resume_state is None:
-            remove_if_empty(run_dir)
-        raise
 
 
 def _train_scratch_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch) -> TrainResult:
