@@ -449,8 +449,9 @@ def _run(records, pred: _Predictor, dev, s: PredictSettings, progress, root):
     done = failed = 0
     if progress:
         progress(0, n)
+    # Same decoder policy as extract (GPU JPEG decoding on CUDA, PIL elsewhere), so predict sees extract's pixels.
     stream = iter_outputs([r.path for r in records], pred.preprocess, pred.fn, device=dev, batch_size=bsize,
-                          workers=s.workers)
+                          workers=s.workers, decoder="auto")
     for batch in stream:
         if len(batch.indices):
             scores[batch.indices] = pred.to_scores(batch.outputs)

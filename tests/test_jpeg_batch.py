@@ -9,7 +9,6 @@ mean 0.03, max 0.08 (limits 0.08 / 0.2); every image's nearest neighbour across 
 """
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -71,7 +70,8 @@ def _inputs(paths, decoder, workers=0, batch_size=5, pre=PRE):
     out = []
     for b in iter_outputs(paths, pre, lambda x: x.flatten(1), device=_cpu(), batch_size=batch_size,
                           workers=workers, decoder=decoder):
-        px = b.outputs.reshape(len(b.indices), 3, pre.input_size, pre.input_size) * std + mean if len(b.indices) else None
+        s = pre.input_size
+        px = b.outputs.reshape(len(b.indices), 3, s, s) * std + mean if len(b.indices) else None
         out.append((b.indices.tolist(), px, b.errors))
     return out
 
@@ -212,6 +212,30 @@ def test_features_and_linear_probe_agree(lite0, tmp_path):
     on_tv = probe.predict(b.features[va])
     assert (on_pil == np.asarray(a.labels)[va]).mean() == 1.0
     assert (on_tv == on_pil).all()
+
+
+def test_resume_keeps_the_decoder_and_batches(lite0, tmp_path):
+    folder = make_folder(tmp_path / "imgs", classes=("a", "b"), n_per_class=5, splits=None, size=(50, 40))
+    kw = dict(backbone=lite0, workers=0, chunk_size=4, batch_size=3)
+    full = featx.load_features(featx.extract_features(folder, tmp_path / "full.npz", decoder="torchvision", **kw).path)
+    out = tmp_path / "resumed.npz"
+
+    def stop_after_two_chunks(done, total):
+        if done >= 9:  # progress runs before the chunk is written: 8 means chunk 1 is not on disk yet
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        featx.extract_features(folder, out, decoder="torchvision", progress=stop_after_two_chunks, **kw)
+    res = featx.extract_features(folder, out, decoder="torchvision", **kw)
+    assert res.resumed_images == 8
+    again = featx.load_features(out)
+    assert again.paths == full.paths and np.array_equal(again.features, full.features)  # same batches, bit-identical
+    # Interrupted with one decoder, re-run with the other: the chunks are not mixed, meta["decoder"] stays true.
+    out2 = tmp_path / "switched.npz"
+    with pytest.raises(KeyboardInterrupt):
+        featx.extract_features(folder, out2, decoder="torchvision", progress=stop_after_two_chunks, **kw)
+    res = featx.extract_features(folder, out2, decoder="pil", **kw)
+    assert res.resumed_images == 0 and featx.load_features(out2).meta["decoder"] == "pil"
 
 
 def test_cli_decoder_option(lite0, tmp_path):

@@ -225,7 +225,8 @@ def resolve_decoder(decoder: str, device, preprocess=None) -> str:
             return "pil"
         return "torchvision" if device_decoding_available(device)[0] else "pil"
     if interp not in _TORCH_INTERP:
-        raise UsageError(f"--decoder torchvision: {interp} resizing has no device equivalent; use --decoder pil or auto")
+        raise UsageError(f"--decoder torchvision: {interp} resizing has no device equivalent; "
+                         f"use --decoder pil or auto")
     ok, why = device_decoding_available(device)
     if not ok:
         raise UsageError(f"--decoder torchvision: torchvision cannot decode JPEGs on {device} here ({why}); "
@@ -373,6 +374,12 @@ class DeviceJpegPipeline:
         tensors = [torch.from_numpy(d) for d in datas]
         if not tensors:
             return []
+        if self.device.type == "cuda":
+            # torchvision allocates the outputs on this stream but writes them from its own stream without waiting
+            # for this one (pytorch/vision PR #9606): finish every queued kernel first, so no block the caching
+            # allocator recycles (e.g. the previous slice's images, freed while their resize was queued) is still
+            # being read when nvJPEG overwrites it. The decoder synchronises its own stream anyway.
+            torch.cuda.current_stream(self.device).synchronize()
         try:
             return list(_decode_list(tensors, self.device))
         except (KeyboardInterrupt, MemoryError):
@@ -381,6 +388,8 @@ class DeviceJpegPipeline:
             log.debug("batched JPEG decoding failed (%s); decoding one by one", exc)
         images = []
         for t in tensors:
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
             try:
                 images.append(_decode_list([t], self.device)[0])
             except (KeyboardInterrupt, MemoryError):

@@ -333,7 +333,7 @@ def extract_features(
         "files": fingerprint([(r.relpath, *_stat_key(r.path)) for r in records]),
         "max_pixels": max_pixels,
     }
-    if decoder != "pil":  # resumed chunks come from the decoder that meta["decoder"] names (pil jobs keep their old key)
+    if decoder != "pil":  # resumed chunks come from the decoder meta["decoder"] names; pil jobs keep their old key
         job["decoder"] = decoder
     part = _partial_dir(output)
     if rank == 0:
