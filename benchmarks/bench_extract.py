@@ -101,14 +101,18 @@ def ceiling(device, n: int, batch_size: int, bf16: bool) -> float:
     return steps * batch_size / (time.perf_counter() - t)
 
 
-def featx_engine(folder: Path, out: Path, device: str, workers, batch_size, decoder: str = "auto") -> tuple:
+def featx_engine(folder: Path, out: Path, device: str, workers, batch_size, decoder: str = "auto",
+                 image_size=None) -> tuple:
+    from featx.backbones import create_backbone
     from featx.features.engine import extract_features
 
     if out.exists():
         out.unlink()
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # never resume in a benchmark
+    bb = create_backbone("efficientnet_lite0", image_size=image_size)  # outside the timed region, as the baseline's
     t = time.perf_counter()
-    res = extract_features(folder, out, device=device, workers=workers, batch_size=batch_size, decoder=decoder)
+    res = extract_features(folder, out, backbone=bb, device=device, workers=workers, batch_size=batch_size,
+                           decoder=decoder)
     return res.n_images / (time.perf_counter() - t), res
 
 
@@ -154,6 +158,8 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--image-size", type=int, default=224,
+                    help="featx crop size (224 = the baseline's work; featx's own default for lite0 is 256)")
     ap.add_argument("--decoder", default="auto", choices=["auto", "pil", "torchvision", "both"],
                     help="featx rows to run (auto: both on CUDA, pil on the CPU)")
     ap.add_argument("--no-probe", action="store_true", help="skip the linear-probe comparison of the two decoders")
@@ -179,9 +185,9 @@ def main(argv=None):
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         rate, res = featx_engine(folder, args.work / f"features-{dec}.npz", args.device, args.workers,
-                                 args.batch_size, dec)
+                                 args.batch_size, dec, args.image_size)
         where = "batched device decode+resize" if dec == "torchvision" else "CPU workers decode+resize"
-        rows.append((f"featx extract --decoder {dec} ({where}), workers={args.workers or 'auto'}, "
+        rows.append((f"featx extract --decoder {dec} ({where}), {args.image_size}px, workers={args.workers or 'auto'}, "
                      f"batch={args.batch_size or 'auto'}", rate))
         if dev.type == "cuda":
             gpu_peaks[dec] = torch.cuda.max_memory_allocated() / 2**20

@@ -55,7 +55,7 @@ class PredictSettings:
     format: Optional[str] = None  # None: from the output suffix (.jsonl/.json -> jsonl), else csv
     top_k: int = 3  # top classes and scores per row; clipped to the number of classes
     device: str = "auto"  # auto = CUDA when present
-    batch_size: Optional[int] = None  # None: 64 on CPU, 256 on CUDA (as `featx extract`)
+    batch_size: Optional[int] = None  # None: 32 on CPU, 256 on CUDA (as `featx extract`)
     workers: Optional[int] = None  # decoding processes; None: CPU count, at most 8
     sort_into: Optional[str] = None  # copy (or link/move) each image into <sort_into>/<predicted class>/
     mode: str = "copy"  # copy | link (hard link, else symlink) | move; copy never touches the sources
@@ -439,12 +439,12 @@ def _written_by_featx(path: Path) -> bool:
 
 def _run(records, pred: _Predictor, dev, s: PredictSettings, progress, root):
     """Run the model over every record through the extraction engine -> (scores N x C with NaN rows, errors)."""
-    from .features.engine import GARBAGE_WINDOW, iter_outputs, prepare_model
+    from .features.engine import GARBAGE_WINDOW, default_batch_size, iter_outputs, prepare_model
 
     n = len(records)
     scores = np.full((n, len(pred.classes)), np.nan, dtype=np.float64)
     errors_at: dict = {}
-    bsize = s.batch_size or (256 if dev.type == "cuda" else 64)
+    bsize = s.batch_size or default_batch_size(dev)
     prepare_model(pred.network, dev)
     done = failed = 0
     if progress:

@@ -20,7 +20,7 @@ def extract_cmd(
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file (.safetensors or torch state dict)."),
     layer: str = typer.Option("pooled", "--layer", help="'pooled' (classifier input), stageN, or a module name (globally pooled)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per batch (default 64 CPU, 256 CUDA)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per batch (default 32 CPU, 256 CUDA)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: CPU count, at most 8)."),
     chunk_size: int = typer.Option(1024, "--chunk-size", min=1, help="Images per resumable chunk."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file is skipped."),

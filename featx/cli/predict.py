@@ -29,7 +29,7 @@ def predict_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Predict and print the sort plan; write, copy and move nothing."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero (6) if any image could not be read (after writing the rest)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per batch (default 64 CPU, 256 CUDA)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per batch (default 32 CPU, 256 CUDA)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: CPU count, at most 8)."),
     report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Labelled input: where confusion.png, misclassified.png, metrics.json go (default: <output stem>.report/)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing output file that featx did not write."),

@@ -88,6 +88,11 @@ class Batch:
     errors: list  # (position, reason, stage) for files that failed
 
 
+def default_batch_size(device) -> int:
+    """256 on CUDA (fills the GPU), 32 on the CPU (measured fastest on a 2-core machine: 15 img/s vs 12-14 at 64)."""
+    return 256 if device.type == "cuda" else 32
+
+
 def default_workers() -> int:
     n = os.cpu_count() or 1
     return max(1, min(8, n))
@@ -289,7 +294,7 @@ def extract_features(
         images: a folder (class subfolders give labels; train/ and val/ or test/ give splits; flat = unlabeled).
         output: the .npz to write (atomically). Re-running after an interruption resumes from finished chunks.
         backbone: a name (see `featx models`) or a ready `Backbone`.
-        device: auto | cpu | cuda. batch_size: default 64 on CPU, 256 on CUDA. workers: decoding processes.
+        device: auto | cpu | cuda. batch_size: default 32 on CPU, 256 on CUDA. workers: decoding processes.
         chunk_size: images per resumable chunk (also the unit of sharding under torchrun).
         strict: any skipped file raises StrictModeError (finished chunks are kept; no store is written).
         overwrite: allow replacing an existing file that is not a featx features store.
@@ -316,7 +321,7 @@ def extract_features(
 
     dev = resolve_device(device)
     bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, pretrained=pretrained, weights=weights, layer=layer)
-    bsize = batch_size or (256 if dev.type == "cuda" else 64)
+    bsize = batch_size or default_batch_size(dev)
     rank, world, dist = _dist_info()
     if dev.type == "cuda" and world > 1:
         import torch
