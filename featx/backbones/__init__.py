@@ -291,7 +291,8 @@ def _describe(name: str) -> dict:
         hit = try_to_load_from_cache(hub, "model.safetensors") if hub else None
         avail = isinstance(hit, str) and os.path.isfile(hit)
         return {"name": r.canonical, "source": "timm", "feature_dim": int(m.num_features),
-                "input_size": int(m.pretrained_cfg["input_size"][-1]), "weights_available": avail,
+                "input_size": int((m.pretrained_cfg.get("test_input_size") or m.pretrained_cfg["input_size"])[-1]),
+                "weights_available": avail,
                 "weights": hit if avail else f"download on first use ({hub})"}
     import torchvision
 
