@@ -241,7 +241,7 @@ def test_torchrun_two_ranks_write_one_store_identical_to_single_process(folder, 
     assert p.wait(timeout=240) == 0
     env = {**os.environ, "FEATX_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     multi = tmp_path / "multi.npz"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         "-m", "featx", "extract", *args, "-o", str(multi)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = featx.load_features(single), featx.load_features(multi)
