@@ -296,3 +296,23 @@ def test_gpu_logistic_head_matches_sklearn():
     gpu = fit_head(digits(), "logistic", C=0.1, cv=0, device="cuda")
     assert gpu.training["device"].startswith("cuda")
     assert abs(sk.scores["val"]["accuracy"] - gpu.scores["val"]["accuracy"]) <= 0.005
+
+
+def test_unlabeled_rows_of_a_labelled_store_are_left_out():
+    """A flat test/ beside train/CLASS/ gives rows with label "": they must not be scored as a class."""
+    from sklearn.datasets import load_digits
+
+    from featx.features.store import FeatureSet
+    from featx.heads import fit_head
+
+    X, y = load_digits(n_class=3, return_X_y=True)
+    labels = np.array([f"d{v}" for v in y], dtype=object)
+    splits = np.array(["train"] * len(y), dtype=object)
+    splits[::4] = "val"
+    splits[1::8] = "test"
+    labels[splits == "test"] = ""
+    fs = FeatureSet(features=X, paths=[f"{i}.png" for i in range(len(y))], labels=labels, splits=splits,
+                    classes=["d0", "d1", "d2"], meta={"backbone": "digits"})
+    res = fit_head(fs, head="logistic", C=1.0, cv=0)
+    assert set(res.head.classes) == {"d0", "d1", "d2"}
+    assert "test" not in res.scores and res.scores["val"]["n"] == int((splits == "val").sum())

@@ -217,6 +217,10 @@ def _as_features(obj, what: str) -> FeatureSet:
     if fs.labels is None:
         raise DataError(f"the {what} carry no labels (the images were not in class folders); a head needs labelled "
                         f"features: extract from a folder laid out as ROOT/CLASS/image.jpg")
+    unlabeled = fs.labels == ""  # images of an unlabeled split (e.g. a flat test/ beside train/CLASS/)
+    if unlabeled.any():
+        log.warning("%d unlabeled rows of the %s are left out of fitting and scoring", int(unlabeled.sum()), what)
+        fs = fs.subset(~unlabeled)
     if len(fs) == 0:
         raise DataError(f"the {what} are empty")
     return fs
