@@ -5,9 +5,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     # Downloaded timm / torchvision weights live in the cache volume, so they survive container restarts.
     HF_HOME=/cache/huggingface \
-    TORCH_HOME=/cache/torch \
-    # featx's DataLoader workers need shared memory; run with --shm-size=1g (or --ipc=host) for many workers.
-    FEATX_NO_PROGRESS=0
+    TORCH_HOME=/cache/torch
+# featx's DataLoader workers need shared memory: run with --shm-size=1g (or --ipc=host) for many workers.
 
 WORKDIR /opt/featx
 COPY pyproject.toml README.md ./

@@ -27,7 +27,7 @@ def warn(message: str) -> None:
 
 def show_progress() -> bool:
     """Progress bars only on an interactive terminal (quiet when piped or in CI)."""
-    return err.is_terminal and not os.environ.get("FEATX_NO_PROGRESS")
+    return err.is_terminal and os.environ.get("FEATX_NO_PROGRESS", "0") in ("", "0")
 
 
 class progress_bar:
