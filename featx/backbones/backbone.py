@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -71,9 +71,6 @@ class Backbone:
         elif feats.ndim == 3:  # token sequences (ViT stages): average over tokens
             feats = feats.float().mean(dim=1)
         return feats.flatten(1).float()
-
-    def feature_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return self.forward_features
 
     # -- provenance ------------------------------------------------------------------------------------
     def meta(self) -> dict:

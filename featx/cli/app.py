@@ -61,18 +61,7 @@ def run_boundary(fn):
 
 
 # Command modules register themselves on `app` when imported (one module per command).
-def _load_commands() -> None:
-    import importlib
-
-    for mod in ("models", "extract", "fit", "predict", "finetune", "scratch", "compare"):
-        try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as exc:  # a command module not written yet
-            if exc.name != f"{__package__}.{mod}":
-                raise
-
-
-_load_commands()
+from . import compare, extract, finetune, fit, models, predict, scratch  # noqa: E402,F401
 
 
 def main() -> None:

@@ -147,6 +147,21 @@ def load_rgb(
 
 def _open(fh, max_pixels: Optional[int]) -> Image.Image:
     """Image.open with every failure turned into a DecodeError; retries once after registering a HEIF plugin."""
+    img = _try_open(fh, max_pixels)
+    if img is not None:
+        return img
+    fh.seek(0)
+    reason = _sniff(fh.read(1024))
+    if reason == _HEIF_HINT and _register_heif():
+        fh.seek(0)
+        img = _try_open(fh, max_pixels)
+        if img is not None:
+            return img
+    raise DecodeError(reason, "open")
+
+
+def _try_open(fh, max_pixels: Optional[int]) -> Optional[Image.Image]:
+    """The opened image, or None when no installed plugin recognises the content."""
     try:
         return Image.open(fh)
     except MemoryError:
@@ -154,22 +169,9 @@ def _open(fh, max_pixels: Optional[int]) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise DecodeError(_bomb_reason(exc, max_pixels), "open") from None
     except UnidentifiedImageError:
-        fh.seek(0)
-        head = fh.read(1024)
+        return None
     except Exception as exc:  # a recognised format with a broken header
         raise DecodeError(_corrupt_reason(exc), "open") from None
-    reason = _sniff(head)
-    if reason == _HEIF_HINT and _register_heif():
-        fh.seek(0)
-        try:
-            return Image.open(fh)
-        except MemoryError:
-            raise
-        except Image.DecompressionBombError as exc:
-            raise DecodeError(_bomb_reason(exc, max_pixels), "open") from None
-        except Exception as exc:
-            raise DecodeError(_corrupt_reason(exc), "open") from None
-    raise DecodeError(reason, "open")
 
 
 def _to_rgb(img: Image.Image, background) -> Image.Image:

@@ -398,7 +398,6 @@ def extract_features(
 
     if dist is not None:
         dist.barrier()
-    result_path = output
     if rank != 0:
         dist.barrier()
         return ExtractResult(path=output, n_images=0, n_skipped=0, feature_dim=bb.feature_dim,
@@ -455,7 +454,7 @@ def extract_features(
     computed = n - resumed
     run_s = time.perf_counter() - t_run
     return ExtractResult(
-        path=result_path, n_images=len(kept), n_skipped=len(skipped), feature_dim=int(feats.shape[1]),
+        path=output, n_images=len(kept), n_skipped=len(skipped), feature_dim=int(feats.shape[1]),
         seconds=round(elapsed, 3), images_per_s=round(computed / run_s, 1) if run_s > 0 else 0.0,
         device=str(dev), backbone=bb.name, skipped=skipped, leakage=leakage, resumed_images=resumed,
         warnings=list(folder.warnings), decoder=decoder,
