@@ -1,4 +1,6 @@
-"""Small file-system helpers shared by every writer: atomic replace, hashing, JSON that never fails on odd paths."""
+"""File-system rules shared by every writer: atomic replace with normal permissions, one ownership and
+writability check for every file featx writes, an OS-level lock per output, hashing, JSON that never fails
+on odd paths."""
 from __future__ import annotations
 
 import contextlib
@@ -6,13 +8,51 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
+import time
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterable, Iterator, Mapping, Optional, Union
 
-from .errors import ArtifactError, FeatxError
+from .errors import ArtifactError, FeatxError, OutputError, UsageError
 
 TMP_MARK = ".featx-tmp-"
+LOCK_SUFFIX = ".featx-lock"
+# errno values that mean "this output cannot be written" (translated into one line, exit 7)
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+def stamp() -> str:
+    """The mark every featx-written JSON, PNG and Markdown file carries: ``featx <version>``."""
+    from . import __version__
+
+    return f"featx {__version__}"
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask is process-wide and racy)
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode a plain ``open(path, "w")`` would leave: the existing file's, else 0666 minus the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def output_error(path, exc: OSError) -> OutputError:
+    """One line for an OSError met while writing ``path`` (read-only, no permission, disk full...)."""
+    return OutputError(f"cannot write {safe_str(str(path))}: {exc.strerror or exc}; the previous file (if any) is unchanged")
 
 
 @contextlib.contextmanager
@@ -20,25 +60,245 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Write to a temp file beside ``path`` and rename it over ``path`` only when the block succeeds.
 
     A crash, a signal or a full disk leaves the previous ``path`` untouched; the temp file is removed
-    (or, after SIGKILL, swept by :func:`sweep_stale_temps` on the next run).
+    (or, after SIGKILL, swept by :func:`sweep_stale_temps` on the next run). The new file gets the permissions
+    a plain ``open()`` would give (the umask applies), not mkstemp's 0600.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_MARK + path.name + ".", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_MARK + path.name + ".", dir=path.parent)
+        os.fchmod(fd, _new_file_mode(path))
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        _unlink_quiet(tmp)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            raise FeatxError(f"cannot write {path}: {exc.strerror}; the previous file (if any) is unchanged") from exc
+        if tmp is not None:
+            _unlink_quiet(tmp)
+        if exc.errno in WRITE_ERRNOS:
+            raise output_error(path, exc) from exc
         raise
     except BaseException:
-        _unlink_quiet(tmp)
+        if tmp is not None:
+            _unlink_quiet(tmp)
         raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which files featx may replace: its own (recognisable) or absent ones; anything else only with --overwrite.
+
+Recogniser = Callable[[Path], bool]
+
+
+def _json_is_ours(path: Path) -> bool:
+    if path.stat().st_size > 256 << 20:
+        return False
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and str(doc.get("written_by", "")).startswith("featx")
+
+
+def _png_is_ours(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and b"tEXtSoftware\x00featx" in head
+
+
+def _md_is_ours(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.readline(256).startswith(MD_STAMP_PREFIX.encode())
+    except OSError:
+        return False
+
+
+MD_STAMP_PREFIX = "<!-- written by featx"
+DEFAULT_RECOGNISERS: dict = {".json": _json_is_ours, ".png": _png_is_ours, ".md": _md_is_ours}
+
+
+def written_by_featx(path: str | os.PathLike, recognise: Optional[Recogniser] = None) -> bool:
+    """True when ``path`` is absent, empty, or a regular file featx wrote (by ``recognise``, else by suffix)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return not path.is_symlink()  # a dangling symlink is not ours to replace
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    if st.st_size == 0:
+        return True
+    recognise = recognise or DEFAULT_RECOGNISERS.get(path.suffix.lower())
+    return bool(recognise and recognise(path))
+
+
+Outputs = Union[Iterable, Mapping]
+
+
+def check_outputs(outputs: Outputs, *, overwrite: bool = False) -> None:
+    """Refuse, before any work, outputs featx must not or cannot write.
+
+    ``outputs``: paths, or a mapping path -> recogniser (``None``: by suffix: featx's JSON, PNG, Markdown).
+    Every path must be a file path (not a folder), absent or written by featx (unless ``overwrite``), and its
+    folder must be creatable and writable (probed with a real temp file: catches read-only mounts too).
+    """
+    items = outputs.items() if isinstance(outputs, Mapping) else ((p, None) for p in outputs)
+    folders = set()
+    for raw, recognise in items:
+        path = Path(raw)
+        shown = safe_str(str(path))
+        if path.is_dir():
+            raise UsageError(f"{shown} is a folder; featx needs a file path there")
+        if not overwrite and not written_by_featx(path, recognise):
+            raise UsageError(f"{shown} exists and was not written by featx; refusing to replace it "
+                             "(choose another output, or pass --overwrite)")
+        folders.add(path.parent)
+    for folder in sorted(folders, key=str):
+        check_writable_folder(folder)
+
+
+def check_writable_folder(folder: str | os.PathLike) -> None:
+    """The nearest existing ancestor of ``folder`` must be a folder we can create files in."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"cannot create the folder {safe_str(str(folder))}: {safe_str(str(probe))} is a file")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_MARK + "probe.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {safe_str(str(probe))}: {exc.strerror or exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One run per output at a time: an OS-level lock, released by the OS when the process dies (never stale).
+
+class OutputLock:
+    """Exclusive ``flock`` on ``.<name>.featx-lock`` beside ``output`` for the life of a run.
+
+    A second run that wants the same output fails at once, naming the first (pid, command, start time).
+    Folders the lock had to create are removed again if the run leaves them empty.
+    """
+
+    def __init__(self, output: str | os.PathLike):
+        self.output = Path(output)
+        self.path = self.output.parent / f".{self.output.name}{LOCK_SUFFIX}"
+        self._fd: Optional[int] = None
+        self._made: list = []
+
+    def __enter__(self) -> "OutputLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock, as before
+            return
+        self._made = _mkdirs(self.output.parent)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            except OSError as exc:
+                self._remove_made()
+                raise output_error(self.path, exc) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise output_error(self.path, exc) from exc
+                raise OutputError(f"{safe_str(str(self.output))} is being written by another featx run ({holder}); "
+                                  "wait for it to finish, or write to another output") from None
+            try:  # the holder may have unlinked the file between our open and our lock: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self._fd = fd
+        import sys
+
+        info = {"pid": os.getpid(), "command": " ".join(map(os.path.basename, sys.argv[:1])) + " " + " ".join(sys.argv[1:]),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode("utf-8", "replace"))
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        _unlink_quiet(self.path)  # while still holding it: a waiter then sees a different inode and retries
+        os.close(self._fd)
+        self._fd = None
+        self._remove_made()
+
+    def _remove_made(self) -> None:
+        for d in reversed(self._made):
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        self._made = []
+
+
+def _mkdirs(folder: Path) -> list:
+    """mkdir -p that returns the folders it created (outermost first)."""
+    made = []
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        made.append(probe)
+        probe = probe.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(folder, exc) from exc
+    return list(reversed(made))
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "{}")
+        return f"pid {info['pid']}: {info.get('command', '?').strip()}, since {info.get('started', '?')}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that is starting"
+
+
+@contextlib.contextmanager
+def claim_outputs(outputs: Outputs, *, overwrite: bool = False, lock: Optional[str | os.PathLike] = None):
+    """check_outputs(outputs), then hold the OutputLock of ``lock`` (default: the first output) for the block."""
+    check_outputs(outputs, overwrite=overwrite)
+    if lock is None:
+        lock = next(iter(outputs))
+    with OutputLock(lock) as held:
+        yield held
+
+
+def write_markdown(path: str | os.PathLike, text: str) -> Path:
+    """Markdown report, atomically, with featx's stamp as its first line (an HTML comment: invisible when rendered)."""
+    with atomic_write(path, "w") as fh:
+        fh.write(f"{MD_STAMP_PREFIX} {stamp().split()[-1]} -->\n")
+        fh.write(text)
+    return Path(path)
 
 
 def sweep_stale_temps(directory: str | os.PathLike, name: str) -> None:
@@ -84,6 +344,9 @@ def _has_surrogates(s: str) -> bool:
 
 
 def write_json(path: str | os.PathLike, data) -> None:
+    """JSON, atomically; a dict gets ``"written_by": "featx <version>"`` first, so featx recognises it later."""
+    if isinstance(data, dict) and "written_by" not in data:
+        data = {"written_by": stamp(), **data}
     with atomic_write(path, "w") as fh:
         json.dump(data, fh, indent=2, sort_keys=False, default=str)
         fh.write("\n")

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ._io import atomic_write, write_json
+from ._io import write_json, write_markdown
 from .errors import FeatxError, UsageError
 
 QUICK = {"finetune_epochs": 4, "scratch_epochs": 8, "cv": 3}  # --quick: minutes on a CPU, seconds on a GPU
@@ -238,8 +238,7 @@ def _write_outputs(result: CompareResult, s: CompareSettings) -> None:
                                                        for k, v in asdict(s).items()},
                                           "split": result.split, "n_train": result.n_train, "n_val": result.n_val,
                                           "methods": result.to_json()})
-    with atomic_write(run_dir / "report.md", "w") as fh:
-        fh.write(render_report(result, s, chart_error))
+    write_markdown(run_dir / "report.md", render_report(result, s, chart_error))
 
 
 def _f(v, nd=4) -> str:

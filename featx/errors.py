@@ -5,6 +5,9 @@ anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import contextlib
+import signal
+
 
 class FeatxError(Exception):
     """Base class for every error a user can cause and fix."""
@@ -47,9 +50,49 @@ class StrictModeError(FeatxError):
     exit_code = 6
 
 
+class OutputError(FeatxError):
+    """An output cannot be written: not writable, read-only, disk full, in use by another featx run,
+    or a step after the main output (sorting files, a report) failed (exit 7)."""
+
+    exit_code = 7
+
+
 class Interrupted(FeatxError):
     """The run was stopped by a signal; partial progress was kept where promised."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message, exit_code=128 + signum)
         self.signum = signum
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM seen as a KeyboardInterrupt, so every cleanup path written for Ctrl-C also runs for SIGTERM."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def interruptible(hint: str):
+    """Inside the block, Ctrl-C and SIGTERM raise ``Interrupted`` whose message ends with ``hint``.
+
+    ``hint`` says what was kept and how to continue ("finished chunks were kept; re-run the same command to
+    resume"), so both signals tell the user the same thing; exit codes are 130 (SIGINT) and 143 (SIGTERM).
+    """
+    old = None
+    try:
+        old = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        pass
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        signum = int(getattr(exc, "signum", signal.SIGINT))
+        what = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        raise Interrupted(f"stopped by {what}; {hint}", signum) from None
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _raise_terminated(signum, _frame):
+    raise _Terminated()

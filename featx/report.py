@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ._io import atomic_write
+from ._io import atomic_write, stamp
 
 __all__ = [
     "classification_metrics",
@@ -102,7 +102,7 @@ def _save(fig, path) -> Path:
     plt = _plt()
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight")
+        fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight", metadata={"Software": stamp()})
     finally:
         plt.close(fig)
     path = Path(path)

@@ -70,3 +70,65 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, code, needle):
     assert needle in r.output
     assert "Traceback" not in r.output
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_version_prints_and_exits_zero():
+    import subprocess
+    import sys
+
+    from featx import __version__
+
+    r = _run("--version")
+    assert r.exit_code == 0 and r.output.strip() == f"featx {__version__}"
+    p = subprocess.run([sys.executable, "-m", "featx", "--version"], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == f"featx {__version__}"
+
+
+def test_traceback_flag_is_accepted_after_the_subcommand(monkeypatch):
+    from featx.cli import app as app_mod
+
+    monkeypatch.setitem(app_mod._state, "traceback", False)
+    assert app_mod._lift_traceback_flag(["extract", "x", "--traceback"]) == ["extract", "x"]
+    assert app_mod._state["traceback"] is True
+    assert app_mod._lift_traceback_flag(["extract", "--", "--traceback"]) == ["extract", "--", "--traceback"]
+
+
+def test_user_text_is_never_read_as_markup(tmp_path):
+    """Error lines, warnings and table cells print file and class names exactly as they are."""
+    from featx.cli.common import err, error_line, out, styled, warn
+
+    with out.capture() as cap:
+        out.print("holiday[final].jpg [/bold] ant [formicidae]")
+        out.print(styled("[bold]{}[/bold] head", "svm [rbf]"))
+    assert cap.get().splitlines() == ["holiday[final].jpg [/bold] ant [formicidae]", "svm [rbf] head"]
+    with err.capture() as cap:
+        err.print(error_line("pip install 'featx[embedded]'"))
+        warn("skipped a[/b].jpg")
+    assert "pip install 'featx[embedded]'" in cap.get() and "skipped a[/b].jpg" in cap.get()
+    missing = tmp_path / "holiday[final]" / "[/bold]"
+    r = _run("extract", missing, "-o", tmp_path / "f.npz")
+    assert r.exit_code == 3 and str(missing) in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder"])
+def test_weights_that_are_missing_or_a_folder_are_one_line(tmp_path, kind):
+    folder = make_folder(tmp_path / "imgs", classes=("a",), n_per_class=1, splits=None, size=16)
+    w = tmp_path / "w.safetensors"
+    if kind == "folder":
+        w.mkdir()
+    r = _run("extract", folder, "-o", tmp_path / "f.npz", "--weights", w)
+    assert r.exit_code == 4, r.output
+    assert ("no such file" if kind == "missing" else "is a folder") in r.output and "Traceback" not in r.output
+
+
+def test_unwritable_output_is_one_line_with_exit_7(tmp_path, monkeypatch):
+    import featx._io as io_mod
+
+    def eacces(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    folder = make_folder(tmp_path / "imgs", classes=("a",), n_per_class=1, splits=None, size=16)
+    monkeypatch.setattr(io_mod.tempfile, "mkstemp", eacces)
+    r = _run("extract", folder, "-o", tmp_path / "out" / "f.npz", "--workers", "0")
+    assert r.exit_code == 7, r.output
+    assert "Permission denied" in r.output and "Traceback" not in r.output

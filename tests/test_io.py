@@ -70,3 +70,95 @@ def test_store_with_pickled_object_arrays_is_refused(tmp_path):
         featx.load_features(tmp_path / "junk.npz")
     with pytest.raises(ArtifactError, match="does not exist"):
         featx.load_features(tmp_path / "missing.npz")
+
+
+# -- permissions, ownership, writability, locks ------------------------------------------------------------
+import json
+import stat
+import subprocess
+import sys
+
+from featx._io import OutputLock, check_outputs, claim_outputs, write_json, write_markdown, written_by_featx
+from featx.errors import OutputError, UsageError
+
+
+def test_written_files_get_normal_permissions_not_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = tmp_path / "r.json"
+        write_json(p, {"a": 1})
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644
+        p.chmod(0o640)  # an existing file keeps its mode, as with open(..., "w")
+        write_json(p, {"a": 2})
+        assert stat.S_IMODE(p.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_featx_files_are_recognised_and_foreign_ones_refused(tmp_path):
+    from featx.report import save_bar_chart_png
+
+    ours_json, ours_png, ours_md = tmp_path / "a.json", tmp_path / "a.png", tmp_path / "a.md"
+    write_json(ours_json, {"x": 1})
+    save_bar_chart_png([{"name": "a", "accuracy": 0.5}], ours_png)
+    write_markdown(ours_md, "# hi\n")
+    assert json.loads(ours_json.read_text())["written_by"].startswith("featx")
+    for p in (ours_json, ours_png, ours_md, tmp_path / "absent.json"):
+        assert written_by_featx(p), p
+    check_outputs([ours_json, ours_png, ours_md])
+    theirs = tmp_path / "theirs.json"
+    theirs.write_text('{"mine": true}')
+    (tmp_path / "theirs.png").write_bytes(b"\x89PNG\r\n\x1a\nnot ours")
+    for p in (theirs, tmp_path / "theirs.png"):
+        assert not written_by_featx(p)
+        with pytest.raises(UsageError, match="not written by featx"):
+            check_outputs([ours_json, p])
+        check_outputs([p], overwrite=True)
+
+
+def test_unwritable_output_folder_is_one_clear_error_before_work(tmp_path, monkeypatch):
+    import tempfile
+
+    def eacces(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", eacces)
+    with pytest.raises(OutputError, match="cannot write to .*Permission denied"):
+        check_outputs([tmp_path / "new" / "f.npz"])
+    with pytest.raises(OutputError, match="Permission denied"):
+        write_json(tmp_path / "x.json", {})
+    assert not (tmp_path / "new").exists()
+
+
+def test_output_under_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        check_outputs([tmp_path / "file" / "sub" / "f.npz"])
+
+
+def test_a_second_run_on_the_same_output_is_refused_naming_the_first(tmp_path):
+    out = tmp_path / "out" / "f.npz"
+    with OutputLock(out):
+        with pytest.raises(OutputError, match=r"another featx run \(pid %d" % os.getpid()):
+            with OutputLock(out):
+                pass
+    with OutputLock(out):  # released: free again
+        assert (out.parent / ".f.npz.featx-lock").exists()
+    assert not out.parent.exists()  # no stale lock file; the folder the lock made is gone again
+
+
+def test_lock_of_a_killed_process_is_not_stale(tmp_path):
+    out = tmp_path / "f.npz"
+    code = f"from featx._io import OutputLock; import os; l = OutputLock({str(out)!r}); l.acquire(); os._exit(0)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / ".f.npz.featx-lock").exists()  # left behind by the dead process, but not held
+    with OutputLock(out):
+        pass
+
+
+def test_claim_removes_folders_it_made_when_the_run_fails(tmp_path):
+    out = tmp_path / "a" / "b" / "f.npz"
+    with pytest.raises(RuntimeError):
+        with claim_outputs([out]):
+            raise RuntimeError("nothing written")
+    assert not (tmp_path / "a").exists()

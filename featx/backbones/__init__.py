@@ -25,6 +25,7 @@ from .sources import (
     load_state_dict_file,
     timm_weights_file,
     torchvision_weights_file,
+    user_weights,
 )
 
 __all__ = ["Backbone", "create_backbone", "list_backbones", "resolve_name", "EMBEDDED", "DEFAULT_BACKBONE", "POOLED", "stage_names"]
@@ -123,13 +124,14 @@ def create_backbone(
         image_size: crop size other than the network's default (same resize/crop ratio); recorded in preprocessing.
     """
     r = resolve_name(name)
+    user = user_weights(weights) if weights is not None else None  # checked before any network is built
     if r.source == "embedded":
         spec = EMBEDDED[r.canonical]
         model, pre, cls_path = _timm_model(spec.timm_arch, seed=_RANDOM_SEED)
         pre = Preprocess.from_crop_pct(spec.test_size, spec.crop_pct, interpolation="bicubic",
                                        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         if weights is not None:
-            wpath, sha, src = Path(weights), file_sha256(weights), f"file:{weights}"
+            wpath, sha, src = user
         elif pretrained:
             wpath = embedded_weights_path(spec.package)
             if wpath is None:
@@ -145,7 +147,7 @@ def create_backbone(
     elif r.source == "timm":
         model, pre, cls_path = _timm_model(r.arch, seed=_RANDOM_SEED)
         if weights is not None:
-            wpath, sha, src = Path(weights), file_sha256(weights), f"file:{weights}"
+            wpath, sha, src = user
             load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
         elif pretrained:
             wpath = timm_weights_file(r.canonical, model.pretrained_cfg.get("hf_hub_id"))
@@ -157,7 +159,7 @@ def create_backbone(
     else:
         model, pre, cls_path, wenum = _tv_model(r.arch, seed=_RANDOM_SEED)
         if weights is not None:
-            wpath, sha, src = Path(weights), file_sha256(weights), f"file:{weights}"
+            wpath, sha, src = user
             load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
         elif pretrained:
             if wenum is None:

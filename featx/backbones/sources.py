@@ -29,6 +29,19 @@ def file_sha256(path) -> str:
     return _HASH_CACHE[key]
 
 
+def user_weights(weights) -> tuple:
+    """A ``--weights`` path -> (path, sha256, source), or a one-line WeightsError when it is missing or a folder."""
+    path = Path(weights)
+    if path.is_dir():
+        raise WeightsError(f"--weights {weights} is a folder; give the weights file itself (.safetensors, .pth or .pt)")
+    if not path.is_file():
+        raise WeightsError(f"--weights {weights}: no such file (give a .safetensors, .pth or .pt state dict)")
+    try:
+        return path, file_sha256(path), f"file:{weights}"
+    except OSError as exc:
+        raise WeightsError(f"--weights {weights}: cannot read it ({exc.strerror or exc})") from None
+
+
 # -- loading a state dict safely -----------------------------------------------------------------------------
 def load_state_dict_file(path) -> dict:
     """safetensors, or a torch file loaded with weights_only=True (pickled code is refused, never run)."""

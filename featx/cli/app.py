@@ -1,13 +1,14 @@
-"""The `featx` Typer app and its one error boundary: FeatxError -> red one-line message + exit code."""
+"""The `featx` Typer app and its one error boundary: FeatxError (and write errors) -> one red line + exit code."""
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 import typer
 
 from ..errors import FeatxError
-from .common import err
+from .common import err, error_line
 
 app = typer.Typer(
     name="featx",
@@ -18,44 +19,51 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_state = {"traceback": bool(os.environ.get("FEATX_TRACEBACK"))}
+_state = {"traceback": os.environ.get("FEATX_TRACEBACK", "0") not in ("", "0")}
 
 
-@app.callback()
-def _root(
-    traceback: bool = typer.Option(False, "--traceback", help="Show full Python tracebacks (for bug reports)."),
-    version: Optional[bool] = typer.Option(None, "--version", help="Print the featx version and exit.", is_eager=True),
-):
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from .. import __version__
 
         typer.echo(f"featx {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    traceback: bool = typer.Option(False, "--traceback", help="Show full Python tracebacks (for bug reports); "
+                                   "accepted anywhere on the command line. Same as FEATX_TRACEBACK=1."),
+    version: Optional[bool] = typer.Option(None, "--version", help="Print the featx version and exit.",
+                                           is_eager=True, callback=_print_version),
+):
     _state["traceback"] = traceback or _state["traceback"]
 
 
 def run_boundary(fn):
-    """Decorator for command bodies: translate FeatxError into `Error: ...` + exit code, once."""
+    """Decorator for command bodies: translate FeatxError (and OS write errors) into `Error: ...` + exit code, once."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .._io import WRITE_ERRNOS, output_error
         from .common import library_warnings
 
         try:
             with library_warnings():
                 return fn(*args, **kwargs)
-        except FeatxError as exc:
+        except (FeatxError, OSError, KeyboardInterrupt) as exc:
             if _state["traceback"]:
                 raise
-            msg = str(exc).strip().replace("\n", " ")
-            err.print(f"[bold red]Error:[/bold red] {msg}", markup=True, highlight=False)
+            if isinstance(exc, KeyboardInterrupt):
+                err.print(error_line("stopped by Ctrl-C; featx writes every output atomically, so none is half-written"))
+                raise typer.Exit(code=130)
+            if isinstance(exc, OSError):
+                if exc.errno not in WRITE_ERRNOS:
+                    raise  # not a user's fault we can explain: a bug, keep the traceback
+                exc = output_error(exc.filename or "an output", exc)
+            err.print(error_line(str(exc)))
             raise typer.Exit(code=exc.exit_code)
-        except KeyboardInterrupt:
-            if _state["traceback"]:
-                raise
-            err.print("[bold red]Interrupted.[/bold red]", markup=True)
-            raise typer.Exit(code=130)
 
     return wrapper
 
@@ -64,8 +72,18 @@ def run_boundary(fn):
 from . import compare, extract, finetune, fit, models, predict, scratch  # noqa: E402,F401
 
 
-def main() -> None:
-    app()
+def _lift_traceback_flag(argv: list) -> list:
+    """`--traceback` works before or after the subcommand: take it out wherever it is (up to a `--`)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--traceback" in argv[:end]:
+        _state["traceback"] = True
+        argv = [a for i, a in enumerate(argv) if not (i < end and a == "--traceback")]
+    return argv
+
+
+def main(argv: Optional[list] = None) -> None:
+    args = _lift_traceback_flag(list(sys.argv[1:] if argv is None else argv))
+    app(args=args, prog_name="featx")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: consoles, the --json printer, the error boundary and common option types."""
+"""Shared CLI plumbing: consoles (markup off: text prints as it is), styled(), warnings, progress, the --json printer."""
 from __future__ import annotations
 
 import contextlib
@@ -9,10 +9,24 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 # stdout carries results (tables, --json); stderr carries progress, warnings and errors.
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+# The one escaping rule: markup is OFF on both consoles, so every string printed (file names, class names, error
+# messages, table cells) appears exactly as it is. featx's own styling goes through `styled()` (or Text objects),
+# which escapes each value it interpolates.
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)  # one error = one line
+
+
+def styled(template: str, *values: Any) -> Text:
+    """featx's own Rich markup in ``template`` with ``{}`` slots; each value is escaped, so it prints literally.
+
+    >>> styled("[bold]{}[/bold] head", "svm [rbf]").plain
+    'svm [rbf] head'
+    """
+    return Text.from_markup(template.format(*(escape(str(v)) for v in values)))
 
 
 def print_json(data: Any) -> None:
@@ -22,7 +36,12 @@ def print_json(data: Any) -> None:
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]Warning:[/yellow] {message}", markup=True)
+    err.print(Text.assemble(("Warning: ", "yellow"), str(message)))
+
+
+def error_line(message: str) -> Text:
+    """The one-line ``Error: ...`` featx prints for every error it can explain."""
+    return Text.assemble(("Error: ", "bold red"), " ".join(str(message).split("\n")).strip())
 
 
 def show_progress() -> bool:
@@ -45,7 +64,7 @@ class progress_bar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err, transient=True,
         )
         self._progress.start()

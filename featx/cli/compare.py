@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from .app import app, run_boundary
-from .common import out, print_json
+from .common import out, print_json, styled
 from .finetune import epoch_line, log_message
 
 
@@ -55,10 +55,10 @@ def compare_cmd(
         t.add_column(col, justify="left" if col == "method" else "right")
     for r in res.rows:
         if r.error:
-            t.add_row(r.method, "[red]failed[/]", "", f"{r.seconds:.1f}", "")
+            t.add_row(r.method, styled("[red]failed[/]"), "", f"{r.seconds:.1f}", "")
             continue
-        label = r.method if r.best_in_family or r.family != "heads" else f"[dim]{r.method}[/]"
+        label = r.method if r.best_in_family or r.family != "heads" else styled("[dim]{}[/]", r.method)
         t.add_row(label, f"{r.accuracy:.4f}", f"{r.balanced_accuracy:.4f}", f"{r.seconds:.1f}",
                   "-" if r.trainable_params is None else f"{r.trainable_params:,}")
     out.print(t)
-    out.print(f"report: [bold]{res.report_path}[/]" + (f", chart: {res.chart_path}" if res.chart_path else ""))
+    out.print(styled("report: [bold]{}[/]{}", res.report_path, f", chart: {res.chart_path}" if res.chart_path else ""))

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from .app import app, run_boundary
-from .common import out, print_json, progress_bar, warn
+from .common import out, print_json, progress_bar, styled, warn
 
 
 @app.command("extract")
@@ -53,8 +53,7 @@ def extract_cmd(
         print_json(res.to_dict())
         return
     resumed = f" ({res.resumed_images} resumed)" if res.resumed_images else ""
-    out.print(
-        f"[bold green]{res.n_images}[/] images{resumed}, [bold]{res.n_skipped}[/] skipped, {res.feature_dim}-d features "
-        f"from {res.backbone} on {res.device} ({res.decoder} decoding) in {res.seconds:.1f} s "
-        f"({res.images_per_s:.1f} img/s) -> {res.path}"
-    )
+    out.print(styled(
+        "[bold green]{}[/] images{}, [bold]{}[/] skipped, {}-d features from {} on {} ({} decoding) in {} s ({} img/s) -> {}",
+        res.n_images, resumed, res.n_skipped, res.feature_dim, res.backbone, res.device, res.decoder,
+        f"{res.seconds:.1f}", f"{res.images_per_s:.1f}", res.path))

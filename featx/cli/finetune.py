@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 
 from .app import app, run_boundary
-from .common import err, out, print_json, warn
+from .common import err, out, print_json, styled, warn
 
 
 def is_main_rank() -> bool:
@@ -24,16 +23,17 @@ def epoch_line(row: dict) -> None:
         val = (f" | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f} "
                f"bal {row['val_balanced_accuracy']:.4f}")
     star = " [green]*[/]" if row.get("improved") and row.get("val_accuracy") is not None else ""
-    err.print(f"epoch {row['epoch']}/{row['total_epochs']} \\[{escape(row['phase'])}] loss {row['train_loss']:.4f} "
-              f"acc {row['train_accuracy']:.4f}{val} | lr {row['lr']:.3g} | {row['seconds']:.1f} s, "
-              f"{row['images_per_s']:.0f} img/s{star}", markup=True, highlight=False)
+    line = (f"epoch {row['epoch']}/{row['total_epochs']} [{row['phase']}] loss {row['train_loss']:.4f} "
+            f"acc {row['train_accuracy']:.4f}{val} | lr {row['lr']:.3g} | {row['seconds']:.1f} s, "
+            f"{row['images_per_s']:.0f} img/s")
+    err.print(styled("{}" + star, line))
 
 
 def log_message(msg: str) -> None:
     if msg.startswith("warning: "):
         warn(msg[len("warning: "):])
     else:
-        err.print(msg, markup=False, highlight=False)
+        err.print(msg)
 
 
 def print_result(res, json_: bool) -> None:
@@ -44,15 +44,15 @@ def print_result(res, json_: bool) -> None:
         return
     b = res.best
     if b.get("accuracy") is not None:
-        score = (f"best val accuracy [bold green]{b['accuracy']:.4f}[/] (balanced {b['balanced_accuracy']:.4f}) "
-                 f"at epoch {b['epoch']}")
+        score = styled("best val accuracy [bold green]{}[/] (balanced {}) at epoch {}",
+                       f"{b['accuracy']:.4f}", f"{b['balanced_accuracy']:.4f}", b['epoch'])
     else:
-        score = f"no validation images; kept the last epoch ({b['epoch']})"
+        score = styled("no validation images; kept the last epoch ({})", b['epoch'])
     state = "" if res.completed else " [yellow](stopped early on request: continue with --resume)[/]"
-    out.print(f"{score}, {len(res.rows)} epochs in {res.seconds:.1f} s{state}")
+    out.print(score + styled(", {} epochs in {} s" + state, len(res.rows), f"{res.seconds:.1f}"))
     if res.skipped:
         out.print(f"{len(res.skipped)} image(s) could not be decoded and were skipped (listed in report.md)")
-    out.print(f"run folder: [bold]{res.run_dir}[/]  (featx predict IMAGES --model {res.run_dir})")
+    out.print(styled("run folder: [bold]{}[/]  (featx predict IMAGES --model {})", res.run_dir, res.run_dir))
 
 
 @app.command("finetune")

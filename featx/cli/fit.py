@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from .app import app, run_boundary
-from .common import library_warnings, out, print_json
+from .common import library_warnings, out, print_json, styled
 from .tables import comparison_table, confusion_table, cv_line, fmt, metrics_table, per_class_table
 
 # Literal defaults (not imported) so that `featx --help` does not import numpy/sklearn; tests check they agree.
@@ -45,29 +45,30 @@ def fit_cmd(
     if res.results:
         _print_comparison(res)
         out.print()
-        out.print(f"[bold]Best: {res.kind}[/bold]")
+        out.print(styled("[bold]Best: {}[/bold]", res.kind))
     _print_one(res)
     if res.results:
         others = ", ".join(str(r.path) for r in res.results if r.path)
         if others:
-            out.print(f"[dim]every head: {others}[/dim]")
+            out.print(styled("[dim]every head: {}[/dim]", others))
 
 
 def _print_one(res) -> None:
     t = res.training
     backbone = res.head.feature_meta.get("backbone") or "unknown backbone"
     params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.head.meta["params"].items())
-    out.print(f"[bold]{res.kind}[/bold] head ({params}) on {t['n']} training samples x {t['n_features']} features "
-              f"({backbone}), fitted with {t['backend']} on {t['device']} in {t['fit_seconds']:.2f} s")
+    out.print(styled("[bold]{}[/bold] head ({}) on {} training samples x {} features ({}), fitted with {} on {} in {} s",
+                     res.kind, params, t['n'], t['n_features'], backbone, t['backend'], t['device'],
+                     f"{t['fit_seconds']:.2f}"))
     out.print(f"validated on {res.validation}")
     out.print(cv_line(res.cv))
     out.print(metrics_table(res.scores, title="Scores (held-out data)"))
     for name, m in res.scores.items():
         out.print(per_class_table(m, title=f"Per class, {name}"))
         out.print(confusion_table(m, title=f"Confusion matrix, {name} (rows = true)"))
-    out.print(f"[dim]accuracy on the training rows themselves (not a score): {fmt(t['training_data_accuracy'])}[/dim]")
+    out.print(styled("[dim]accuracy on the training rows themselves (not a score): {}[/dim]", fmt(t['training_data_accuracy'])))
     if res.path:
-        out.print(f"head -> [bold]{res.path}[/bold]")
+        out.print(styled("head -> [bold]{}[/bold]", res.path))
     if res.report_path:
         out.print(f"report -> {res.report_path} (+ confusion PNGs)")
 

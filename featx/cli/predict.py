@@ -8,7 +8,7 @@ import typer
 
 from .._io import safe_str
 from .app import app, run_boundary
-from .common import out, print_json, progress_bar, warn
+from .common import out, print_json, progress_bar, styled, warn
 from .tables import confusion_table, fmt, metrics_table, per_class_table
 
 PLAN_LINES = 40  # sort actions listed in full on the terminal (dry run); the rest are counted
@@ -67,8 +67,8 @@ def predict_cmd(
 def _print(res) -> None:
     from rich.table import Table
 
-    out.print(f"{res.n_images} images classified by {res.model} on {res.device} in {res.seconds:.1f} s "
-              f"({res.images_per_s:.1f} img/s); [bold]{res.n_errors}[/bold] unreadable")
+    out.print(styled("{} images classified by {} on {} in {} s ({} img/s); [bold]{}[/bold] unreadable",
+                     res.n_images, res.model, res.device, f"{res.seconds:.1f}", f"{res.images_per_s:.1f}", res.n_errors))
     conf = ("probability of the predicted class" if res.confidence_kind == "probability"
             else "decision score of the predicted class (not a probability; larger = more confident)")
     out.print(f"confidence = {conf}")
@@ -95,16 +95,16 @@ def _print(res) -> None:
     if res.sort_into is not None:
         _print_sort(res)
     if res.dry_run:
-        out.print("[yellow]dry run: nothing was written[/yellow]")
+        out.print(styled("[yellow]dry run: nothing was written[/yellow]"))
     elif res.output is not None:
-        out.print(f"predictions -> [bold]{res.output}[/bold]")
+        out.print(styled("predictions -> [bold]{}[/bold]", res.output))
 
 
 def _print_sort(res) -> None:
     verb = {"copy": "copy", "link": "link", "move": "move"}[res.sort_mode]
     if res.dry_run:
-        out.print(f"[bold]Plan[/bold] ({verb} into {res.sort_into}"
-                  + (f", below {fmt(res.min_confidence)} -> _uncertain" if res.min_confidence is not None else "") + "):")
+        below = f", below {fmt(res.min_confidence)} -> _uncertain" if res.min_confidence is not None else ""
+        out.print(styled("[bold]Plan[/bold] ({} into {}{}):", verb, res.sort_into, below))
         for a in res.sort_actions[:PLAN_LINES]:
             state = "already there" if a.status == "already" else f"{verb}"
             out.print(f"  {state}: {safe_str(str(a.source))} -> {safe_str(str(a.dest))}")

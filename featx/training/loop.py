@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_write, write_json
+from .._io import atomic_write, write_json, write_markdown
 from ..data.preprocess import Preprocess
 from ..errors import FeatxError
 from . import checkpoint
@@ -443,8 +443,7 @@ def finish_run(spec: RunSpec, result: TrainResult) -> None:
                                             f"best epoch {result.best['epoch']} on validation")
         except Exception as exc:
             notes.append(f"confusion matrix not drawn: {exc}")
-    with atomic_write(run_dir / "report.md", "w") as fh:
-        fh.write(render_report(spec, result, notes))
+    write_markdown(run_dir / "report.md", render_report(spec, result, notes))
 
 
 def _fmt(v, nd=4) -> str:
