@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job from the shell: features -> head -> predictions for the bundled photos, offline, into one folder.
+# Usage: bash examples/quickstart.sh [OUTPUT_FOLDER]   (default: featx-out/quickstart)
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${1:-featx-out/quickstart}"
+
+featx extract "$here/ants_bees" -o "$out/features.npz"          # 48 labelled photos, train/ + val/
+featx fit "$out/features.npz" --head logistic -o "$out/head.skops"   # C chosen by CV on train, scored on val
+featx predict "$here/new_images" --model "$out/head.skops" -o "$out/predictions.csv"
+echo "predictions: $out/predictions.csv"
