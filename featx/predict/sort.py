@@ -361,11 +361,18 @@ class MoveJournal:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "a", encoding="ascii")
+            if self._fh.tell() and not self._ends_with_newline():
+                self._fh.write("\n")  # a killed run's torn last line must not swallow our first entry
         entry = {"images": self.images, "source": os.path.abspath(src), "dest": os.path.abspath(dest), "row": row}
         self._fh.write(json.dumps(entry) + "\n")
         # flush, no fsync: the journal must survive the process being killed (the OS keeps written pages); an fsync
         # per image would cost a disk round trip each, and a power cut loses at most the last few lines.
         self._fh.flush()
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) == b"\n"
 
     def close(self) -> None:
         if self._fh is not None:
