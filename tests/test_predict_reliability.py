@@ -16,7 +16,7 @@ import pytest
 
 import featx
 from featx._io import OutputLock
-from featx.errors import OutputError, UsageError
+from featx.errors import Interrupted, OutputError, UsageError
 from tests.imagegen import class_color, make_image
 from tests.test_predict import tiny_head  # noqa: F401  (session fixture: one tiny head for all predict tests)
 
@@ -212,8 +212,9 @@ def test_a_rerun_after_an_interrupted_move_reports_the_files_already_moved(tiny_
 
     sorted_, out = tmp_path / "sorted", tmp_path / "p.csv"
     monkeypatch.setattr(os, "rename", dying_rename)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="stopped by Ctrl-C; nothing is half-written") as exc:
         featx.predict_folder(val, tiny_head[1], output=out, sort_into=sorted_, mode="move", workers=0)
+    assert exc.value.exit_code == 130
     monkeypatch.setattr(os, "rename", real_rename)
     assert not out.exists() and len(list(val.rglob("*.jpg"))) == 9
     assert (sorted_ / S.JOURNAL_NAME).is_file()

@@ -25,7 +25,7 @@ import numpy as np
 
 from .._io import (OutputLock, check_outputs, check_writable_folder, claim_outputs, refuse_inside, safe_str,
                    written_by_featx)
-from ..errors import DataError, FeatxError, OutputError, StrictModeError, UsageError
+from ..errors import DataError, FeatxError, OutputError, StrictModeError, UsageError, interruptible
 from .predictor import Predictor, load_predictor
 from .sort import EARLIER, MODES, MoveJournal, SortAction, check_sort_targets, sort_counts, sort_images
 from .tables import FORMATS, ROW_KEYS, Layout, is_featx_table, resolve_format, write_table
@@ -33,6 +33,8 @@ from .tables import FORMATS, ROW_KEYS, Layout, is_featx_table, resolve_format, w
 log = logging.getLogger("featx")
 
 DEFAULT_OUTPUT_DIR = Path("featx-out")
+RESUME_HINT = ("nothing is half-written (the table and reports are written whole or not at all); re-run the same "
+               "command: a sort resumes where it stopped, and files an interrupted --move already moved are reported")
 
 
 @dataclass
@@ -249,7 +251,7 @@ def predict_folder(
     root = Path(images)
     folder = discover(root)
     plan = _plan_outputs(s, root, folder.has_labels)
-    with _claim(plan, s):
+    with interruptible(RESUME_HINT), _claim(plan, s):
         dev = resolve_device(s.device)
         pred = load_predictor(s.model, weights=s.weights, strict=s.strict, image_size=s.image_size)
         _check_against_model(pred, plan, s)
