@@ -293,6 +293,9 @@ def _plan_outputs(s: PredictSettings, root: Path, labelled: bool) -> _Plan:
 @contextlib.contextmanager
 def _claim(plan: _Plan, s: PredictSettings):
     """Check every output up front and, unless dry-running, lock the table and the sort folder for the run."""
+    if plan.table is not None and plan.table.is_dir():
+        raise UsageError(f"output {safe_str(str(plan.table))} is a folder; give a file path such as "
+                         f"{safe_str(str(plan.table / ('predictions.' + plan.fmt)))}")
     if plan.table is not None and not s.overwrite and not written_by_featx(plan.table, is_featx_table):
         raise UsageError(f"{safe_str(str(plan.table))} exists and is not a featx predictions file; refusing to "
                          "overwrite it (choose another -o, or pass --overwrite)")
