@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import featx
-from featx._io import OutputLock
+from featx._io import OutputLock, written_by_featx
 from featx.errors import Interrupted, OutputError, UsageError
+from featx.predict.tables import is_featx_table
 from tests.imagegen import class_color, make_image
 from tests.test_predict import tiny_head  # noqa: F401  (session fixture: one tiny head for all predict tests)
 
@@ -72,11 +73,10 @@ def test_report_files_featx_did_not_write_are_refused_before_any_work(tiny_head,
         with pytest.raises(UsageError, match="confusion.png exists and was not written by featx"):
             featx.predict_folder(val, tiny_head[1], output=out, workers=0)
     assert (rep / "confusion.png").read_bytes() == b"\x89PNG\r\n\x1a\n my own picture" and not out.exists()
-    # with --overwrite they are replaced; then they are featx's own and a second run replaces them without it
+    # with --overwrite they are replaced, by files featx recognises as its own (a later run may replace them)
     featx.predict_folder(val, tiny_head[1], output=out, workers=0, overwrite=True)
-    assert (rep / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((rep / "metrics.json").read_text())["written_by"].startswith("featx")
-    featx.predict_folder(val, tiny_head[1], output=out, workers=0)
+    assert all(written_by_featx(p) for p in rep.iterdir()) and written_by_featx(out, is_featx_table)
 
 
 def test_an_unwritable_output_folder_is_refused_before_running_the_model(tiny_head, val, tmp_path, monkeypatch,
@@ -148,15 +148,16 @@ def test_names_that_are_not_utf8_or_look_like_math_render_in_every_report(tiny_h
     os.mkdir(wasp)
     os.rename(os.fsencode(make_image(val / "w.jpg", size=32, color=class_color(2), seed=3)), wasp + b"/w.jpg")
 
-    for out in (tmp_path / "p.csv", tmp_path / "p.jsonl"):
-        res = featx.predict_folder(val, tiny_head[1], output=out, workers=0)
-        assert out.read_bytes().decode("utf-8")  # strict UTF-8
-        assert res.gallery_png.is_file() and res.confusion_png.is_file()
-        doc = json.loads((res.report_dir / "metrics.json").read_bytes().decode("utf-8"))
-        wrong = {m["path"] for m in doc["misclassified"]}
-        assert {"bee/caf\ufffd.jpg", "bee/x$\\frac{$.jpg"} <= wrong
-        assert "w\ufffdsp" in doc["classes"] and "w\ufffdsp" in res.unknown_classes
-        assert "\\udc" not in (res.report_dir / "metrics.json").read_text()  # no lone surrogates escaped into JSON
+    out = tmp_path / "p.jsonl"  # JSON lines: true labels that are not UTF-8 once made the table fail to encode
+    res = featx.predict_folder(val, tiny_head[1], output=out, workers=0)
+    rows = [json.loads(line) for line in out.read_bytes().decode("utf-8").splitlines()]  # strict UTF-8
+    assert {"w\ufffdsp"} == {r["true_label"] for r in rows if r["path"].startswith("w")}
+    assert res.gallery_png.is_file() and res.confusion_png.is_file()
+    doc = json.loads((res.report_dir / "metrics.json").read_bytes().decode("utf-8"))
+    wrong = {m["path"] for m in doc["misclassified"]}
+    assert {"bee/caf\ufffd.jpg", "bee/x$\\frac{$.jpg"} <= wrong
+    assert "w\ufffdsp" in doc["classes"] and "w\ufffdsp" in res.unknown_classes
+    assert "\\udc" not in (res.report_dir / "metrics.json").read_text()  # no lone surrogates escaped into JSON
 
 
 # ------------------------------------------------------------------------------------------------ _uncertain
@@ -185,17 +186,17 @@ def test_class_folders_that_would_merge_are_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ --move
 def test_move_onto_an_identical_file_says_the_source_was_removed(tiny_head, val, tmp_path):
-    first = featx.predict_folder(val, tiny_head[1], output=False, workers=0)
-    row = first.rows[0]
-    dest = tmp_path / "sorted" / row["label"] / Path(row["path"]).name
-    dest.parent.mkdir(parents=True)
-    shutil.copy2(val / row["path"], dest)  # the same photo was sorted before
+    name = "ant_000.jpg"
+    for label in ("ant", "bee"):  # the same photo was sorted before, into whichever class it is predicted as
+        (tmp_path / "sorted" / label).mkdir(parents=True)
+        shutil.copy2(val / "ant" / name, tmp_path / "sorted" / label / name)
     res = featx.predict_folder(val, tiny_head[1], output=tmp_path / "p.csv", sort_into=tmp_path / "sorted",
                                mode="move", workers=0)
-    assert [a.source.name for a in res.removed_duplicates()] == [Path(row["path"]).name]
-    line = [r for r in read_csv(tmp_path / "p.csv") if r["path"] == row["path"]][0]
+    assert [a.source.name for a in res.removed_duplicates()] == [name]
+    line = [r for r in read_csv(tmp_path / "p.csv") if r["path"] == f"ant/{name}"][0]
     assert line["sort_status"].startswith("already there; an identical file was already there")
-    assert line["sorted_to"] == str(dest)
+    assert line["sorted_to"] == str(tmp_path / "sorted" / line["label"] / name)
+    assert not (val / "ant" / name).exists()
 
 
 def test_a_rerun_after_an_interrupted_move_reports_the_files_already_moved(tiny_head, val, tmp_path, monkeypatch):
