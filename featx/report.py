@@ -2,27 +2,33 @@
 
 Everything here is plain data in, JSON-able dicts or PNG files out; nothing imports typer/rich. matplotlib is imported
 lazily (with the Agg backend, so plotting works on headless machines) and every PNG is written atomically.
+Any name a file system allows must render: every label drawn goes through `_label` (bytes that are not UTF-8 become
+U+FFFD, which matplotlib's font code otherwise rejects with a TypeError) and mathtext is off (a file named
+``x$\\frac{$.jpg`` is text, not a formula that fails to parse).
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
+import warnings
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ._io import atomic_write, stamp
+from ._io import atomic_write, safe_str, stamp, write_json, written_by_featx
 
 __all__ = [
     "classification_metrics",
-    "classification_report",
     "summary",
     "save_confusion_png",
     "save_learning_curve_png",
     "save_gallery_png",
     "save_bar_chart_png",
+    "evaluation_files",
+    "save_evaluation",
 ]
 
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "n")
@@ -33,32 +39,30 @@ def classification_metrics(y_true: Sequence, y_pred: Sequence, classes: Sequence
 
     ``classes`` fixes the row/column order; labels seen in ``y_true``/``y_pred`` but missing from it are appended
     (sorted) so that no sample silently drops out of the matrix. Balanced accuracy and macro-F1 average over the
-    classes that actually occur in ``y_true`` (a class with no true samples has no recall to average).
+    classes that actually occur in ``y_true`` (a class with no true samples has no recall to average), which is
+    sklearn's ``balanced_accuracy_score`` and ``f1_score(average="macro", labels=<those classes>)``.
     """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     y_true = np.asarray(y_true).astype(str)
     y_pred = np.asarray(y_pred).astype(str)
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true has {len(y_true)} entries but y_pred has {len(y_pred)}")
     order = [str(c) for c in (classes if classes is not None else [])]
-    extra = sorted((set(y_true.tolist()) | set(y_pred.tolist())) - set(order))
-    order += extra
-    index = {c: i for i, c in enumerate(order)}
-    k = len(order)
-    cm = np.zeros((k, k), dtype=np.int64)
-    if len(y_true):
-        np.add.at(cm, ([index[t] for t in y_true], [index[p] for p in y_pred]), 1)
-
+    order += sorted((set(y_true.tolist()) | set(y_pred.tolist())) - set(order))
+    n, k = int(len(y_true)), len(order)
+    if n == 0 or k == 0:  # sklearn refuses empty input; an empty evaluation is NaN scores, not a crash
+        cm = np.zeros((k, k), dtype=np.int64)
+        precision = recall = f1 = np.zeros(k)
+    else:
+        with warnings.catch_warnings():  # sklearn warns about any 1x1 matrix, even when `labels` lists every class
+            warnings.filterwarnings("ignore", message="A single label was found", category=UserWarning)
+            cm = confusion_matrix(y_true, y_pred, labels=order)
+        precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=order, zero_division=0)
     support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
-    tp = np.diag(cm)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
-        recall = np.where(support > 0, tp / np.maximum(support, 1), 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-300), 0.0)
     present = support > 0
-    n = int(len(y_true))
     return {
-        "accuracy": float(tp.sum() / n) if n else float("nan"),
+        "accuracy": float(np.trace(cm) / n) if n else float("nan"),
         "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
         "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
         "n": n,
@@ -72,12 +76,8 @@ def classification_metrics(y_true: Sequence, y_pred: Sequence, classes: Sequence
             }
             for i, c in enumerate(order)
         },
-        "confusion": cm.tolist(),
+        "confusion": cm.astype(np.int64).tolist(),
     }
-
-
-# The name docs/ARCHITECTURE.md uses; same function.
-classification_report = classification_metrics
 
 
 def summary(metrics: Mapping) -> dict:
@@ -97,6 +97,23 @@ def _plt():
     return plt
 
 
+def _label(x) -> str:
+    """Any value as text matplotlib can draw."""
+    return safe_str(str(x))
+
+
+def _plain_text(fn):
+    """Draw every text of the figure literally: no mathtext parsing of ``$...$`` in file or class names."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+
+        _plt()
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 def _save(fig, path) -> Path:
     """Render to memory, then write atomically (a crash never leaves half a PNG at ``path``)."""
     plt = _plt()
@@ -111,6 +128,7 @@ def _save(fig, path) -> Path:
     return path
 
 
+@_plain_text
 def save_confusion_png(metrics: Mapping, path, title: str | None = None, *, normalize: bool = False) -> Path:
     """Confusion matrix heat map (rows = true, columns = predicted) with counts in the cells.
 
@@ -118,7 +136,7 @@ def save_confusion_png(metrics: Mapping, path, title: str | None = None, *, norm
     (or row fractions with ``normalize=True``). Cell labels are dropped above 30 classes, where they would overlap.
     """
     plt = _plt()
-    classes = list(metrics["classes"])
+    classes = [_label(c) for c in metrics["classes"]]
     cm = np.asarray(metrics["confusion"], dtype=float).reshape(len(classes), len(classes))
     rows = cm.sum(axis=1, keepdims=True)
     frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
@@ -142,10 +160,11 @@ def save_confusion_png(metrics: Mapping, path, title: str | None = None, *, norm
     if title is None:
         acc = metrics.get("accuracy")
         title = "confusion matrix" + (f" (accuracy {acc:.3f}, n={metrics.get('n')})" if acc is not None else "")
-    ax.set_title(title)
+    ax.set_title(_label(title))
     return _save(fig, path)
 
 
+@_plain_text
 def save_learning_curve_png(rows: Iterable[Mapping], path, title: str | None = None) -> Path:
     """Loss (train and val) and val accuracy per epoch, from rows of ``{epoch, train_loss, val_loss, val_accuracy}``.
 
@@ -182,7 +201,7 @@ def save_learning_curve_png(rows: Iterable[Mapping], path, title: str | None = N
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("accuracy")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_label(title))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -216,6 +235,7 @@ def _thumbnail(path, size: int):
         return None
 
 
+@_plain_text
 def save_gallery_png(items: Iterable, path, title: str = "", *, thumb: int = 128, columns: int = 6) -> Path:
     """Thumbnails with ``true -> pred (confidence)`` captions (e.g. the worst misclassifications).
 
@@ -240,26 +260,27 @@ def save_gallery_png(items: Iterable, path, title: str = "", *, thumb: int = 128
             ax.text(thumb / 2, thumb / 2, "unreadable", ha="center", va="center", fontsize=8)
         else:
             ax.imshow(img)
-        caption = f"{true} -> {pred}" if true is not None else f"{pred}"
+        caption = f"{_label(true)} -> {_label(pred)}" if true is not None else _label(pred)
         if conf is not None:
             try:
                 caption += f" ({float(conf):.2f})"
             except (TypeError, ValueError):
                 pass
-        name = os.path.basename(str(p)) if p is not None else ""
+        name = _label(os.path.basename(str(p))) if p is not None else ""
         wrong = true is not None and str(true) != str(pred)
         ax.set_title(f"{caption}\n{name[:28]}", fontsize=7, color="tab:red" if wrong else "black")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_label(title))
     fig.tight_layout()
     return _save(fig, path)
 
 
+@_plain_text
 def save_bar_chart_png(rows: Sequence[Mapping], path, key: str = "accuracy", label_key: str = "name",
                        title: str | None = None) -> Path:
     """Horizontal bars of ``row[key]`` labelled by ``row[label_key]``, best at the top (e.g. comparing heads)."""
     plt = _plt()
-    data = [(str(r.get(label_key, "?")), r.get(key)) for r in rows]
+    data = [(_label(r.get(label_key, "?")), r.get(key)) for r in rows]
     data = [(lab, float(v)) for lab, v in data if v is not None and not (isinstance(v, float) and math.isnan(v))]
     data.sort(key=lambda t: t[1])  # barh draws bottom-up: ascending puts the best on top
     fig, ax = plt.subplots(figsize=(7, max(2.0, 0.45 * len(data) + 1.2)), dpi=100)
@@ -276,6 +297,59 @@ def save_bar_chart_png(rows: Sequence[Mapping], path, key: str = "accuracy", lab
     else:
         ax.text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel(key.replace("_", " "))
-    ax.set_title(title or key.replace("_", " "))
+    ax.set_title(_label(title or key.replace("_", " ")))
     fig.tight_layout()
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+EVALUATION_FILES = {"confusion": "confusion.png", "gallery": "misclassified.png", "metrics": "metrics.json"}
+GALLERY_SIZE = 24  # most confidently misclassified images shown in the gallery PNG
+
+
+def evaluation_files(folder) -> dict:
+    """{"confusion", "gallery", "metrics"} -> the paths `save_evaluation` may write in ``folder`` (checked up front)."""
+    return {key: Path(folder) / name for key, name in EVALUATION_FILES.items()}
+
+
+def save_evaluation(folder, metrics: Mapping, mistakes: Iterable[Mapping], *, info: Optional[Mapping] = None,
+                    extra: Optional[Mapping] = None, score_name: str = "confidence",
+                    what: str = "predictions vs labels") -> dict:
+    """Write the report of scoring a model on labelled images into ``folder``.
+
+    ``confusion.png``; ``misclassified.png``, the `GALLERY_SIZE` most confident mistakes (a gallery an earlier run
+    left is removed when nothing is misclassified now, so the folder never mixes runs); ``metrics.json`` with
+    ``info``, the headline scores, per-class table, confusion matrix, ``extra`` and every mistake.
+    ``mistakes``: ``{"path": as listed, "file": image to show, "true", "pred", "confidence"}``.
+    Returns ``{"confusion": path, "gallery": path or None, "metrics": path}``.
+    """
+    files = evaluation_files(folder)
+    mistakes = sorted(mistakes, key=lambda m: -m["confidence"])
+    out = {"confusion": save_confusion_png(
+        metrics, files["confusion"], title=f"{what} (accuracy {metrics['accuracy']:.3f}, n={metrics['n']})"),
+        "gallery": None}
+    shown = mistakes[:GALLERY_SIZE]
+    if shown:
+        out["gallery"] = save_gallery_png(
+            [{"path": m.get("file", m["path"]), "true": m["true"], "pred": m["pred"], "confidence": m["confidence"]}
+             for m in shown], files["gallery"],
+            title=f"most confidently misclassified ({len(shown)} of {len(mistakes)}), true -> predicted ({score_name})")
+    elif files["gallery"].is_file() and written_by_featx(files["gallery"]):
+        files["gallery"].unlink()
+    doc = {**(info or {}), **summary(metrics), "per_class": metrics["per_class"], "classes": metrics["classes"],
+           "confusion": metrics["confusion"], **(extra or {}),
+           "misclassified": [{k: m[k] for k in ("path", "true", "pred", "confidence")} for m in mistakes]}
+    write_json(files["metrics"], _printable(doc))
+    out["metrics"] = files["metrics"]
+    return out
+
+
+def _printable(obj):
+    """Every string (keys included) valid UTF-8, so strict JSON readers accept the file whatever the names were."""
+    if isinstance(obj, str):
+        return safe_str(obj)
+    if isinstance(obj, Mapping):
+        return {_printable(k) if isinstance(k, str) else k: _printable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_printable(v) for v in obj]
+    return obj

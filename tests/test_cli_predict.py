@@ -62,6 +62,8 @@ def test_predict_writes_table_prints_counts_and_scores_and_exits_0_despite_a_cor
     assert f"{acc:.3f}" in text and "Confusion matrix" in text
     assert "confidence = probability" in text and str(out) in text
     assert "could not read bee/broken.jpg" in said(r)
+    # 13 files, one of them unreadable: 12 were classified
+    assert "12 images classified by" in text and "; 1 unreadable" in text
 
 
 def test_strict_exits_non_zero_after_writing(tiny_head, val, tmp_path):  # noqa: F811
@@ -137,3 +139,49 @@ def test_head_whose_backbone_weights_do_not_match_is_refused(tiny_head, val, tmp
     r = predict(val, "--model", tmp_path / "other.skops", "-o", tmp_path / "p.csv")
     assert r.exit_code == 4 and "differ" in said(r)
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_help_shows_no_type_placeholders():
+    r = runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    assert "{images}" not in r.stdout and "<bool>" not in r.stdout
+    assert "predict [OPTIONS] IMAGES" in r.stdout and "--image-size" in r.stdout
+
+
+def test_a_missing_model_says_how_to_make_one(val, tmp_path):
+    r = predict(val, "--model", tmp_path / "nope.skops", "-o", tmp_path / "p.csv")
+    assert r.exit_code == 5
+    assert "does not exist" in said(r) and "featx fit" in said(r) and "featx finetune" in said(r)
+
+
+def test_a_failed_sort_prints_the_summary_then_exits_7(tiny_head, val, tmp_path):  # noqa: F811
+    (tmp_path / "sorted").mkdir()
+    (tmp_path / "sorted" / "bee").write_text("a file, not a folder")
+    r = predict(val, "--model", tiny_head[1], "-o", tmp_path / "p.csv", "--sort-into", tmp_path / "sorted")
+    assert r.exit_code == 7
+    assert "Predicted classes" in r.stdout and "sorted into" in r.stdout  # what was done is still shown
+    assert "Error:" in said(r) and "could not be sorted" in said(r) and "could not sort" in said(r)
+    rows = list(csv.DictReader((tmp_path / "p.csv").open(encoding="utf-8")))
+    assert {x["sort_status"].split(":")[0] for x in rows if x["label"] == "bee"} == {"failed"}
+
+
+def test_a_run_holding_the_table_is_named(tiny_head, val, tmp_path):  # noqa: F811
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.csv"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from featx._io import OutputLock; l = OutputLock(sys.argv[1]); "
+         "l.acquire(); print('held', flush=True); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = predict(val, "--model", tiny_head[1], "-o", out)
+        assert r.exit_code == 7 and f"pid {holder.pid}" in said(r) and not out.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    from featx._io import OutputLock
+
+    with OutputLock(out):  # the OS released the lock with its holder
+        pass

@@ -107,3 +107,30 @@ def test_matplotlib_is_imported_lazily():
     code = "import sys, featx.report; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_names_a_file_system_allows_render_in_every_png(tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "ok.jpg"
+    Image.fromarray(np.full((20, 20, 3), 90, dtype=np.uint8)).save(img)
+    odd = ["caf\udce9", "x$\\frac{$", "$a$_b", "ant [formicidae]"]  # not UTF-8; broken and valid mathtext; brackets
+    items = [{"path": tmp_path / f"{n}.jpg", "true": n, "pred": "bee", "confidence": 0.5} for n in odd]
+    items.append({"path": img, "true": odd[0], "pred": odd[1], "confidence": 0.9})
+    assert _is_png(report.save_gallery_png(items, tmp_path / "g.png", title=odd[0]))
+    m = report.classification_metrics(odd, odd[1:] + odd[:1], odd)
+    assert _is_png(report.save_confusion_png(m, tmp_path / "cm.png", title=odd[1]))
+    assert _is_png(report.save_bar_chart_png([{"name": n, "accuracy": 0.5} for n in odd], tmp_path / "b.png"))
+
+
+def test_save_evaluation_writes_the_three_files_and_drops_a_stale_gallery(tmp_path):
+    import json
+
+    m = report.classification_metrics(["a", "b", "b"], ["a", "a", "b"])
+    mistake = {"path": "b/x\udce9.jpg", "file": tmp_path / "missing.jpg", "true": "b", "pred": "a", "confidence": 0.7}
+    files = report.save_evaluation(tmp_path / "rep", m, [mistake], info={"model": "m"}, extra={"n_errors": 0})
+    assert set(files) == {"confusion", "gallery", "metrics"} and _is_png(files["gallery"])
+    doc = json.loads(files["metrics"].read_bytes().decode("utf-8"))
+    assert doc["model"] == "m" and doc["misclassified"][0]["path"] == "b/x\ufffd.jpg" and doc["n_errors"] == 0
+    files = report.save_evaluation(tmp_path / "rep", report.classification_metrics(["a"], ["a"]), [])
+    assert files["gallery"] is None and not (tmp_path / "rep" / "misclassified.png").exists()

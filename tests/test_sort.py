@@ -236,3 +236,63 @@ def test_class_names_cannot_escape_the_sort_folder(tmp_path):
     acts = P.sort_images([(src, {"label": "../evil", "confidence": 1.0, "error": None})], tmp_path / "out")
     assert (tmp_path / "out").resolve() in acts[0].dest.resolve().parents
     assert not (tmp_path / "evil").exists()
+
+
+def test_stop_on_failure_stops_at_the_first_file_that_cannot_be_sorted(tmp_path):
+    rows = _src(tmp_path)
+    dest = tmp_path / "sorted"
+    dest.mkdir()
+    (dest / "cat").write_text("a file where the class folder should be")
+    acts = P.sort_images(rows, dest, stop_on_failure=True)
+    assert [a.status for a in acts] == ["failed"] and not (dest / "dog").exists()
+    acts = P.sort_images(rows, dest)  # without it, the others are still sorted
+    assert [a.status for a in acts] == ["failed", "failed", "done", "done"]
+
+
+def test_move_onto_an_identical_file_removes_the_source_and_says_so(tmp_path):
+    rows = _src(tmp_path)[:1]
+    src = rows[0][0]
+    dest = tmp_path / "sorted"
+    (dest / "cat").mkdir(parents=True)
+    shutil.copy2(src, dest / "cat" / src.name)
+    acts = P.sort_images(rows, dest, mode="move")
+    assert acts[0].status == "already" and "source was removed" in acts[0].note
+    assert acts[0].describe().startswith("already there; ")
+    copy_acts = P.sort_images(_src(tmp_path / "again")[:1], dest, mode="copy")
+    assert copy_acts[0].status == "already" and copy_acts[0].note is None  # copy never removes anything
+
+
+def test_move_journal_reports_an_interrupted_runs_moves_once(tmp_path, monkeypatch):
+    from featx.predict.sort import EARLIER, JOURNAL_NAME, MoveJournal
+
+    rows = _src(tmp_path)
+    images, dest = tmp_path / "src", tmp_path / "sorted"
+    real_rename = os.rename
+    calls = {"n": 0}
+
+    def dying_rename(s, d, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_rename(s, d, *a, **k)
+
+    monkeypatch.setattr(os, "rename", dying_rename)
+    journal = MoveJournal(dest, images)
+    with pytest.raises(KeyboardInterrupt):
+        P.sort_images(rows, dest, mode="move", journal=journal)
+    journal.close()
+    monkeypatch.setattr(os, "rename", real_rename)
+    with open(dest / JOURNAL_NAME, "a") as fh:
+        fh.write('{"images": "torn by a kill')  # a half-written last line
+    other = MoveJournal(dest, tmp_path / "elsewhere")
+    other.intend(tmp_path / "gone.jpg", dest / "cat" / "IMG_0001.jpg", {"path": "gone.jpg"})
+    other.close()
+
+    again = MoveJournal(dest, images)
+    earlier = again.earlier()  # the third move was announced but never happened: not reported
+    assert [e["row"]["confidence"] for e in earlier] == [0.9, 0.8]
+    assert all(not Path(e["source"]).exists() and Path(e["dest"]).is_file() for e in earlier)
+    again.finish()
+    assert MoveJournal(dest, images).earlier() == []
+    assert len(other.earlier()) == 1  # another image folder's entries are kept for its own next run
+    assert EARLIER == "moved by an earlier run"

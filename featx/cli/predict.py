@@ -9,12 +9,13 @@ import typer
 from .._io import safe_str
 from .app import app, run_boundary
 from .common import out, print_json, progress_bar, styled, warn
+from .plain_help import PlainHelpCommand
 from .tables import confusion_table, fmt, metrics_table, per_class_table
 
 PLAN_LINES = 40  # sort actions listed in full on the terminal (dry run); the rest are counted
 
 
-@app.command("predict")
+@app.command("predict", cls=PlainHelpCommand)
 @run_boundary
 def predict_cmd(
     images: Path = typer.Argument(..., help="Folder of images. Class subfolders = labelled: accuracy, confusion matrix, gallery."),
@@ -27,17 +28,18 @@ def predict_cmd(
     move: bool = typer.Option(False, "--move", help="With --sort-into: move the images (the only mode that removes sources)."),
     min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="With --sort-into: images below this go to DIR/_uncertain/ (a probability, or a decision score for SVM/ridge heads)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Predict and print the sort plan; write, copy and move nothing."),
-    strict: bool = typer.Option(False, "--strict", help="Exit non-zero (6) if any image could not be read (after writing the rest)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 6 if any image could not be read (after writing the rest); with --sort-into, stop at the first file that cannot be sorted (exit 7)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per batch (default 32 CPU, 256 CUDA)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: CPU count, at most 8)."),
     report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Labelled input: where confusion.png, misclassified.png, metrics.json go (default: <output stem>.report/)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing output file that featx did not write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing existing output files (table, report files) that featx did not write."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights file, for a head fitted on features from a local weights file."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="Only confirms the model's crop size: predict always uses the preprocessing recorded in the model, and another size is refused."),
     json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):
     """Classify every image in a folder: a CSV/JSONL table, counts per class, scores when the folder is labelled."""
-    from ..errors import UsageError
+    from ..errors import FeatxError, UsageError
     from ..predict import predict_folder
 
     if link and move:
@@ -45,19 +47,30 @@ def predict_cmd(
     if (link or move) and sort_into is None:
         raise UsageError("--link/--move apply to sorting; add --sort-into DIR")
     mode = "move" if move else "link" if link else "copy"
-    with progress_bar("predicting", unit="img") as update:
-        res = predict_folder(
-            images, model, output=output, format=format_, top_k=top_k, device=device, batch_size=batch_size,
-            workers=workers, sort_into=sort_into, mode=mode, min_confidence=min_confidence, dry_run=dry_run,
-            strict=strict, report_dir=report_dir, overwrite=overwrite, weights=weights, progress=update,
-        )
+    try:
+        with progress_bar("predicting", unit="img") as update:
+            res = predict_folder(
+                images, model, output=output, format=format_, top_k=top_k, device=device, batch_size=batch_size,
+                workers=workers, sort_into=sort_into, mode=mode, min_confidence=min_confidence, dry_run=dry_run,
+                strict=strict, report_dir=report_dir, overwrite=overwrite, weights=weights, image_size=image_size,
+                progress=update,
+            )
+    except FeatxError as exc:  # a failed sort or --strict: the run finished; show what it did, then the error
+        if getattr(exc, "result", None) is None:
+            raise
+        _report(exc.result, json_)
+        raise
+    _report(res, json_)
+
+
+def _report(res, json_: bool) -> None:
     for w in res.warnings:
         warn(w)
     for e in res.errors:
         warn(f"could not read {e['path']}: {e['reason']}")
     for a in res.sort_actions:
         if a.status == "failed":
-            warn(f"could not sort {a.source}: {a.error}")
+            warn(f"could not sort {safe_str(str(a.source))}: {a.error}")
     if json_:
         print_json(res.to_dict())
         return
@@ -68,7 +81,8 @@ def _print(res) -> None:
     from rich.table import Table
 
     out.print(styled("{} images classified by {} on {} in {} s ({} img/s); [bold]{}[/bold] unreadable",
-                     res.n_images, res.model, res.device, f"{res.seconds:.1f}", f"{res.images_per_s:.1f}", res.n_errors))
+                     res.n_classified, res.model, res.device, f"{res.seconds:.1f}", f"{res.images_per_s:.1f}",
+                     res.n_errors))
     conf = ("probability of the predicted class" if res.confidence_kind == "probability"
             else "decision score of the predicted class (not a probability; larger = more confident)")
     out.print(f"confidence = {conf}")
@@ -106,7 +120,7 @@ def _print_sort(res) -> None:
         below = f", below {fmt(res.min_confidence)} -> _uncertain" if res.min_confidence is not None else ""
         out.print(styled("[bold]Plan[/bold] ({} into {}{}):", verb, res.sort_into, below))
         for a in res.sort_actions[:PLAN_LINES]:
-            state = "already there" if a.status == "already" else f"{verb}"
+            state = "already there" if a.status == "already" else verb
             out.print(f"  {state}: {safe_str(str(a.source))} -> {safe_str(str(a.dest))}")
         if len(res.sort_actions) > PLAN_LINES:
             out.print(f"  ... and {len(res.sort_actions) - PLAN_LINES} more (--json lists them all)")
@@ -116,4 +130,11 @@ def _print_sort(res) -> None:
         bits = [f"{n} {k}" for k, n in sorted(st.items())]
         parts.append(f"{folder}: {', '.join(bits)}")
     head = "would sort into" if res.dry_run else "sorted into"
-    out.print(f"{head} {res.sort_into} ({verb}): " + ("; ".join(parts) if parts else "nothing to sort"))
+    out.print(f"{head} {safe_str(str(res.sort_into))} ({verb}): " + ("; ".join(parts) if parts else "nothing to sort"))
+    removed = res.removed_duplicates()
+    if removed:
+        out.print(f"{len(removed)} source file(s) removed because an identical file was already in the sort folder "
+                  "(sort_status 'already there; ...' in the table)")
+    if res.earlier_moves:
+        out.print(f"{len(res.earlier_moves)} image(s) moved by an earlier, interrupted run are listed in the table "
+                  "(sort_status 'moved by an earlier run')")

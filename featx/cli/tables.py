@@ -6,7 +6,7 @@ Rich renderables; the caller prints them on ``featx.cli.common.out``.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from rich.table import Table
 from rich.text import Text
@@ -122,8 +122,3 @@ def _dig(d, dotted: str):
 
 def _short(name: str, width: int = 14) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
-
-
-def render_all(printer, renderables: Iterable) -> None:
-    for r in renderables:
-        printer.print(r)

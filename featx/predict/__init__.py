@@ -1,0 +1,23 @@
+"""Batch classification of image folders: predictions table (CSV/JSONL), evaluation when labelled, safe sorting.
+
+    import featx
+    res = featx.predict_folder("new_images/", model="featx-out/head.skops")       # -> PredictResult
+    for row in res: print(row["path"], row["label"], row["confidence"])
+    featx.predict_folder("inbox/", model="runs/finetune/exp", sort_into="sorted/", min_confidence=0.8)
+
+Modules: `predictor` (any model artifact -> a Predictor), `tables` (the registry of table formats), `sort` (safe
+sorting into class folders), `folder` (`predict_folder`, the steps of one run). Evaluation goes through featx.report.
+"""
+from __future__ import annotations
+
+from .folder import DEFAULT_OUTPUT_DIR, PredictResult, PredictSettings, predict_folder
+from .predictor import Predictor, artifact_kind, load_predictor
+from .sort import MODES, UNCERTAIN, MoveJournal, SortAction, sort_images
+from .tables import FORMATS, Layout, csv_header, table_format, write_rows, write_table
+
+__all__ = [
+    "predict_folder", "PredictResult", "PredictSettings", "DEFAULT_OUTPUT_DIR",
+    "Predictor", "load_predictor", "artifact_kind",
+    "sort_images", "SortAction", "MoveJournal", "MODES", "UNCERTAIN",
+    "FORMATS", "Layout", "csv_header", "table_format", "write_rows", "write_table",
+]
