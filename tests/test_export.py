@@ -229,6 +229,8 @@ def test_export_refuses_bad_outputs_and_missing_extras(exported, tmp_path, monke
     mine.write_bytes(b"user data")
     r = _run("export", exported["head"].path, "-o", mine)
     assert r.exit_code == 2 and "not written by featx" in r.output and mine.read_bytes() == b"user data"
+    r = _run("export", tmp_path / "f.npz", "-o", tmp_path / "f.parquet", "--with-features")
+    assert r.exit_code == 2 and "--with-features apply to model exports" in r.output
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     r = _run("export", exported["head"].path, "-o", tmp_path / "m.onnx")
     assert r.exit_code == 2 and "pip install 'featx[export]'" in r.output and len(r.output.strip().splitlines()) == 1
@@ -351,3 +353,15 @@ def test_parquet_without_featx_metadata_is_refused(tmp_path):
         load_features(tmp_path / "other.parquet")
     r = _run("fit", tmp_path / "other.parquet", "-o", tmp_path / "h.skops")
     assert r.exit_code == 5 and "not a featx feature store" in r.output
+
+    from featx import save_features
+    from featx.features.store import FeatureSet
+
+    save_features(FeatureSet(features=np.ones((2, 3)), paths=["a", "b"], meta={"backbone": "timm/x"}), tmp_path / "f.npz")
+    before = (tmp_path / "other.parquet").read_bytes()
+    r = _run("export", tmp_path / "f.npz", "-o", tmp_path / "other.parquet")
+    assert r.exit_code == 2 and "not written by featx" in r.output
+    assert (tmp_path / "other.parquet").read_bytes() == before
+    for _ in range(2):  # a store featx wrote is replaced without --overwrite
+        r = _run("export", tmp_path / "f.npz", "-o", tmp_path / "mine.parquet")
+        assert r.exit_code == 0, r.output

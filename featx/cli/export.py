@@ -33,7 +33,14 @@ def export_cmd(
 ):
     """Export a model to ONNX (checked against featx on real images) or a feature store to Parquet."""
     if source.suffix.lower() in FEATURE_SUFFIXES:
+        from ..errors import UsageError
         from ..export.parquet import DEFAULT_PARQUET_OUTPUT, export_features
+
+        model_only = {"--check": check is not None, "--with-features": with_features, "--weights": weights is not None,
+                      "--exporter": exporter != "auto", "--check-limit": check_limit != 64}
+        if any(model_only.values()):
+            raise UsageError(f"{', '.join(k for k, v in model_only.items() if v)} apply to model exports, not to a "
+                             "feature store")
 
         res = export_features(source, output or DEFAULT_PARQUET_OUTPUT, overwrite=overwrite)
         if json_:

@@ -77,8 +77,8 @@ def onnx_written_by_featx(path: Path) -> bool:
 
 
 def export_model(model, output=DEFAULT_MODEL_OUTPUT, *, check=None, check_limit: int = 64,
-                 with_features: bool = False, exporter: str = "auto", weights=None, overwrite: bool = False,
-                 strict: bool = False) -> ExportResult:
+                 with_features: bool = False, exporter: str = "auto", weights=None,
+                 overwrite: bool = False) -> ExportResult:
     """Export ``model`` (a head file, a run folder / model.json / .safetensors, or a loaded Head / TrainedModel)
     to one ONNX file: uint8 NHWC pixels at the recorded size in, class probabilities (decision scores for SVM and
     ridge heads) out, optionally the features as a second output.
@@ -108,7 +108,7 @@ def export_model(model, output=DEFAULT_MODEL_OUTPUT, *, check=None, check_limit:
     check_outputs({output: onnx_written_by_featx}, overwrite=overwrite)
     check_paths, check_root = _check_images(check, check_limit)
     with OutputLock(output):
-        exp, source = _load_source(model, weights=weights, with_features=with_features, strict=strict)
+        exp, source = _load_source(model, weights=weights, with_features=with_features)
         try:
             pixels, names, skipped = _decode(check_paths, check_root, exp.preprocess)
             outputs = ["probabilities" if exp.score_kind == "probability" else "scores"]
@@ -129,7 +129,7 @@ def export_model(model, output=DEFAULT_MODEL_OUTPUT, *, check=None, check_limit:
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------------
-def _load_source(model, *, weights, with_features: bool, strict: bool):
+def _load_source(model, *, weights, with_features: bool):
     """-> (Exportable, {"path", "sha256"}) for anything `featx predict --model` accepts."""
     from ..heads.store import Head, load_head
     from ..training.checkpoint import TrainedModel, load_model
@@ -144,7 +144,7 @@ def _load_source(model, *, weights, with_features: bool, strict: bool):
         src = Path(model)
         if not src.exists():
             raise ArtifactError(f"model {safe_str(str(src))} does not exist")
-        head = load_head(src, strict=strict) if src.is_file() and src.suffix.lower() == ".skops" else None
+        head = load_head(src) if src.is_file() and src.suffix.lower() == ".skops" else None
         if head is None and not (src.is_dir() or src.suffix.lower() in (".json", ".safetensors")):
             raise ArtifactError(f"{safe_str(str(src))} is not a model featx can export: give a head file (.skops) from "
                                 "`featx fit`, or a run folder (or its model.json) from `featx finetune` / `featx scratch`")
@@ -337,11 +337,13 @@ def check_parity(proto, exp, pixels: np.ndarray, names: list, skipped: list, roo
     for idx in batches:
         outs = sess.run(None, {sess.get_inputs()[0].name: pixels[idx]})
         got = outs[0].astype(np.float64)
-        max_diff = max(max_diff, float(np.abs(got - ref_scores[idx]).max()))
+        # NaN compares False against any limit: count a non-finite difference as infinitely large
+        max_diff = max(max_diff, float(np.nan_to_num(np.abs(got - ref_scores[idx]), nan=np.inf).max()))
         wrong.update(i for i, a, b in zip(idx, got.argmax(1), ref_scores[idx].argmax(1)) if a != b)
         if ref_feats is not None:
             scale = max(float(np.abs(ref_feats).max()), 1e-12)
-            feat_diff = max(feat_diff, float(np.abs(outs[1] - ref_feats[idx]).max()) / scale)
+            diff = np.nan_to_num(np.abs(outs[1] - ref_feats[idx]), nan=np.inf)
+            feat_diff = max(feat_diff, float(diff.max()) / scale)
     res = {
         "images": n, "skipped": len(skipped), "folder": safe_str(str(root)),
         "batch_sizes": sorted({len(b) for b in batches}), "tolerance": TOLERANCE,
