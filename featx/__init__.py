@@ -34,6 +34,8 @@ _API = {
     "train_scratch": "featx.training",
     "load_model": "featx.training",
     "compare": "featx.comparison",
+    "export_model": "featx.export.onnx_export",
+    "export_features": "featx.export.parquet",
 }
 
 __all__ = ["__version__", *_API]

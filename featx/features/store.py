@@ -135,6 +135,10 @@ def save_features(fs: FeatureSet, path) -> Path:
 def load_features(path) -> FeatureSet:
     """Read a feature store written by ``featx extract`` (refuses pickled content)."""
     path = Path(path)
+    if path.suffix.lower() == ".parquet":  # hook: the Parquet layout lives in featx.export.parquet (featx[parquet])
+        from ..export.parquet import read_features
+
+        return read_features(path)
     if not path.exists():
         raise ArtifactError(f"features file {path} does not exist; run `featx extract IMAGES -o {path}` first")
     try:
