@@ -145,17 +145,19 @@ def create_backbone(
         if wpath is not None:
             load_into(model, load_state_dict_file(wpath), path=wpath, allow_in_order=True, classifier_path=cls_path)
     elif r.source == "timm":
-        model, pre, cls_path = _timm_model(r.arch, seed=_RANDOM_SEED)
-        if weights is not None:
-            wpath, sha, src = user
-            load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
-        elif pretrained:
-            wpath = timm_weights_file(r.canonical, model.pretrained_cfg.get("hf_hub_id"))
-            sha = hf_blob_sha256(wpath) or file_sha256(wpath)
-            src = f"cache:{wpath}"
-            load_into(model, _timm_filter(model, load_state_dict_file(wpath)), path=wpath, classifier_path=cls_path)
+        if weights is None and pretrained:
+            # featx finds the file itself (cache first, one clear offline error), timm loads it (its own checkpoint
+            # filter, a strict load, torch.load with weights_only=True for .bin files)
+            wpath = timm_weights_file(r.canonical, _timm_hub_id(r.arch))
+            sha, src = hf_blob_sha256(wpath) or file_sha256(wpath), f"cache:{wpath}"
+            model, pre, cls_path = _timm_model(r.arch, seed=_RANDOM_SEED, file=wpath)
         else:
-            sha, src = RANDOM_INIT, "random"
+            model, pre, cls_path = _timm_model(r.arch, seed=_RANDOM_SEED)
+            if weights is not None:
+                wpath, sha, src = user
+                load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
+            else:
+                sha, src = RANDOM_INIT, "random"
     else:
         model, pre, cls_path, wenum = _tv_model(r.arch, seed=_RANDOM_SEED)
         if weights is not None:
@@ -190,37 +192,42 @@ def _classifier_in(bb: Backbone) -> int:
     return infer_feature_dim(bb)
 
 
-def _timm_model(arch: str, *, seed: int):
+def _timm_model(arch: str, *, seed: int, file: Optional[Path] = None):
+    """A seeded timm network (pretrained from ``file`` when given), its preprocessing and classifier path.
+
+    Preprocessing comes from timm's ``resolve_model_data_config(use_test_size=True)``: the larger evaluation size
+    some weights record (test_input_size), with its crop_pct. That replaced featx's own parsing, which missed
+    ``crop_pct`` when a config gave a test size without a test crop (59 of timm 1.0.31's 1,826 pretrained configs,
+    e.g. dm_nfnet_f0: 0.875 instead of 0.9). featx crops the centre whatever timm's crop_mode says (squash and
+    border are used by 137 configs); the recipe is recorded in every artifact either way.
+    """
     import timm
     import torch
+    from timm.data import resolve_model_data_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = timm.create_model(arch, pretrained=False)
-    cfg = model.pretrained_cfg
-    # timm records a larger evaluation size for some weights (test_input_size): use it, as for the embedded ones.
-    size = int((cfg.get("test_input_size") or cfg.get("input_size") or (3, 224, 224))[-1])
-    crop_pct = cfg.get("test_crop_pct") if cfg.get("test_input_size") else cfg.get("crop_pct")
-    pre = Preprocess.from_crop_pct(size, float(crop_pct or 0.875),
-                                   interpolation=cfg.get("interpolation") or "bicubic",
-                                   mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-                                   std=tuple(cfg.get("std", (0.229, 0.224, 0.225))))
-    cls_path = _module_path(model, model.get_classifier())
-    return model, pre, cls_path
+        try:
+            if file is None:
+                model = timm.create_model(arch, pretrained=False)
+            else:
+                model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
+        except Exception as exc:  # a strict-load mismatch, an unreadable or corrupt file: the file's fault
+            if file is None:
+                raise
+            raise WeightsError(f"weights in {file} do not fit {arch}: {str(exc).splitlines()[0][:300]}") from None
+    cfg = resolve_model_data_config(model, use_test_size=True)
+    pre = Preprocess.from_crop_pct(int(cfg["input_size"][-1]), float(cfg["crop_pct"]),
+                                   interpolation=cfg["interpolation"] or "bicubic",
+                                   mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    return model, pre, _module_path(model, model.get_classifier())
 
 
-def _timm_filter(model, sd: dict) -> dict:
-    """Apply timm's own checkpoint conversion for the architecture when it has one (HF-hosted timm weights
-    rarely need it)."""
-    try:
-        import sys
+def _timm_hub_id(arch: str) -> Optional[str]:
+    import timm
 
-        fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-        if fn is not None:
-            return fn(sd, model)
-    except Exception:  # a filter that does not apply to this file: load it as it is
-        pass
-    return sd
+    cfg = timm.models.get_pretrained_cfg(arch)
+    return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
 
 
 def _tv_model(arch: str, *, seed: int):
