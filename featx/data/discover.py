@@ -155,28 +155,7 @@ def discover(root, *, allow_empty: bool = False) -> ImageFolder:
     for name, why in top.problems:
         rep.skip(name, f"cannot read: {why}")
 
-    split_dirs = {name: SPLIT_ALIASES[name.lower()] for name in top.dirs if name.lower() in SPLIT_ALIASES}
-    split_kinds = set(split_dirs.values())
-    is_split = bool(split_dirs) and (("train" in split_kinds and len(split_kinds) > 1) or len(split_dirs) == len(top.dirs))
-
-    records: List[ImageRecord] = []
-    labelled_parts: List[bool] = []
-    all_classes: set = set()
-    if is_split:
-        others = [d for d in top.dirs if d not in split_dirs]
-        if others or top.files:
-            what = ", ".join(_q(x) for x in (others + top.files)[:5])
-            raise DataError(
-                f"{shown} holds split folders ({', '.join(sorted(split_dirs))}) and also {what}; "
-                "move those into a split's class folders or out of the image folder")
-        for name in sorted(split_dirs):
-            labelled, classes = _collect_level(root_str, name, split_dirs[name], exts, records, rep)
-            labelled_parts.append(labelled)
-            all_classes.update(classes)
-    else:
-        labelled, classes = _collect_level(root_str, "", None, exts, records, rep, listing=top)
-        labelled_parts.append(labelled)
-        all_classes.update(classes)
+    records, labelled_parts, all_classes, is_split = _collect(root_str, shown, top, exts, rep)
 
     if not records and not allow_empty:
         hint = ""
@@ -204,6 +183,33 @@ def discover(root, *, allow_empty: bool = False) -> ImageFolder:
         skipped=sorted(rep.skipped, key=lambda s: s["path"]),
         skip_warnings=rep.skip_warnings,
     )
+
+
+def _collect(root_str: str, shown: str, top: "_Listing", exts, rep: "_Report"):
+    """Records by layout (splits or not) -> (records, labelled per part, class names, is_split)."""
+    split_dirs = {name: SPLIT_ALIASES[name.lower()] for name in top.dirs if name.lower() in SPLIT_ALIASES}
+    split_kinds = set(split_dirs.values())
+    is_split = bool(split_dirs) and (("train" in split_kinds and len(split_kinds) > 1) or len(split_dirs) == len(top.dirs))
+
+    records: List[ImageRecord] = []
+    labelled_parts: List[bool] = []
+    all_classes: set = set()
+    if is_split:
+        others = [d for d in top.dirs if d not in split_dirs]
+        if others or top.files:
+            what = ", ".join(_q(x) for x in (others + top.files)[:5])
+            raise DataError(
+                f"{shown} holds split folders ({', '.join(sorted(split_dirs))}) and also {what}; "
+                "move those into a split's class folders or out of the image folder")
+        for name in sorted(split_dirs):
+            labelled, classes = _collect_level(root_str, name, split_dirs[name], exts, records, rep)
+            labelled_parts.append(labelled)
+            all_classes.update(classes)
+    else:
+        labelled, classes = _collect_level(root_str, "", None, exts, records, rep, listing=top)
+        labelled_parts.append(labelled)
+        all_classes.update(classes)
+    return records, labelled_parts, all_classes, is_split
 
 
 discover_images = discover  # the name featx/__init__.py exports (``featx.discover_images``)

@@ -321,8 +321,9 @@ def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, pr
         t_run = time.perf_counter()  # throughput counts the extraction loop, not model loading
         if plan.mine:
             nw = default_workers(workers)
-            bsize, note = cap_batch_size(batch_size or default_batch_size(dev), prepare_model(bb.model, dev),
-                                         bb.preprocess, dev, workers=nw, n_images=plan.n)
+            model = prepare_model(bb.model, dev)
+            bsize, note = cap_batch_size(batch_size or default_batch_size(dev), model, bb.preprocess, dev,
+                                         workers=nw, n_images=plan.n)
             warnings += [note] if note else []
             _run_chunks(plan, bb, dev, bsize, nw, precision, max_pixels, decoder, progress)
         dist.barrier()
