@@ -198,3 +198,21 @@ def test_sigkill_of_the_main_process_leaves_no_worker_alive(tmp_path):
     for w in left:  # do not leave them behind for the rest of the suite
         os.kill(w, signal.SIGKILL)
     assert workers and not left
+
+
+# -- issue 12.10: Ctrl-C explains what was kept, as SIGTERM does ----------------------------------------------------
+def test_ctrl_c_says_finished_chunks_were_kept_and_how_to_resume(folder, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from featx.cli.app import app
+    from featx.features import engine
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_run_chunks", ctrl_c)
+    r = CliRunner().invoke(app, ["extract", str(folder), "-o", str(tmp_path / "f.npz"), "--image-size", "32",
+                                 "--workers", "0", "--no-pretrained"])
+    assert r.exit_code == 130, r.output
+    assert "stopped by Ctrl-C; finished chunks were kept; re-run the same command to resume" in r.output
+    assert not list(tmp_path.glob("f.npz*")) and not list(tmp_path.glob(".f.npz*"))  # nothing was finished
