@@ -158,3 +158,46 @@ def test_list_backbones_reports_embedded_availability():
     assert rows["efficientnet_lite0"]["weights_available"] is True
     assert rows["efficientnet_lite0"]["feature_dim"] == 1280 and rows["efficientnet_lite2"]["train_size"] == 260
     assert rows["tv/resnet18"]["feature_dim"] == 512
+
+
+# -- issue 13: timm does what featx hand-wrote, where it is equivalent ---------------------------------------------
+@pytest.mark.parametrize("name,size,timm_head", [("efficientnet_lite0", 32, True), ("timm/resnet10t", 32, True),
+                                                 ("timm/convnext_atto", 32, True), ("timm/efficientvit_m0", 64, False),
+                                                 ("tv/resnet18", 32, False)])
+def test_pooled_features_equal_the_classifier_input_whichever_path(name, size, timm_head):
+    """forward_head(pre_logits=True) where timm's head makes it the classifier input, the hook elsewhere."""
+    bb = create_backbone(name, pretrained=False, image_size=size)
+    assert bb._timm_pre_logits() is timm_head
+    x = torch.rand(2, 3, size, size)
+    assert torch.equal(bb.forward_features(x), bb._hooked_features(x))
+    bb.reset_classifier(3)  # fine-tuning replaces the classifier: still its input
+    assert torch.equal(bb.forward_features(x), bb._hooked_features(x))
+
+
+def test_timm_preprocessing_comes_from_timm_data_config():
+    # fbnetv3_b.ra2_in1k: input 224, test size 256, crop_pct 0.95 and no test_crop_pct; the old hand-written
+    # parsing fell back to 0.875 there.
+    from timm.data import resolve_model_data_config
+
+    bb = create_backbone("timm/fbnetv3_b.ra2_in1k", pretrained=False)
+    cfg = resolve_model_data_config(bb.model, use_test_size=True)
+    assert bb.preprocess.input_size == 256 == cfg["input_size"][-1]
+    assert bb.preprocess.resize == int(256 / 0.95) and bb.preprocess.interpolation == cfg["interpolation"]
+
+
+def test_cached_timm_weights_load_through_timm_with_their_hash(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    import featx.backbones as backbones
+
+    ref = create_backbone("timm/resnet10t", pretrained=False, image_size=32)
+    sd = {k: (v + 0.01 if v.is_floating_point() else v).contiguous() for k, v in ref.model.state_dict().items()}
+    f = tmp_path / "model.safetensors"
+    save_file(sd, str(f))
+    monkeypatch.setattr(backbones, "timm_weights_file", lambda name, hub: f)
+    bb = create_backbone("timm/resnet10t", image_size=32)
+    assert bb.weights_sha256 == featx._io.sha256_file(f) and bb.weights_source == f"cache:{f}"
+    assert all(torch.equal(v, sd[k]) for k, v in bb.model.state_dict().items())
+    save_file({"conv.weight": torch.zeros(3)}, str(f))
+    with pytest.raises(WeightsError, match="do not fit"):
+        create_backbone("timm/resnet10t", image_size=32)

@@ -401,3 +401,23 @@ def test_interrupts_and_memory_errors_pass_through(tmp_path, monkeypatch):
         monkeypatch.setattr(Image, "open", boom)
         with pytest.raises(exc):
             load_rgb(p)
+
+
+def test_pillow_bomb_warning_never_reaches_stderr(tmp_path):
+    """Between Pillow's limit and twice that, Pillow warns on stderr (once per worker); featx refuses by itself."""
+    import struct
+    import warnings
+
+    from featx.data.jpeg_batch import read_device_jpeg
+
+    (tmp_path / "big.png").write_bytes(png_bytes(10000, 9000))  # 90 M pixels: just over the limit
+    jpg = bytearray(jpeg_bytes(16))
+    sof = jpg.index(b"\xff\xc0")
+    jpg[sof + 5:sof + 9] = struct.pack(">HH", 9000, 10000)  # the same size declared in a JPEG header
+    (tmp_path / "big.jpg").write_bytes(bytes(jpg))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(DecodeError, match="decompression bomb: 10000x9000"):
+            load_rgb(tmp_path / "big.png")
+        assert read_device_jpeg(tmp_path / "big.jpg") is None  # the device path leaves it to the PIL path
+    assert not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]

@@ -288,3 +288,71 @@ def test_hymenoptera_layout(hymenoptera):
     assert f.counts()["val"] == {"ants": 70, "bees": 83}
     assert f.warnings == []
     assert find_leakage(f) == []
+
+
+# -- issue 11.9-11.11: folders featx cannot enter, one file under two labels, classes that differ in case ------------
+def test_nesting_past_the_depth_limit_is_a_skip(tmp_path):
+    from featx.data.discover import _MAX_DEPTH
+
+    make_image(tmp_path / "a" / "1.png", size=16)
+    deep = tmp_path / "b" / "/".join(["d"] * (_MAX_DEPTH + 2))
+    make_image(deep / "far.png", size=16)
+    make_image(tmp_path / "b" / "near.png", size=16)
+    f = discover(tmp_path)
+    assert _rel(f) == ["a/1.png", "b/near.png"]
+    (s,) = f.skipped
+    assert s["path"] == "b/" + "/".join(["d"] * _MAX_DEPTH) and "nested deeper" in s["reason"]
+    assert s["stage"] == "discover"
+
+
+def test_path_longer_than_the_os_allows_is_a_skip(tmp_path):
+    make_image(tmp_path / "a" / "ok.png", size=16)
+    make_image(tmp_path / "b" / "ok.png", size=16)
+    fd = os.open(tmp_path / "b", os.O_RDONLY)
+    try:  # build the deep path relative to open folders: no single call ever sees the whole path
+        for i in range(20):
+            name = f"{i:02d}" + "x" * 240
+            os.mkdir(name, dir_fd=fd)
+            nfd = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        with open(os.open("deep.png", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as fh:
+            fh.write((tmp_path / "a" / "ok.png").read_bytes())
+    finally:
+        os.close(fd)
+    f = discover(tmp_path)
+    assert _rel(f) == ["a/ok.png", "b/ok.png"]
+    assert len(f.skipped) == 1 and "name too long" in f.skipped[0]["reason"].lower()
+    shutil.rmtree(tmp_path / "b", ignore_errors=True)  # rmtree works on fds; leaves nothing for pytest to trip on
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+def test_link_into_another_class_is_used_under_its_own_class_only(tmp_path):
+    make_folder(tmp_path, classes=("ants", "bees"), n_per_class=2, splits=None, size=16)
+    os.symlink("../ants", tmp_path / "bees" / "link_to_ants")
+    f = discover(tmp_path)
+    assert [(r.relpath, r.label) for r in f.records] == [
+        ("ants/ants_000.jpg", "ants"), ("ants/ants_001.jpg", "ants"),
+        ("bees/bees_000.jpg", "bees"), ("bees/bees_001.jpg", "bees")]
+    assert [s["path"] for s in f.skipped] == ["bees/link_to_ants/ants_000.jpg", "bees/link_to_ants/ants_001.jpg"]
+    assert "not used as 'bees'" in f.skipped[0]["reason"]
+    assert any("more than one class label" in w for w in f.warnings)
+
+
+def test_hard_link_in_two_classes_is_not_used_and_a_repeat_in_one_class_is_used_once(tmp_path):
+    make_folder(tmp_path, classes=("ants", "bees"), n_per_class=2, splits=None, size=16)
+    os.link(tmp_path / "ants" / "ants_000.jpg", tmp_path / "bees" / "same.jpg")  # which class? featx cannot tell
+    os.link(tmp_path / "bees" / "bees_000.jpg", tmp_path / "bees" / "again.jpg")  # twice in one class
+    f = discover(tmp_path)
+    assert _rel(f) == ["ants/ants_001.jpg", "bees/again.jpg", "bees/bees_001.jpg"]
+    why = {s["path"]: s["reason"] for s in f.skipped}
+    assert "cannot tell its class" in why["ants/ants_000.jpg"] and "cannot tell its class" in why["bees/same.jpg"]
+    assert "used once" in why["bees/bees_000.jpg"]
+
+
+def test_class_folders_that_differ_only_in_case_are_warned_about(tmp_path):
+    for c in ("Ants", "ants", "bees"):
+        make_image(tmp_path / c / "1.png", size=16)
+    f = discover(tmp_path)
+    assert f.classes == ["Ants", "ants", "bees"]
+    assert any("'Ants', 'ants' differ only in case" in w for w in f.warnings)

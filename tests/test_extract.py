@@ -205,11 +205,12 @@ def _cli(*args, timeout=240, env_extra=None):
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGKILL, -9), (signal.SIGTERM, 143)])
 def test_killed_process_resumes_to_identical_store(folder, tmp_path, sig, code):
-    """A real process killed part-way (SIGKILL or SIGTERM) leaves no final file; the re-run completes it identically."""
+    """A real process killed part-way (SIGKILL or SIGTERM) leaves no final file; the re-run completes it identically.
+    SIGTERM says that finished chunks were kept and how to resume (Ctrl-C: test_extract_reliability.py)."""
     for i in range(30):  # more images so the kill lands mid-run
         src = sorted((folder / "train" / "dog").iterdir())[i % 5]
         (folder / "train" / "dog" / f"extra{i:02d}.jpg").write_bytes(src.read_bytes())
-    args = [str(folder), "--chunk-size", "5", "--batch-size", "5", "--workers", "0", "--json"]
+    args = [str(folder), "--chunk-size", "5", "--batch-size", "5", "--workers", "0", "--json", "--image-size", "32"]
     ref = tmp_path / "ref.npz"
     p = _cli("extract", *args, "-o", str(ref))
     assert p.wait(timeout=240) == 0, p.stderr.read()
@@ -225,6 +226,9 @@ def test_killed_process_resumes_to_identical_store(folder, tmp_path, sig, code):
         pytest.skip("the run finished before the signal landed")
     assert rc == code
     assert not out.exists()
+    if sig != signal.SIGKILL:
+        said = p.stderr.read()
+        assert "finished chunks were kept; re-run the same command to resume" in said, said
     p = _cli("extract", *args, "-o", str(out))
     assert p.wait(timeout=240) == 0
     summary = json.loads(p.stdout.read())
@@ -236,7 +240,7 @@ def test_killed_process_resumes_to_identical_store(folder, tmp_path, sig, code):
 def test_torchrun_two_ranks_write_one_store_identical_to_single_process(folder, tmp_path):
     """Issue 7: ranks shard chunks round-robin; rank 0 assembles one store equal to a single-process run."""
     single = tmp_path / "single.npz"
-    args = [str(folder), "--chunk-size", "3", "--batch-size", "3", "--workers", "0"]
+    args = [str(folder), "--chunk-size", "3", "--batch-size", "3", "--workers", "0", "--image-size", "32"]
     p = _cli("extract", *args, "-o", str(single))
     assert p.wait(timeout=240) == 0
     env = {**os.environ, "FEATX_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}

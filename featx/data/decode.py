@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import stat
+import warnings
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -163,7 +164,11 @@ def _open(fh, max_pixels: Optional[int]) -> Image.Image:
 def _try_open(fh, max_pixels: Optional[int]) -> Optional[Image.Image]:
     """The opened image, or None when no installed plugin recognises the content."""
     try:
-        return Image.open(fh)
+        with warnings.catch_warnings():
+            # Pillow warns (raw, on stderr, once per worker) about images between its limit and twice that; featx
+            # applies its own limit right after the header is read (load_rgb), so the warning only adds noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(fh)
     except MemoryError:
         raise
     except Image.DecompressionBombError as exc:

@@ -20,7 +20,7 @@ import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from .._io import safe_str
 from ..errors import DataError
@@ -66,6 +66,7 @@ class ImageRecord:
     relpath: str
     label: Optional[str] = None
     split: Optional[str] = None
+    ident: Optional[tuple] = field(default=None, repr=False, compare=False)  # (st_dev, st_ino): one file, one row
 
 
 @dataclass
@@ -78,6 +79,10 @@ class ImageFolder:
     has_labels: bool = False
     has_splits: bool = False
     warnings: List[str] = field(default_factory=list)
+    # files and folders featx did not read, each {"path", "reason", "stage": "discover"}: unreadable or too deep
+    # folders, paths too long for the OS, extra copies of one file reached through links
+    skipped: List[dict] = field(default_factory=list)
+    skip_warnings: List[str] = field(default_factory=list, repr=False)  # warnings that announce one of those skips
 
     def __len__(self) -> int:
         return len(self.records)
@@ -104,7 +109,9 @@ class ImageFolder:
 
     def subset(self, split: str) -> "ImageFolder":
         recs = [r for r in self.records if r.split == split]
-        return ImageFolder(self.root, recs, list(self.classes), self.has_labels, self.has_splits, list(self.warnings))
+        skipped = [s for s in self.skipped if SPLIT_ALIASES.get(s["path"].split("/", 1)[0].lower()) == split]
+        return ImageFolder(self.root, recs, list(self.classes), self.has_labels, self.has_splits, list(self.warnings),
+                           skipped, list(self.skip_warnings))
 
     def counts(self) -> Dict[str, Dict[str, int]]:
         """{split or "all": {class or "(unlabeled)": n}} for summaries."""
@@ -116,6 +123,10 @@ class ImageFolder:
 
 def discover(root, *, allow_empty: bool = False) -> ImageFolder:
     """Find the images under ``root`` and read labels and splits from the folder layout (see module docstring).
+
+    Folders that cannot be entered (no permission, a path longer than the OS allows, nesting past the depth
+    limit) and files that would be used twice are listed in ``ImageFolder.skipped`` with their reason, like files
+    that fail to decode later; class folder names that differ only in case are warned about.
 
     Raises:
         DataError: root missing or not a folder, unreadable, images mixed with class folders at one level,
@@ -134,84 +145,120 @@ def discover(root, *, allow_empty: bool = False) -> ImageFolder:
     if not stat.S_ISDIR(st.st_mode):
         raise DataError(f"{shown} is a file; expected a folder of images (class subfolders give labels)")
     root_str = os.path.abspath(root_str)  # records carry absolute paths; symlinks in them are kept, not resolved
-    root_path = Path(root_str)
-    warnings: List[str] = []
+    rep = _Report()
     exts = image_extensions()
 
     try:
-        top_dirs, top_files, top_other = _list_dir(root_str, exts)
+        top = _list_dir(root_str, exts)
     except OSError as exc:
         raise DataError(f"cannot read image folder {shown}: {exc.strerror}") from None
+    for name, why in top.problems:
+        rep.skip(name, f"cannot read: {why}")
 
-    split_dirs = {name: SPLIT_ALIASES[name.lower()] for name in top_dirs if name.lower() in SPLIT_ALIASES}
-    split_kinds = set(split_dirs.values())
-    is_split = bool(split_dirs) and (("train" in split_kinds and len(split_kinds) > 1) or len(split_dirs) == len(top_dirs))
-
-    records: List[ImageRecord] = []
-    labelled_parts: List[bool] = []
-    all_classes: set = set()
-    if is_split:
-        others = [d for d in top_dirs if d not in split_dirs]
-        if others or top_files:
-            what = ", ".join(_q(x) for x in (others + top_files)[:5])
-            raise DataError(
-                f"{shown} holds split folders ({', '.join(sorted(split_dirs))}) and also {what}; "
-                "move those into a split's class folders or out of the image folder")
-        for name in sorted(split_dirs):
-            split = split_dirs[name]
-            labelled, classes = _collect_level(root_str, name, split, exts, records, warnings)
-            labelled_parts.append(labelled)
-            all_classes.update(classes)
-    else:
-        labelled, classes = _collect_level(root_str, "", None, exts, records, warnings,
-                                           listing=(top_dirs, top_files))
-        labelled_parts.append(labelled)
-        all_classes.update(classes)
+    records, labelled_parts, all_classes, is_split = _collect(root_str, shown, top, exts, rep)
 
     if not records and not allow_empty:
         hint = ""
-        if top_other:
-            sample = ", ".join(sorted({os.path.splitext(n)[1] or n for n in top_other})[:5])
+        if top.other:
+            sample = ", ".join(sorted({os.path.splitext(n)[1] or n for n in top.other})[:5])
             hint = f" (found other files: {safe_str(sample)})"
         raise DataError(
             f"no images found in {shown}{hint}; looked for {', '.join(sorted(BASE_EXTENSIONS - {'.jpeg', '.tif'}))} "
             "and other formats Pillow reads (hidden files and folders are ignored)")
 
+    records = _used_once(records, root_str, rep)
     records.sort(key=lambda r: r.relpath)
     has_labels = any(r.label is not None for r in records) if records else any(labelled_parts)
     if has_labels and any(r.label is None for r in records):
         unl = sorted({r.split for r in records if r.label is None and r.split})
-        warnings.append(f"split(s) {', '.join(unl)} have no class folders: their images are unlabeled")
+        rep.warnings.append(f"split(s) {', '.join(unl)} have no class folders: their images are unlabeled")
+    _warn_case_twins(all_classes, rep)
     return ImageFolder(
-        root=root_path,
+        root=Path(root_str),
         records=records,
         classes=sorted(all_classes) if has_labels else [],
         has_labels=has_labels,
         has_splits=is_split,
-        warnings=warnings,
+        warnings=rep.warnings,
+        skipped=sorted(rep.skipped, key=lambda s: s["path"]),
+        skip_warnings=rep.skip_warnings,
     )
+
+
+def _collect(root_str: str, shown: str, top: "_Listing", exts, rep: "_Report"):
+    """Records by layout (splits or not) -> (records, labelled per part, class names, is_split)."""
+    split_dirs = {name: SPLIT_ALIASES[name.lower()] for name in top.dirs if name.lower() in SPLIT_ALIASES}
+    split_kinds = set(split_dirs.values())
+    is_split = bool(split_dirs) and (("train" in split_kinds and len(split_kinds) > 1) or len(split_dirs) == len(top.dirs))
+
+    records: List[ImageRecord] = []
+    labelled_parts: List[bool] = []
+    all_classes: set = set()
+    if is_split:
+        others = [d for d in top.dirs if d not in split_dirs]
+        if others or top.files:
+            what = ", ".join(_q(x) for x in (others + top.files)[:5])
+            raise DataError(
+                f"{shown} holds split folders ({', '.join(sorted(split_dirs))}) and also {what}; "
+                "move those into a split's class folders or out of the image folder")
+        for name in sorted(split_dirs):
+            labelled, classes = _collect_level(root_str, name, split_dirs[name], exts, records, rep)
+            labelled_parts.append(labelled)
+            all_classes.update(classes)
+    else:
+        labelled, classes = _collect_level(root_str, "", None, exts, records, rep, listing=top)
+        labelled_parts.append(labelled)
+        all_classes.update(classes)
+    return records, labelled_parts, all_classes, is_split
 
 
 discover_images = discover  # the name featx/__init__.py exports (``featx.discover_images``)
 
 
+@dataclass
+class _Report:
+    """What discovery says besides the records: warnings, and skips (``{"path", "reason", "stage"}``)."""
+
+    warnings: List[str] = field(default_factory=list)
+    skipped: List[dict] = field(default_factory=list)
+    skip_warnings: List[str] = field(default_factory=list)  # the warnings that announce a skip
+
+    def skip(self, rel: str, reason: str, warning: Optional[str] = None) -> None:
+        self.skipped.append({"path": rel, "reason": reason, "stage": "discover"})
+        if warning:
+            self.warnings.append(warning)
+            self.skip_warnings.append(warning)
+
+
+class _Listing(NamedTuple):
+    """One folder's entries, hidden ones dropped, each list sorted."""
+
+    dirs: List[str]
+    files: List[str]  # image files by extension
+    other: List[str]
+    problems: List[Tuple[str, str]]  # (name, why) of entries that could not even be stat-ed
+    idents: Dict[str, tuple]  # file name -> (st_dev, st_ino) of the file itself (links followed)
+
+
 def _collect_level(root: str, sub: str, split: Optional[str], exts, records: List[ImageRecord],
-                   warnings: List[str], listing=None) -> Tuple[bool, List[str]]:
+                   rep: _Report, listing: Optional[_Listing] = None) -> Tuple[bool, List[str]]:
     """Collect one split (or the root): class folders or loose images. Returns (labelled, non-empty classes)."""
     base = os.path.join(root, sub) if sub else root
     where = _q(sub) if sub else "the image folder"
     if listing is None:
         try:
-            listing = _list_dir(base, exts)[:2]
+            listing = _list_dir(base, exts)
         except OSError as exc:
-            warnings.append(f"cannot read {where}: {exc.strerror}; skipped")
+            rep.skip(sub, f"cannot read folder: {exc.strerror}", f"cannot read {where}: {exc.strerror}; skipped")
             return False, []
-    dirs, files = listing[0], listing[1]
+        for name, why in listing.problems:
+            rep.skip(f"{sub}/{name}", f"cannot read: {why}")
+    dirs, files = listing.dirs, listing.files
     ancestors = frozenset({_dir_key(root)} | ({_dir_key(base)} if sub else set()))
-    per_class: List[Tuple[str, List[str]]] = []
+    per_class: List[Tuple[str, List[tuple]]] = []
     for cls in dirs:
         rel_cls = f"{sub}/{cls}" if sub else cls
-        per_class.append((cls, list(_walk(root, rel_cls, exts, ancestors, warnings, depth=1))))
+        per_class.append((cls, list(_walk(root, rel_cls, exts, ancestors, rep, depth=1))))
     nonempty = [(c, rels) for c, rels in per_class if rels]
     if files and nonempty:
         raise DataError(
@@ -221,45 +268,52 @@ def _collect_level(root: str, sub: str, split: Optional[str], exts, records: Lis
     for cls, rels in per_class:
         if not rels:
             rel_cls = f"{sub}/{cls}" if sub else cls
-            warnings.append(f"{'folder' if files else 'class folder'} {_q(rel_cls)} holds no images; ignored")
+            rep.warnings.append(f"{'folder' if files else 'class folder'} {_q(rel_cls)} holds no images; ignored")
     if not nonempty:
         for f in files:
             rel = f"{sub}/{f}" if sub else f
             records.append(ImageRecord(Path(root, rel), rel, None, split))
         return (False, []) if files or not dirs else (True, [])
     for cls, rels in nonempty:
-        records.extend(ImageRecord(Path(root, rel), rel, cls, split) for rel in rels)
-    classes = [c for c, _ in nonempty]
-    return True, classes
+        for rel, ident in rels:
+            records.append(ImageRecord(Path(root, rel), rel, cls, split, ident))
+    return True, [c for c, _ in nonempty]
 
 
-def _walk(root: str, rel: str, exts, ancestors: frozenset, warnings: List[str], depth: int) -> Iterator[str]:
-    """Relative paths of images under root/rel, following symlinked folders but never into an ancestor."""
+def _walk(root: str, rel: str, exts, ancestors: frozenset, rep: _Report, depth: int) -> Iterator[tuple]:
+    """(relative path, file identity) of images under root/rel, following symlinked folders but never into an
+    ancestor. A folder that cannot be entered is a skip with its reason."""
     full = os.path.join(root, rel)
-    key = _dir_key(full)
-    if key is None:
+    try:
+        st = os.stat(full)
+        key = (st.st_dev, st.st_ino)
+    except OSError as exc:  # e.g. a path longer than the OS allows (ENAMETOOLONG), a dangling link
+        rep.skip(rel, f"cannot read folder: {exc.strerror}", f"cannot read {_q(rel)}: {exc.strerror}; skipped")
         return
     if key in ancestors:
-        warnings.append(f"symlink loop at {_q(rel)}; not followed")
+        rep.warnings.append(f"symlink loop at {_q(rel)}; not followed")
         return
     if depth > _MAX_DEPTH:
-        warnings.append(f"folders nested deeper than {_MAX_DEPTH} levels at {_q(rel)}; not followed")
+        rep.skip(rel, f"folders nested deeper than {_MAX_DEPTH} levels; not followed",
+                 f"folders nested deeper than {_MAX_DEPTH} levels at {_q(rel)}; not followed")
         return
     try:
-        dirs, files, _ = _list_dir(full, exts)
+        listing = _list_dir(full, exts)
     except OSError as exc:
-        warnings.append(f"cannot read {_q(rel)}: {exc.strerror}; skipped")
+        rep.skip(rel, f"cannot read folder: {exc.strerror}", f"cannot read {_q(rel)}: {exc.strerror}; skipped")
         return
-    for f in files:
-        yield f"{rel}/{f}"
+    for name, why in listing.problems:
+        rep.skip(f"{rel}/{name}", f"cannot read: {why}")
+    for f in listing.files:
+        yield f"{rel}/{f}", listing.idents.get(f)
     inner = ancestors | {key}
-    for d in dirs:
-        yield from _walk(root, f"{rel}/{d}", exts, inner, warnings, depth + 1)
+    for d in listing.dirs:
+        yield from _walk(root, f"{rel}/{d}", exts, inner, rep, depth + 1)
 
 
-def _list_dir(path: str, exts) -> Tuple[List[str], List[str], List[str]]:
-    """(sub-folders, image files, other files) of one folder, hidden entries dropped, each sorted."""
-    dirs, files, other = [], [], []
+def _list_dir(path: str, exts) -> _Listing:
+    """The entries of one folder (see :class:`_Listing`)."""
+    dirs, files, other, problems, idents = [], [], [], [], {}
     with os.scandir(path) as it:
         for entry in it:
             name = entry.name
@@ -269,11 +323,16 @@ def _list_dir(path: str, exts) -> Tuple[List[str], List[str], List[str]]:
                 if entry.is_dir():  # follows symlinks
                     dirs.append(name)
                 elif entry.is_file():
-                    (files if os.path.splitext(name)[1].lower() in exts else other).append(name)
+                    if os.path.splitext(name)[1].lower() in exts:
+                        files.append(name)
+                        st = entry.stat()  # the target of a link; st_ino, not d_ino (overlay file systems differ)
+                        idents[name] = (st.st_dev, st.st_ino)
+                    else:
+                        other.append(name)
                 # broken symlinks, sockets, FIFOs: neither, ignored
-            except OSError:
-                continue
-    return sorted(dirs), sorted(files), sorted(other)
+            except OSError as exc:
+                problems.append((name, exc.strerror or type(exc).__name__))
+    return _Listing(sorted(dirs), sorted(files), sorted(other), sorted(problems), idents)
 
 
 def _dir_key(path: str):
@@ -286,6 +345,88 @@ def _dir_key(path: str):
 
 def _q(name: str) -> str:
     return repr(safe_str(name))
+
+
+# -- one file, one label --------------------------------------------------------------------------------------------
+def _used_once(records: List[ImageRecord], root: str, rep: _Report) -> List[ImageRecord]:
+    """Drop the extra copies of a labelled file reached more than once (links, hard links); never train a file
+    under two labels.
+
+    A file reached under two class labels (``bees/link -> ../ants``) is kept where it lives (its real path is
+    inside its class folder) and skipped elsewhere; when that cannot be told (hard links in two class folders),
+    every copy is skipped. A file reached twice under one label in one split is kept once. The same file in two
+    splits under one label is left to :func:`find_leakage`, which reports it.
+    """
+    groups: Dict[tuple, List[ImageRecord]] = defaultdict(list)
+    for r in records:
+        ident = r.ident
+        if ident is not None and r.label is not None:
+            groups[ident].append(r)
+    drop: set = set()
+    crossed = []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        group.sort(key=lambda r: r.relpath)
+        if len({r.label for r in group}) == 1:
+            for same in _by_split(group):
+                keep = next((r for r in same if _lives_in_class(r, root)), same[0])
+                for r in same:
+                    if r is not keep:
+                        drop.add(id(r))
+                        rep.skip(r.relpath, f"the same file as {safe_str(keep.relpath)} (reached twice through a "
+                                            "link); used once")
+            continue
+        homes = [r for r in group if _lives_in_class(r, root)]
+        keep = homes[0] if homes and len({r.label for r in homes}) == 1 else None
+        for r in group:
+            if keep is not None and (r is keep or (r.label == keep.label and r.split != keep.split)):
+                continue
+            drop.add(id(r))
+            if keep is None:
+                labels = ", ".join(sorted({_q(g.label) for g in group}))
+                rep.skip(r.relpath, f"the same file is in class folders {labels}; featx cannot tell its class, "
+                                    "so it is not used")
+            else:
+                rep.skip(r.relpath, f"the same file as {safe_str(keep.relpath)} (class {safe_str(keep.label)}), "
+                                    f"reached through a link from class folder {_q(r.label)}; not used as {_q(r.label)}")
+        crossed.append((group, keep))
+    if crossed:
+        group, keep = crossed[0]
+        other = next(r for r in group if r is not keep)
+        rep.warnings.append(
+            f"{len(crossed)} file(s) are reached under more than one class label through links (e.g. "
+            f"{_q(other.relpath)} is {_q(group[0].relpath if keep is None else keep.relpath)}); each is used "
+            "only under the class folder it lives in, or not at all when that cannot be told")
+    return [r for r in records if id(r) not in drop] if drop else records
+
+
+def _by_split(group: List[ImageRecord]) -> List[List[ImageRecord]]:
+    out: Dict[Optional[str], List[ImageRecord]] = defaultdict(list)
+    for r in group:
+        out[r.split].append(r)
+    return [g for g in out.values() if len(g) > 1]
+
+
+def _lives_in_class(r: ImageRecord, root: str) -> bool:
+    """The file's real path lies inside the real path of its own class folder (no link led elsewhere)."""
+    parts = r.relpath.split("/")
+    cls_dir = os.path.join(root, *parts[: 2 if r.split is not None else 1])
+    try:
+        real_dir = os.path.realpath(cls_dir)
+        return os.path.commonpath([os.path.realpath(r.path), real_dir]) == real_dir
+    except (OSError, ValueError):
+        return False
+
+
+def _warn_case_twins(classes: set, rep: _Report) -> None:
+    """Class folders whose names differ only in case (Ants, ants) are distinct classes: say so."""
+    by_fold: Dict[str, List[str]] = defaultdict(list)
+    for c in classes:
+        by_fold[c.casefold()].append(c)
+    for names in sorted(v for v in by_fold.values() if len(v) > 1):
+        rep.warnings.append(f"class folders {', '.join(_q(n) for n in sorted(names))} differ only in case: they are "
+                            "separate classes; merge them if they are one class")
 
 
 # -- leakage -----------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Why the work is split this way:
 - DataLoader workers only read a file's bytes and parse its header (format, mode, size, EXIF orientation, frame
   type, end-of-image marker). No pixel is decoded there, so a few CPU cores can feed a GPU that decodes thousands
-  of JPEGs per second. Workers return numpy arrays, never tensors (see `featx.features.engine`).
+  of JPEGs per second. Workers return numpy arrays, never tensors (see `featx.data.datasets`).
 - Anything that is not a complete 8-bit baseline/progressive JPEG in YCbCr or grey (PNG, CMYK, 12-bit, lossless,
   truncated, too many pixels...) is decoded in the worker by the PIL path (`load_rgb` + `Preprocess.resize_crop`),
   so such a file gets exactly the row, or the error reason, that ``decoder="pil"`` gives it.
@@ -99,7 +99,9 @@ def read_device_jpeg(path, max_pixels: Optional[int] = None) -> Optional[Tuple[n
     if frame is None or frame[0] not in _DEVICE_SOF or frame[1] != 8 or frame[2] not in (1, 3):
         return None
     try:
-        img = Image.open(io.BytesIO(data))  # lazy: parses the header (and EXIF), decodes nothing
+        with warnings.catch_warnings():  # featx's own limit decides below; Pillow's warning would print raw
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # lazy: parses the header (and EXIF), decodes nothing
         if img.format not in _JPEG_FORMATS or img.mode not in _JPEG_MODES:
             return None
         w, h = img.size

@@ -131,3 +131,39 @@ def plan_split(relpaths: Sequence[str], labels: Sequence, splits: Optional[Seque
                             "they always count as errors")
     return SplitPlan(train=np.sort(train), val=np.sort(val), test=np.sort(test), how=how,
                      ignored=np.sort(ignored), warnings=warnings)
+
+
+# -- the same rule over discovered image records (finetune, scratch, compare) -----------------------------------
+@dataclass
+class Split:
+    """Image records per role. ``test`` is scored once at the end, never used to pick an epoch or a head."""
+
+    train: list  # ImageRecord
+    val: list
+    classes: list
+    source: str  # "folders" (the folder's val/ split) or plan_split's ``how`` ("a stratified 20% hold-out ...")
+    warnings: list = field(default_factory=list)
+    test: list = field(default_factory=list)
+
+
+def split_records(folder, val_fraction: float, seed: int = 0) -> Split:
+    """:func:`plan_split` applied to an ``ImageFolder``'s records (``featx.data.discover``)."""
+    records = list(folder.records)
+    labelled = [r for r in records if r.label is not None]
+    if not labelled:
+        raise DataError(f"no labelled images in {folder.root}: training needs one sub-folder per class "
+                        "(or train/ and val/ folders with class sub-folders inside)")
+    found = {r.label for r in labelled}
+    if len(found) < 2:
+        raise DataError(f"training needs at least 2 classes, found {len(found)} in {folder.root}")
+    splits = [r.split or "" for r in records] if getattr(folder, "has_splits", False) else None
+    plan = plan_split([r.relpath for r in records], [r.label or "" for r in records], splits,
+                      val_fraction=val_fraction, seed=seed)
+    warnings = list(plan.warnings)
+    if len(labelled) < len(records):
+        warnings.insert(0, f"{len(records) - len(labelled)} image(s) without a class folder were ignored")
+    train, val, test = ([records[i] for i in idx] for idx in (plan.train, plan.val, plan.test))
+    used = {r.label for r in train} | {r.label for r in val}
+    classes = [c for c in (getattr(folder, "classes", None) or sorted(used)) if c in used]
+    source = "folders" if plan.how.startswith("the folder's") else plan.how
+    return Split(train=train, val=val, classes=classes, source=source, warnings=warnings, test=test)

@@ -1,86 +1,49 @@
-"""The extraction engine: files -> uint8 pixels (workers) -> network on the device -> features, in input order.
+"""The extraction engine: pixels from `featx.data` -> network on the device -> features, in input order, resumable.
 
 Design notes (the why):
-- Workers return numpy arrays, never tensors: tensors cross processes through shared-memory file descriptors,
-  which fail in some containers ("Bad file descriptor"); numpy batches go through the pipe and always work.
-- Only uint8 pixels cross process and PCIe boundaries; normalisation happens on the device.
+- The input side (discovery, decoding in workers, the device JPEG decoder, the DataLoader) lives in `featx.data`;
+  this module runs the network: normalise on the device, forward, halve the batch on CUDA out-of-memory.
 - A file that fails to decode is reported with its reason and gets no row; no other file's pixels are substituted.
-- Work is cut into fixed chunks of files. Each finished chunk is written atomically beside the output, so a killed
-  run resumes where it stopped; batches never straddle chunks, so a resumed run computes exactly the batches an
-  uninterrupted one would (bit-identical features on the CPU).
+- Work is cut into fixed chunks of files. Each finished chunk is written atomically into ``OUTPUT.partial/``, so a
+  killed run resumes where it stopped; batches never straddle chunks, so a resumed run computes exactly the
+  batches an uninterrupted one would (bit-identical features on the CPU).
+- One run per output: an OS lock beside the output (`featx._io.OutputLock`) is held for the run's life; a second
+  run refuses at once, naming the first. The OS drops the lock when a process dies, so it is never stale.
+- A run that did no work leaves nothing behind: on failure ``OUTPUT.partial/`` is removed unless it holds a
+  finished chunk worth resuming (a folder of garbage removes it whatever it holds: nothing there is worth keeping).
 - Under torchrun, ranks take chunks round-robin and rank 0 assembles the single store.
+
+`extract_features` = check -> claim the output -> plan chunks -> run them -> assemble the store.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
-import signal
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .._io import atomic_write, fingerprint, refuse_inside, sweep_stale_temps
-from ..errors import DataError, FeatxError, Interrupted, StrictModeError, UsageError
+from .._io import atomic_write, claim_outputs, fingerprint, refuse_inside, safe_str, sweep_stale_temps, written_by_featx
+from ..errors import DataError, FeatxError, StrictModeError, UsageError
 from .store import DEFAULT_FEATURES_PATH, FORMAT, FeatureSet, save_features
 
 log = logging.getLogger("featx")
 
 # A folder whose first GARBAGE_WINDOW files all fail is almost surely not an image folder: stop early.
 GARBAGE_WINDOW = 64
+RESUME_HINT = "finished chunks were kept; re-run the same command to resume"
 
 
-# -- worker side -------------------------------------------------------------------------------------------------
-class _PixelDataset:
-    """Index -> (index, uint8 HxWx3 array or None, error reason, stage). Runs in DataLoader workers."""
-
-    def __init__(self, paths: Sequence, preprocess, max_pixels: Optional[int] = None):
-        self.paths = [str(p) for p in paths]
-        self.preprocess = preprocess
-        self.max_pixels = max_pixels
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        from ..data.jpeg_batch import pil_pixels
-
-        return (i, *pil_pixels(self.paths[i], self.preprocess, self.max_pixels))
-
-
-class _JpegBytesDataset(_PixelDataset):
-    """For the device decoder: a plain JPEG comes back as its bytes (header checked, no pixel decoded), anything
-    else through the PIL path as above. Index -> (index, pixels or None, reason, stage, jpeg or None)."""
-
-    def __getitem__(self, i):
-        from ..data.jpeg_batch import pil_pixels, read_device_jpeg
-
-        jpeg = read_device_jpeg(self.paths[i], self.max_pixels)
-        if jpeg is not None:
-            return i, None, None, None, jpeg
-        return (i, *pil_pixels(self.paths[i], self.preprocess, self.max_pixels), None)
-
-
-def _collate(items):
-    good = [(i, px) for i, px, _, _ in items if px is not None]
-    errors = [(i, reason, stage) for i, px, reason, stage in items if px is None]
-    idx = np.asarray([i for i, _ in good], dtype=np.int64)
-    pixels = np.stack([px for _, px in good]) if good else None
-    return idx, pixels, errors
-
-
-def _worker_init(_):
-    # Workers inherit torch's thread pool size; one decoder thread per worker avoids oversubscription.
-    import torch
-
-    torch.set_num_threads(1)
-
-
-# -- main side ---------------------------------------------------------------------------------------------------
+# -- running a network over pixels ------------------------------------------------------------------------------
 @dataclass
 class Batch:
     indices: np.ndarray  # positions (into the given paths) of the images that produced outputs
@@ -91,11 +54,6 @@ class Batch:
 def default_batch_size(device) -> int:
     """256 on CUDA (fills the GPU), 32 on the CPU (measured fastest on a 2-core machine: 15 img/s vs 12-14 at 64)."""
     return 256 if device.type == "cuda" else 32
-
-
-def default_workers() -> int:
-    n = os.cpu_count() or 1
-    return max(1, min(8, n))
 
 
 def iter_outputs(
@@ -115,74 +73,48 @@ def iter_outputs(
 
     `batches` (lists of positions) fixes the batch layout; otherwise consecutive runs of `batch_size`.
     CUDA out-of-memory retries the same images in halves, so the output does not depend on the memory left.
-    `decoder`: "pil" decodes and resizes in the workers; "torchvision" lets workers ship plain JPEGs as bytes and
-    decodes + resizes them batched on `device` (see `featx.data.jpeg_batch`); "auto" picks torchvision on CUDA.
-    Both give the same rows, errors and batches; the pixels differ slightly.
+    `decoder`: pil | torchvision | auto, see `featx.data.loader.iter_pixels` (same rows, errors and batches).
     """
-    import torch
-    from torch.utils.data import DataLoader
-
-    from ..data.jpeg_batch import DeviceJpegPipeline, collate_raw, resolve_decoder
-    from ..devices import autocast
+    from ..data.loader import iter_pixels
 
     if batches is None:
         batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
-    workers = default_workers() if workers is None else workers
-    on_device = resolve_decoder(decoder, device, preprocess) == "torchvision"
-    ds = (_JpegBytesDataset if on_device else _PixelDataset)(paths, preprocess, max_pixels)
-    loader = DataLoader(
-        ds, batch_sampler=batches, num_workers=workers, collate_fn=collate_raw if on_device else _collate,
-        worker_init_fn=_worker_init if workers else None,
-        prefetch_factor=4 if workers else None, persistent_workers=False,
-    )
-    cuda = device.type == "cuda"
-
-    def run(x):
-        try:
-            with autocast(device, precision):
-                return fn(x).float()
-        except Exception as exc:
-            from ..devices import is_cuda_oom
-
-            if not is_cuda_oom(exc):
-                raise
-            if len(x) == 1:
-                raise FeatxError("CUDA out of memory even at batch size 1; use --device cpu or a smaller --image-size") from None
-            torch.cuda.empty_cache()
-            half = len(x) // 2
-            return torch.cat([run(x[:half]), run(x[half:])])
-
-    def forward(idx, t, errors):
-        x = t.permute(0, 3, 1, 2)  # NCHW view with channels_last strides: what cuDNN likes best
-        x = preprocess.normalize(x)
-        if not cuda:
-            x = x.contiguous()
-        with torch.inference_mode():
-            out = run(x)
-        return Batch(idx, out.cpu().numpy().astype(np.float32, copy=False), errors)
-
-    if on_device:
-        pipe = DeviceJpegPipeline(preprocess, device, max_pixels)
-        for raw in loader:
-            # Synchronous: the previous batch's `out.cpu()` finished every kernel before the decoder (which writes
-            # on its own stream) is handed memory the caching allocator recycled from that batch.
-            with torch.inference_mode():
-                idx, t, errors = pipe.assemble(raw, ds.paths)
-            if t is None:
-                yield Batch(idx, np.zeros((0, 0), np.float32), errors)
-                continue
-            yield forward(idx, t, errors)
-        log.debug("device JPEG pipeline: %s", pipe.stats)
-        return
-
-    for idx, pixels, errors in loader:
+    for idx, pixels, errors in iter_pixels(paths, preprocess, device=device, batches=batches, workers=workers,
+                                           max_pixels=max_pixels, decoder=decoder):
         if pixels is None:
             yield Batch(idx, np.zeros((0, 0), np.float32), errors)
-            continue
-        t = torch.from_numpy(pixels)  # N,H,W,3 uint8
-        if cuda:
-            t = t.pin_memory().to(device, non_blocking=True)
-        yield forward(idx, t, errors)
+        else:
+            yield Batch(idx, _forward(fn, preprocess, pixels, device, precision), errors)
+
+
+def _forward(fn, preprocess, pixels, device, precision) -> np.ndarray:
+    """uint8 N,S,S,3 on the device -> float32 outputs on the host."""
+    import torch
+
+    x = preprocess.normalize(pixels.permute(0, 3, 1, 2))  # NCHW view, channels_last strides: what cuDNN likes
+    if device.type != "cuda":
+        x = x.contiguous()
+    with torch.inference_mode():
+        out = _run_halving(fn, x, device, precision)
+    return out.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _run_halving(fn, x, device, precision):
+    import torch
+
+    from ..devices import autocast, is_cuda_oom
+
+    try:
+        with autocast(device, precision):
+            return fn(x).float()
+    except Exception as exc:
+        if not is_cuda_oom(exc):
+            raise
+        if len(x) == 1:
+            raise FeatxError("CUDA out of memory even at batch size 1; use --device cpu or a smaller --image-size") from None
+        torch.cuda.empty_cache()
+        half = len(x) // 2
+        return torch.cat([_run_halving(fn, x[:half], device, precision), _run_halving(fn, x[half:], device, precision)])
 
 
 def prepare_model(model, device):
@@ -193,6 +125,71 @@ def prepare_model(model, device):
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     return model
+
+
+# -- how large a batch the memory allows ----------------------------------------------------------------------
+# Peak inference memory per image is about 4x the network's largest single activation: measured (CPU, batch 32,
+# ru_maxrss) 23 MB/img for efficientnet_lite0 at 256 px (largest activation 6.0 MB), 7.0 for convnext_atto at 224
+# (1.9 MB), 6.4 for tv/resnet18 at 224 (3.1 MB, so 4x overestimates there: a safe side to err on).
+ACTIVATION_FACTOR = 4
+CHECK_ABOVE = 64  # batches up to this size are never probed (the defaults are 32 on the CPU and 256 on CUDA)
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of RAM the OS says are available now (Linux MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _largest_activation(model, size: int) -> int:
+    """Bytes of the largest output of any leaf module for one image (one forward pass at batch 1)."""
+    import torch
+
+    largest = [0]
+
+    def hook(_m, _a, out):
+        if torch.is_tensor(out):
+            largest[0] = max(largest[0], out.numel() * out.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not any(True for _ in m.children())]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return largest[0]
+
+
+def cap_batch_size(batch_size: int, model, preprocess, device, *, workers: int, n_images: int) -> tuple[int, Optional[str]]:
+    """-> (batch size that fits in RAM, warning or None). A batch never exceeds ``n_images`` anyway.
+
+    Counted: uint8 batches waiting in workers (prefetch 4 each), the float input and, on the CPU, the network's
+    activations. CUDA memory is not counted: an out-of-memory there halves the batch (`iter_outputs`).
+    """
+    want = min(batch_size, max(1, n_images))
+    free = available_memory()
+    if want <= CHECK_ABOVE or not free:
+        return want, None
+    side = preprocess.input_size
+    pixels = 3 * side * side
+    per_image = pixels * (4 * workers + 1) + pixels * 4
+    if device.type != "cuda":
+        per_image += ACTIVATION_FACTOR * _largest_activation(model, side)
+    cap = max(1, int(free * 0.5 // per_image))
+    if want <= cap:
+        return want, None
+    return cap, (f"--batch-size {batch_size} would need about {want * per_image / 2**30:.1f} GB of memory here "
+                 f"({free / 2**30:.1f} GB available); using batches of {cap}")
 
 
 # -- extraction with resume ------------------------------------------------------------------------------------
@@ -218,55 +215,36 @@ class ExtractResult:
         return d
 
 
-def _partial_dir(output: Path) -> Path:
-    return output.with_name(output.name + ".partial")
+@dataclass
+class _Plan:
+    """Which chunks exist, which are finished, which this rank computes, and the batches that compute them."""
 
+    root: Path
+    folder: object  # ImageFolder
+    part: Path  # OUTPUT.partial: job.json + finished chunks
+    chunk_size: int
+    n_chunks: int
+    done: set  # chunks finished by an earlier run
+    mine: list  # chunks this rank computes now
+    rank: int = 0
+    world: int = 1
 
-def _dist_info():
-    import torch.distributed as dist
+    @property
+    def n(self) -> int:
+        return len(self.folder.records)
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, None
-    if not dist.is_initialized():
-        import torch
+    def size(self, c: int) -> int:
+        return min(self.chunk_size, self.n - c * self.chunk_size)
 
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size(), dist
-
-
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.is_dir():
-        raise UsageError(f"output {output} is a folder; give a file path such as {output / 'features.npz'}")
-    if output.exists() and not overwrite:
-        try:
-            with np.load(output, allow_pickle=False) as z:
-                ok = "meta" in z.files and json.loads(str(z["meta"][()])).get("format") == FORMAT
-        except Exception:
-            ok = False
-        if not ok:
-            raise UsageError(f"{output} exists and is not a featx features file; refusing to overwrite it (pass --overwrite)")
-
-
-class _SigtermAsInterrupt:
-    """SIGTERM behaves like Ctrl-C during extraction: finished chunks are kept, the exit code is 143."""
-
-    def __enter__(self):
-        self.old = None
-        try:
-            self.old = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread
-            pass
-        return self
-
-    def _handler(self, signum, _frame):
-        raise Interrupted("stopped by SIGTERM; finished chunks were kept, re-run the same command to resume", signum)
-
-    def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
-        return False
+    def batches(self, batch_size: int) -> tuple[list, list]:
+        """Batches of positions for this rank's chunks (never straddling a chunk), and the chunk of each."""
+        batches, chunk_of = [], []
+        for c in self.mine:
+            lo, hi = c * self.chunk_size, c * self.chunk_size + self.size(c)
+            for s in range(lo, hi, batch_size):
+                batches.append(list(range(s, min(s + batch_size, hi))))
+                chunk_of.append(c)
+        return batches, chunk_of
 
 
 def extract_features(
@@ -287,6 +265,7 @@ def extract_features(
     max_pixels: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     decoder: str = "auto",
+    image_size: Optional[int] = None,
 ) -> ExtractResult:
     """Extract features for every image under `images` and write one feature store at `output`.
 
@@ -294,43 +273,147 @@ def extract_features(
         images: a folder (class subfolders give labels; train/ and val/ or test/ give splits; flat = unlabeled).
         output: the .npz to write (atomically). Re-running after an interruption resumes from finished chunks.
         backbone: a name (see `featx models`) or a ready `Backbone`.
-        device: auto | cpu | cuda. batch_size: default 32 on CPU, 256 on CUDA. workers: decoding processes.
+        device: auto | cpu | cuda. batch_size: default 32 on CPU, 256 on CUDA (capped to what RAM holds).
+        workers: decoding processes (default `featx.devices.default_workers`).
         chunk_size: images per resumable chunk (also the unit of sharding under torchrun).
-        strict: any skipped file raises StrictModeError (finished chunks are kept; no store is written).
+        strict: any skipped file or folder raises StrictModeError (finished chunks are kept; no store is written).
         overwrite: allow replacing an existing file that is not a featx features store.
         progress: callback(done_images, total_images).
         decoder: auto | pil | torchvision. auto = JPEGs decoded and resized batched on the GPU when the device is
             CUDA and torchvision can decode there, else pil (CPU decoding in the workers). Recorded in
             meta["decoder"]; not part of the provenance fingerprint (the two paths give interchangeable features).
+        image_size: crop size other than the backbone's default (same resize/crop ratio; recorded in the store).
+
+    Ctrl-C raises KeyboardInterrupt after the finished chunks were written (the CLI turns it, and SIGTERM, into
+    exit 130 / 143 with a resume hint).
     """
-    from ..backbones import Backbone, create_backbone
-    from ..data.discover import discover, find_leakage
-    from ..data.jpeg_batch import DECODERS, resolve_decoder
-    from ..devices import resolve_device
+    from ..data.discover import discover
+    from ..devices import setup_distributed
 
     t0 = time.perf_counter()
-    root = Path(images)
+    root, output = Path(images), Path(output)
     folder = discover(root)
-    output = Path(output)
     refuse_inside(output, root)
-    _check_output(output, overwrite)
+    _check_options(chunk_size, decoder, image_size)
+    dist, dev = setup_distributed(device)
+    try:
+        with _claim(output, overwrite, dist):
+            if strict and folder.skipped:  # known before any work: fail before loading a model
+                raise _strict_error(folder.skipped)
+            bb = _backbone(backbone, pretrained, weights, layer, image_size)
+            return _extract(folder, root, output, bb, dev, dist, t0, batch_size=batch_size, workers=workers,
+                            precision=precision, chunk_size=chunk_size, strict=strict, max_pixels=max_pixels,
+                            progress=progress, decoder=decoder)
+    finally:
+        dist.cleanup()
+
+
+def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, precision, chunk_size, strict,
+             max_pixels, progress, decoder) -> ExtractResult:
+    """Plan, run and assemble with the output claimed; cleans up a partial folder that holds nothing to resume."""
+    from ..data.jpeg_batch import resolve_decoder
+    from ..devices import default_workers
+
+    decoder = resolve_decoder(decoder, dev, bb.preprocess)
+    plan = _plan_chunks(folder, root, output, bb, chunk_size, max_pixels, decoder, dist)
+    warnings = _notes(folder)
+    try:
+        t_run = time.perf_counter()  # throughput counts the extraction loop, not model loading
+        if plan.mine:
+            nw = default_workers(workers)
+            model = prepare_model(bb.model, dev)
+            bsize, note = cap_batch_size(batch_size or default_batch_size(dev), model, bb.preprocess, dev,
+                                         workers=nw, n_images=plan.n)
+            warnings += [note] if note else []
+            _run_chunks(plan, bb, dev, bsize, nw, precision, max_pixels, decoder, progress)
+        dist.barrier()
+        if plan.rank != 0:
+            dist.barrier()
+            return ExtractResult(path=output, n_images=0, n_skipped=0, feature_dim=bb.feature_dim,
+                                 seconds=time.perf_counter() - t0, images_per_s=0.0, device=str(dev), backbone=bb.name,
+                                 decoder=decoder)
+        try:
+            res = _assemble(plan, output, bb, dev, decoder, strict, t0, t_run, warnings)
+        finally:
+            dist.barrier()
+        return res
+    except BaseException as exc:
+        if plan.rank == 0:
+            _drop_debris(plan.part, everything=isinstance(exc, _Garbage))
+        raise
+
+
+class _Garbage(DataError):
+    """The folder's first files all failed: nothing finished is worth keeping."""
+
+
+def _check_options(chunk_size: int, decoder: str, image_size: Optional[int]) -> None:
+    from ..data.jpeg_batch import DECODERS
+
     if chunk_size < 1:
         raise UsageError("chunk size must be at least 1")
     if (decoder or "auto").lower() not in DECODERS:  # before the model loads
         raise UsageError(f"--decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
+    if image_size is not None and image_size < 8:
+        raise UsageError(f"--image-size must be at least 8 pixels, not {image_size}")
 
-    dev = resolve_device(device)
-    bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, pretrained=pretrained, weights=weights, layer=layer)
-    bsize = batch_size or default_batch_size(dev)
-    rank, world, dist = _dist_info()
-    if dev.type == "cuda" and world > 1:
-        import torch
 
-        dev = __import__("torch").device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    decoder = resolve_decoder(decoder, dev, bb.preprocess)
+def _backbone(backbone, pretrained, weights, layer, image_size):
+    from ..backbones import Backbone, create_backbone
 
+    if not isinstance(backbone, Backbone):
+        return create_backbone(backbone, pretrained=pretrained, weights=weights, layer=layer, image_size=image_size)
+    if image_size and image_size != backbone.preprocess.input_size:
+        return dataclasses.replace(backbone, preprocess=backbone.preprocess.with_size(int(image_size)))
+    return backbone
+
+
+def _notes(folder) -> list:
+    """The folder's warnings, minus the ones that announce a skip (those are listed with the skipped files)."""
+    skip_lines = set(getattr(folder, "skip_warnings", ()))
+    return [w for w in folder.warnings if w not in skip_lines]
+
+
+# -- claiming the output -----------------------------------------------------------------------------------------
+def is_features_store(path: Path) -> bool:
+    """A featx feature store (its meta says so); used to decide what may be replaced without --overwrite."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo("meta.npy")
+            if info.file_size > 64 << 20:  # a meta member that large is not ours; never read it
+                return False
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(str(z["meta"][()])).get("format") == FORMAT
+    except Exception:  # not a zip, no meta, a pickled member, not JSON...: not a store of ours
+        return False
+
+
+@contextlib.contextmanager
+def _claim(output: Path, overwrite: bool, dist):
+    """Check (a foreign file, a folder, an unwritable place) and lock the output for the run; rank 0 does it and
+    tells every rank the verdict, so all of them fail together with the same message."""
+    stack = contextlib.ExitStack()
+    failure = None
+    if dist.is_main:
+        try:
+            if output.is_file() and not overwrite and not written_by_featx(output, is_features_store):
+                raise UsageError(f"{safe_str(str(output))} exists and is not a featx features file; refusing to "
+                                 "overwrite it (pass --overwrite)")
+            stack.enter_context(claim_outputs({output: is_features_store}, overwrite=overwrite))
+        except FeatxError as exc:
+            failure = exc
+    verdict = dist.broadcast_object(None if failure is None else (str(failure), failure.exit_code))
+    if failure is not None:
+        raise failure
+    if verdict is not None:
+        raise FeatxError(verdict[0], exit_code=verdict[1])
+    with stack:
+        yield
+
+
+# -- plan ---------------------------------------------------------------------------------------------------------
+def _plan_chunks(folder, root, output, bb, chunk_size, max_pixels, decoder, dist) -> _Plan:
     records = folder.records
-    n = len(records)
     meta = bb.meta()
     job = {
         "meta": fingerprint({k: meta[k] for k in ("backbone", "weights_sha256", "preprocess", "layer")}),
@@ -340,137 +423,20 @@ def extract_features(
     }
     if decoder != "pil":  # resumed chunks come from the decoder meta["decoder"] names; pil jobs keep their old key
         job["decoder"] = decoder
-    part = _partial_dir(output)
-    if rank == 0:
+    part = output.with_name(output.name + ".partial")
+    if dist.is_main:
         sweep_stale_temps(output.parent, output.name)
         _open_partial(part, job)
-    if dist is not None:
-        dist.barrier()
-
+    dist.barrier()
+    n = len(records)
     n_chunks = (n + chunk_size - 1) // chunk_size
     done = {c for c in range(n_chunks) if (part / _chunk_name(c)).is_file()}
-    mine = [c for c in range(n_chunks) if c % world == rank and c not in done]
-    resumed = sum(min(chunk_size, n - c * chunk_size) for c in done)
-    total_mine = sum(min(chunk_size, n - c * chunk_size) for c in range(n_chunks) if c % world == rank)
-    done_mine = total_mine - sum(min(chunk_size, n - c * chunk_size) for c in mine)
-
-    t_run = time.perf_counter()  # throughput counts the extraction loop, not model loading
-    if mine:
-        prepare_model(bb.model, dev)
-        batches, chunk_of = [], []
-        for c in mine:
-            lo, hi = c * chunk_size, min((c + 1) * chunk_size, n)
-            for s in range(lo, hi, bsize):
-                batches.append(list(range(s, min(s + bsize, hi))))
-                chunk_of.append(c)
-        remaining = {c: min(chunk_size, n - c * chunk_size) for c in mine}
-        acc: dict = {c: ([], [], []) for c in mine}
-        attempted = failed = 0
-        if progress:
-            progress(done_mine, total_mine)
-        with _SigtermAsInterrupt():
-            stream = iter_outputs([r.path for r in records], bb.preprocess, bb.forward_features, device=dev,
-                                  batches=batches, workers=workers, precision=precision, max_pixels=max_pixels,
-                                  decoder=decoder)
-            for b_i, batch in enumerate(stream):
-                c = chunk_of[b_i]
-                idx_list, feat_list, err_list = acc[c]
-                if len(batch.indices):
-                    idx_list.append(batch.indices)
-                    feat_list.append(batch.outputs)
-                for i, reason, stage in batch.errors:
-                    err_list.append({"path": records[i].relpath, "reason": reason, "stage": stage})
-                    log.info("skipped %s: %s", records[i].relpath, reason)  # listed in the summary
-                k = len(batches[b_i])
-                attempted += k
-                failed += len(batch.errors)
-                if attempted >= min(GARBAGE_WINDOW, n) and failed == attempted and not done:
-                    raise DataError(
-                        f"the first {attempted} files under {root} all failed to decode (e.g. "
-                        f"{err_list[0]['path']}: {err_list[0]['reason']}); is this an image folder?"
-                    )
-                remaining[c] -= k
-                done_mine += k
-                if progress:
-                    progress(done_mine, total_mine)
-                if remaining[c] == 0:
-                    _write_chunk(part / _chunk_name(c), *acc.pop(c))
-
-    if dist is not None:
-        dist.barrier()
-    if rank != 0:
-        dist.barrier()
-        return ExtractResult(path=output, n_images=0, n_skipped=0, feature_dim=bb.feature_dim,
-                             seconds=time.perf_counter() - t0, images_per_s=0.0, device=str(dev), backbone=bb.name,
-                             decoder=decoder)
-
-    # Assemble: rank 0 reads every chunk in order.
-    idx_all, feats_all, skipped = [], [], []
-    for c in range(n_chunks):
-        idx, feats, errs = _read_chunk(part / _chunk_name(c))
-        idx_all.append(idx)
-        feats_all.append(feats)
-        skipped.extend(errs)
-    idx = np.concatenate(idx_all) if idx_all else np.zeros(0, np.int64)
-    feats = np.concatenate([f for f in feats_all if len(f)]) if any(len(f) for f in feats_all) else np.zeros((0, bb.feature_dim), np.float32)
-    leakage = find_leakage(folder) if folder.has_splits else []
-    if strict and skipped:
-        if dist is not None:
-            dist.barrier()
-        raise StrictModeError(
-            f"--strict: {len(skipped)} file(s) could not be read (first: {skipped[0]['path']}: {skipped[0]['reason']}); "
-            f"no features file written"
-        )
-    if len(idx) == 0:
-        if dist is not None:
-            dist.barrier()
-        raise DataError(f"none of the {n} files under {root} could be decoded; no features file written")
-    kept = [records[i] for i in idx]
-    elapsed = time.perf_counter() - t0
-    meta.update({
-        "root": str(root.resolve()),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "n_images": int(len(kept)),
-        "n_files": int(n),
-        "skipped": skipped,
-        "leakage": leakage,
-        "device": str(dev),
-        "decoder": decoder,
-        "world_size": world,
-        "warnings": list(folder.warnings),
-    })
-    fs = FeatureSet(
-        features=feats,
-        paths=[r.relpath for r in kept],
-        labels=[r.label or "" for r in kept] if folder.has_labels else None,
-        splits=[r.split for r in kept] if folder.has_splits else None,
-        classes=folder.classes,
-        meta=meta,
-    )
-    save_features(fs, output)
-    shutil.rmtree(part, ignore_errors=True)
-    if dist is not None:
-        dist.barrier()
-    computed = n - resumed
-    run_s = time.perf_counter() - t_run
-    return ExtractResult(
-        path=output, n_images=len(kept), n_skipped=len(skipped), feature_dim=int(feats.shape[1]),
-        seconds=round(elapsed, 3), images_per_s=round(computed / run_s, 1) if run_s > 0 else 0.0,
-        device=str(dev), backbone=bb.name, skipped=skipped, leakage=leakage, resumed_images=resumed,
-        warnings=list(folder.warnings), decoder=decoder,
-    )
+    mine = [c for c in range(n_chunks) if c % dist.world_size == dist.rank and c not in done]
+    return _Plan(root=root, folder=folder, part=part, chunk_size=chunk_size, n_chunks=n_chunks, done=done, mine=mine,
+                 rank=dist.rank, world=dist.world_size)
 
 
-def _stat_key(path) -> tuple:
-    try:
-        st = os.stat(path)
-        return st.st_size, st.st_mtime_ns
-    except OSError:
-        return -1, -1
-
-
-def _chunk_name(c: int) -> str:
-    return f"chunk-{c:06d}.npz"
+_OURS = re.compile(r"(chunk-\d{6}\.npz|job\.json|\.featx-tmp-.*)")
 
 
 def _open_partial(part: Path, job: dict) -> None:
@@ -485,12 +451,137 @@ def _open_partial(part: Path, job: dict) -> None:
             for p in part.glob(".featx-tmp-*"):  # a chunk write cut short by SIGKILL
                 p.unlink(missing_ok=True)
             return
-        if not job_file.exists() and any(part.iterdir()):
-            raise UsageError(f"{part} exists and was not made by featx; move it away first")
+        foreign = [p.name for p in part.iterdir() if not _OURS.fullmatch(p.name)]
+        if foreign:  # only names featx writes there may be deleted: anything else is the user's
+            raise UsageError(f"{safe_str(str(part))} exists and holds files featx did not write "
+                             f"(e.g. {safe_str(foreign[0])}); move it away first")
         shutil.rmtree(part)
+    elif part.exists():
+        raise UsageError(f"{safe_str(str(part))} exists and is not a folder featx made; move it away first")
     part.mkdir(parents=True)
     with atomic_write(job_file, "w") as fh:
         json.dump(job, fh)
+
+
+def _drop_debris(part: Path, everything: bool = False) -> None:
+    """After a failed run: remove OUTPUT.partial unless it holds a finished chunk worth resuming."""
+    try:
+        if part.is_dir() and (everything or not any(part.glob("chunk-*.npz"))):
+            shutil.rmtree(part, ignore_errors=True)
+    except OSError:
+        pass
+
+
+# -- run ------------------------------------------------------------------------------------------------------------
+def _run_chunks(plan: _Plan, bb, dev, bsize, workers, precision, max_pixels, decoder, progress) -> None:
+    """Compute this rank's chunks; each is written atomically as soon as its last batch is in."""
+    records = plan.folder.records
+    batches, chunk_of = plan.batches(bsize)
+    remaining = {c: plan.size(c) for c in plan.mine}
+    acc: dict = {c: ([], [], []) for c in plan.mine}
+    total_mine = sum(plan.size(c) for c in range(plan.n_chunks) if c % plan.world == plan.rank)
+    done_mine = total_mine - sum(remaining.values())
+    attempted = failed = 0
+    if progress:
+        progress(done_mine, total_mine)
+    stream = iter_outputs([r.path for r in records], bb.preprocess, bb.forward_features, device=dev, batches=batches,
+                          workers=workers, precision=precision, max_pixels=max_pixels, decoder=decoder)
+    for b_i, batch in enumerate(stream):
+        c = chunk_of[b_i]
+        idx_list, feat_list, err_list = acc[c]
+        if len(batch.indices):
+            idx_list.append(batch.indices)
+            feat_list.append(batch.outputs)
+        for i, reason, stage in batch.errors:
+            err_list.append({"path": records[i].relpath, "reason": reason, "stage": stage})
+            log.info("skipped %s: %s", records[i].relpath, reason)  # listed in the summary
+        k = len(batches[b_i])
+        attempted += k
+        failed += len(batch.errors)
+        if attempted >= min(GARBAGE_WINDOW, plan.n) and failed == attempted and not plan.done:
+            first = err_list[0]
+            raise _Garbage(f"the first {attempted} files under {safe_str(str(plan.root))} all failed to decode (e.g. "
+                           f"{safe_str(first['path'])}: {first['reason']}); is this an image folder?")
+        remaining[c] -= k
+        done_mine += k
+        if progress:
+            progress(done_mine, total_mine)
+        if remaining[c] == 0:
+            _write_chunk(plan.part / _chunk_name(c), *acc.pop(c))
+
+
+# -- assemble -------------------------------------------------------------------------------------------------------
+def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings) -> ExtractResult:
+    """Rank 0: read every chunk in order, apply --strict, write the store, remove the partial folder."""
+    from ..data.discover import find_leakage
+
+    folder, records = plan.folder, plan.folder.records
+    idx_all, feats_all, skipped = [], [], list(folder.skipped)
+    for c in range(plan.n_chunks):
+        idx, feats, errs = _read_chunk(plan.part / _chunk_name(c))
+        idx_all.append(idx)
+        if len(feats):
+            feats_all.append(feats)
+        skipped.extend(errs)
+    idx = np.concatenate(idx_all) if idx_all else np.zeros(0, np.int64)
+    feats = np.concatenate(feats_all) if feats_all else np.zeros((0, bb.feature_dim), np.float32)
+    leakage = find_leakage(folder) if folder.has_splits else []
+    if strict and skipped:
+        raise _strict_error(skipped)
+    if len(idx) == 0:
+        raise DataError(f"none of the {plan.n} files under {safe_str(str(plan.root))} could be decoded; "
+                        "no features file written")
+    kept = [records[i] for i in idx]
+    meta = bb.meta()
+    meta.update({
+        "root": str(plan.root.resolve()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "n_images": int(len(kept)),
+        "n_files": int(plan.n),
+        "skipped": skipped,
+        "leakage": leakage,
+        "device": str(dev),
+        "decoder": decoder,
+        "world_size": plan.world,
+        "warnings": list(folder.warnings),
+    })
+    save_features(FeatureSet(
+        features=feats,
+        paths=[r.relpath for r in kept],
+        labels=[r.label or "" for r in kept] if folder.has_labels else None,
+        splits=[r.split for r in kept] if folder.has_splits else None,
+        classes=folder.classes,
+        meta=meta,
+    ), output)
+    shutil.rmtree(plan.part, ignore_errors=True)
+    resumed = sum(plan.size(c) for c in plan.done)
+    run_s = time.perf_counter() - t_run
+    return ExtractResult(
+        path=output, n_images=len(kept), n_skipped=len(skipped), feature_dim=int(feats.shape[1]),
+        seconds=round(time.perf_counter() - t0, 3),
+        images_per_s=round((plan.n - resumed) / run_s, 1) if run_s > 0 else 0.0,
+        device=str(dev), backbone=bb.name, skipped=skipped, leakage=leakage, resumed_images=resumed,
+        warnings=warnings, decoder=decoder,
+    )
+
+
+def _strict_error(skipped: list) -> StrictModeError:
+    first = skipped[0]
+    return StrictModeError(f"--strict: {len(skipped)} file(s) or folder(s) could not be read (first: "
+                           f"{safe_str(first['path'])}: {first['reason']}); no features file written")
+
+
+# -- chunk files ------------------------------------------------------------------------------------------------------
+def _stat_key(path) -> tuple:
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
+def _chunk_name(c: int) -> str:
+    return f"chunk-{c:06d}.npz"
 
 
 def _write_chunk(path: Path, idx_list, feat_list, errs) -> None:
