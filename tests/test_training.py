@@ -11,21 +11,32 @@ import torch
 from featx.errors import ArtifactError, DataError, UsageError
 from featx.training import checkpoint, zoo
 from featx.training.data import device_augment, make_split
-from featx.training.loop import lr_factor
+from featx.training.optim import make_optimizer, make_scheduler, param_groups
 from featx.training.runs import resolve_run_dir
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def lr_factors(total: int, warmup: float) -> list:
+    """The learning rate before each optimizer step of a phase, as a fraction of the peak (timm's scheduler)."""
+    opt = make_optimizer(param_groups([torch.nn.Linear(2, 2)], 0.0), "adamw", 1.0, 0.0, 0.9)
+    sched = make_scheduler(opt, total, warmup, 1.0)
+    out = []
+    for step in range(total):
+        sched.step_update(step + 1)
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
 def test_lr_schedule_warms_up_then_decays_to_one_percent():
     total = 100
-    f = [lr_factor(s, total, 0.1) for s in range(total)]
+    f = lr_factors(total, 0.1)
     assert f[0] == pytest.approx(0.1)  # first of 10 warm-up steps
     assert f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[9:], f[10:]))  # monotone cosine decay after the warm-up
     assert f[-1] == pytest.approx(0.01)
-    assert lr_factor(0, 1, 0.0) == pytest.approx(0.01)  # a single step without warm-up is the end of the cosine
+    assert lr_factors(1, 0.0) == [pytest.approx(0.01)]  # a single step without warm-up is the end of the cosine
 
 
 def test_device_augment_crops_and_flips_without_inventing_pixels():
@@ -106,11 +117,12 @@ def test_optimizer_state_round_trips_through_safetensors(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(5, 4)).sum().backward()
     opt.step()
-    checkpoint.save_resume(tmp_path / "resume.safetensors", opt, {"epoch": 3, "best": {"accuracy": 0.5}})
+    checkpoint.save_resume(tmp_path / "resume.safetensors", model, opt, {"epoch": 3, "best": {"accuracy": 0.5}})
     loop, sd = checkpoint.load_resume(tmp_path / "resume.safetensors")
     assert loop == {"epoch": 3, "best": {"accuracy": 0.5}}
+    assert "state.weight.exp_avg" in sd  # keyed by parameter name, not by position in the optimizer
     opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    opt2.load_state_dict(sd)
+    checkpoint.restore_optimizer(model, opt2, sd)  # the model still holds gradients: they must not block the load
     for k in ("exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(opt2.state_dict()["state"][0][k], opt.state_dict()["state"][0][k])
     assert opt2.param_groups[0]["betas"] == opt.param_groups[0]["betas"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Union
 
+from ..devices import PRECISIONS
 from ..errors import UsageError
 
 AUGMENT_PRESETS = ("none", "light", "standard", "strong")
@@ -33,7 +34,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     workers: Optional[int] = None  # DataLoader worker processes; None: min(8, CPU count - 1)
-    amp: bool = True  # bf16 autocast + channels_last, on CUDA only (CPU always runs float32)
+    # auto: fp32 on the CPU; on CUDA bf16 autocast where the GPU supports it, else fp16 with a gradient scaler
+    # (featx.devices.resolve_precision); channels_last on CUDA whenever autocast runs. fp32 | bf16 | fp16 force one.
+    precision: str = "auto"
     in_memory: Optional[bool] = None  # None: decode once into memory when the dataset fits; True/False: force
     memory_budget_gb: float = 2.0  # the "fits in memory" threshold for decoded uint8 pixels (on the device on GPU)
     runs_dir: str = "runs"  # run folders go to <runs_dir>/<finetune|scratch>/<name>
@@ -43,6 +46,8 @@ class TrainConfig:
     stop_after: Optional[int] = None  # stop (as if interrupted) after this epoch; for tests and time-boxed jobs
 
     def check(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.epochs < 1:
             raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -72,6 +77,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict):
         known = {f.name for f in fields(cls)}
+        if d.get("amp") is False and "precision" not in d:  # config.json of runs from before --precision
+            d = {**d, "precision": "fp32"}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def replace(self, **kw):
