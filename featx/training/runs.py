@@ -306,16 +306,18 @@ def start_run(kind: str, cfg, dist: Dist, images: Path):
     Returns (claim or None on other ranks, run folder, settings to use, (loop state, optimizer state) or None).
     A resumed run keeps the settings in its config.json; only the device and stop_after of the new call apply.
     """
-    claim, msg = None, None
+    claim, msg, error = None, None, None
     if dist.is_main:
         try:
             refuse_inside(Path(cfg.runs_dir), images, what="--runs-dir")
             claim = claim_run_dir(cfg.runs_dir, kind, cfg.name, resume=cfg.resume, exist_ok=cfg.exist_ok)
             msg = ("ok", str(claim.path), claim.resuming)
         except FeatxError as exc:
-            msg = ("error", str(exc), exc.exit_code)
+            msg, error = ("error", str(exc), exc.exit_code), exc
     msg = dist.broadcast_object(msg)
-    if msg[0] == "error":
+    if error is not None:
+        raise error
+    if msg[0] == "error":  # the other ranks: the same message and exit code
         raise FeatxError(msg[1], exit_code=msg[2])
     run_dir, resuming = Path(msg[1]), bool(msg[2])
     if not resuming:
