@@ -158,3 +158,31 @@ def test_load_model_rejects_garbage_and_tampering(tmp_path):
     (tmp_path / "best.safetensors").write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(ArtifactError):
         checkpoint.load_model(tmp_path)
+
+
+def test_run_folders_of_older_featx_still_load(tmp_path):
+    """model.json and weights as featx wrote them before the written_by marks (no stamp, plain JSON)."""
+    from safetensors.torch import save_file
+
+    from featx._io import sha256_file
+    from featx.data.preprocess import Preprocess
+
+    model = zoo.build("lenet5", 2, 32)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "best.safetensors"),
+              metadata={"epoch": "3"})
+    doc = {"format": "featx.model", "format_version": 1, "kind": "scratch", "arch": "lenet5", "image_size": 32,
+           "classes": ["x", "y"], "preprocess": Preprocess(32, 32).to_dict(), "best": {"accuracy": 0.5, "epoch": 3},
+           "num_classes": 2, "weights": {"file": "best.safetensors", "sha256": sha256_file(tmp_path / "best.safetensors")},
+           "versions": {"featx": "0.1.0"}}
+    (tmp_path / "model.json").write_text(json.dumps(doc))
+    tm = checkpoint.load_model(tmp_path)
+    assert tm.classes == ["x", "y"] and tm.kind == "scratch"
+    assert tm.predict_uint8(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 2)
+    # and a reused (--exist-ok) old folder counts as featx's own: its files may be replaced
+    from featx._io import check_outputs
+    from featx.training.runs import run_outputs
+
+    (tmp_path / "config.json").write_text(json.dumps({"kind": "scratch", "epochs": 3}))
+    (tmp_path / "report.md").write_text("# featx scratch: lenet5\n")
+    check_outputs(run_outputs(tmp_path))
+    assert checkpoint.safetensors_is_ours(tmp_path / "best.safetensors")

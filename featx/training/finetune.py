@@ -31,13 +31,13 @@ def finetune(backbone: str = "efficientnet_lite0", images: str | os.PathLike = "
 
     ``settings`` are :class:`FinetuneConfig` fields (epochs, batch_size, image_size, lr, unfreeze, augment,
     val_split, seed, device, precision, name, runs_dir, resume, ...). Progress (one line per epoch, as the CLI
-    shows it) goes to stderr unless ``verbose=False``; ``log`` receives the messages and warnings and ``on_epoch``
-    each epoch's metrics row instead. Runs unchanged under torchrun (DDP).
+    shows it) goes to stderr unless ``verbose=False``, or unless you take it: ``log`` receives the messages and
+    warnings, ``on_epoch`` each epoch's metrics row. Runs unchanged under torchrun (DDP).
     """
     cfg = (config or FinetuneConfig()).replace(backbone=backbone, **settings)
     cfg.check()
-    log = log or (print_message if verbose else None)
-    on_epoch = on_epoch or (print_epoch if verbose else None)
+    if verbose and log is None and on_epoch is None:  # a caller who passes either callback handles progress
+        log, on_epoch = print_message, print_epoch
     return run_training("finetune", cfg, images, log, on_epoch, _finetune_in)
 
 

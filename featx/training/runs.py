@@ -62,6 +62,8 @@ def _resume_target(base: Path, name: Optional[str]) -> Path:
 
 
 def _refuse_existing(path: Path, exist_ok: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{safe_str(str(path))} is a file, not a run folder; choose another --name")
     if path.exists() and any(path.iterdir()) and not exist_ok:
         raise UsageError(f"run folder {path} already exists; pass --resume to continue it, --exist-ok to "
                          "overwrite it, or another --name")

@@ -33,14 +33,14 @@ def train_scratch(images: str | os.PathLike, *, arch: str = "lenet5", config: Op
     """Train ``arch`` (see :func:`featx.training.zoo.list_archs`) from scratch on the labelled folder ``images``.
 
     ``settings`` are :class:`ScratchConfig` fields (epochs, batch_size, image_size, lr, augment, val_split, seed,
-    device, precision, name, runs_dir, resume, ...). Progress goes to stderr unless ``verbose=False`` (``log`` and
-    ``on_epoch`` receive it instead when given). Runs unchanged under torchrun (DDP).
+    device, precision, name, runs_dir, resume, ...). Progress goes to stderr unless ``verbose=False`` or a ``log`` /
+    ``on_epoch`` callback is given (then progress goes to the callbacks only). Runs unchanged under torchrun (DDP).
     """
     cfg = (config or ScratchConfig()).replace(arch=arch, **settings)
     zoo.get_arch(cfg.arch)  # unknown names fail before any work, with suggestions
     cfg.check()
-    log = log or (print_message if verbose else None)
-    on_epoch = on_epoch or (print_epoch if verbose else None)
+    if verbose and log is None and on_epoch is None:  # a caller who passes either callback handles progress
+        log, on_epoch = print_message, print_epoch
     return run_training("scratch", cfg, images, log, on_epoch, _train_scratch_in)
 
 
