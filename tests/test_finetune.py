@@ -226,3 +226,26 @@ def test_the_python_api_shows_progress_by_default(data, tmp_path, capsys):
     assert "epoch 1/2 [head]" in err and "epoch 2/2 [finetune]" in err and "phase finetune" in err
     finetune(TINY, data, runs_dir=str(tmp_path), **FAST)
     assert capsys.readouterr().err == ""
+
+
+def test_small_folders_fine_tune_fewer_groups_at_a_lower_rate(data, tmp_path):
+    from featx.backbones import create_backbone
+    from featx.training.checkpoint import save_weights
+    from featx.training.config import FinetuneConfig
+    from featx.training.finetune import phase2_for_data
+
+    cfg = FinetuneConfig()  # pretrained, lr 1e-3, unfreeze all
+    assert phase2_for_data(cfg, 9, 32) == (pytest.approx(1e-3 * (32 / 1000) ** 0.5), 1, pytest.approx(0.1789, abs=1e-4))
+    assert phase2_for_data(cfg, 9, 245)[1] == 4 and phase2_for_data(cfg, 9, 1000) == (1e-3, 9, 1.0)
+    assert phase2_for_data(cfg.replace(unfreeze=2), 9, 500)[1] == 2  # never more than --unfreeze allows
+    assert phase2_for_data(cfg.replace(scale_to_data=False), 9, 32) == (1e-3, 9, 1.0)
+    assert phase2_for_data(cfg.replace(pretrained=False), 9, 32) == (1e-3, 9, 1.0)  # nothing learnt to protect
+    # end to end: local weights count as pretrained; 24 training images -> the top group only, at ~0.15 x lr
+    bb = create_backbone(TINY, pretrained=False)
+    save_weights(tmp_path / "w.safetensors", bb.model.state_dict())
+    res = finetune(TINY, data, weights=str(tmp_path / "w.safetensors"), runs_dir=str(tmp_path), **FAST)
+    top = sum(p.numel() for m in bb.layer_groups()[-1] for p in m.parameters())
+    head = sum(p.numel() for p in bb.reset_classifier(3).parameters())
+    assert res.trainable_params == top + head
+    cfg_json = json.loads((res.run_dir / "config.json").read_text())
+    assert cfg_json["phase_lrs"][1] == pytest.approx(1e-3 * (24 / 1000) ** 0.5)

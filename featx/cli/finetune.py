@@ -69,6 +69,7 @@ def finetune_cmd(
     head_lr: float = typer.Option(3e-3, "--head-lr", help="Learning rate of phase 1 (head on the frozen backbone)."),
     unfreeze: str = typer.Option("all", "--unfreeze", help="Layer groups to unfreeze in phase 2: N or 'all'."),
     layer_decay: float = typer.Option(0.7, "--layer-decay", help="LR multiplier per layer group going down."),
+    scale_to_data: bool = typer.Option(True, "--scale-to-data/--no-scale-to-data", help="Below 1000 training images, phase 2 of a pretrained backbone unfreezes fewer groups at a lower LR (x sqrt(n/1000))."),
     augment: str = typer.Option("standard", "--augment", help="none | light | standard | strong."),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | sgd (Nesterov momentum 0.9)."),
     weight_decay: float = typer.Option(0.01, "--weight-decay", help="Decoupled weight decay (not on biases/norms)."),
@@ -93,7 +94,7 @@ def finetune_cmd(
 
     res = finetune(
         backbone, images, epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, image_size=image_size,
-        lr=lr, head_lr=head_lr, unfreeze=unfreeze, layer_decay=layer_decay, augment=augment, optimizer=optimizer,
+        lr=lr, head_lr=head_lr, unfreeze=unfreeze, layer_decay=layer_decay, scale_to_data=scale_to_data, augment=augment, optimizer=optimizer,
         weight_decay=weight_decay, label_smoothing=label_smoothing, patience=patience, val_split=val_split,
         weights=str(weights) if weights else None, pretrained=not no_pretrained, seed=seed, device=device, precision=precision,
         workers=workers, runs_dir=str(runs_dir), name=name, exist_ok=exist_ok, resume=resume, stop_after=max_epochs,
