@@ -2,8 +2,9 @@
 
 A run folder holds ``best.safetensors`` and ``last.safetensors`` (plain state dicts), ``model.json`` (what
 the network is: kind, architecture or backbone, classes, preprocessing, best scores, library versions,
-the SHA-256 of the best weights) and ``resume.safetensors`` (optimizer tensors, with the loop counters and
-optimizer hyper-parameters as a JSON string in the safetensors header). Loading never unpickles anything.
+the SHA-256 of the best weights) and ``resume.safetensors``: the optimizer state as torch flattens it
+(``torch.distributed.checkpoint.state_dict``: one entry per parameter name and key), its tensors in the file and
+its hyper-parameters plus the loop counters as JSON in the safetensors header. Loading never unpickles anything.
 """
 from __future__ import annotations
 
