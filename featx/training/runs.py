@@ -122,7 +122,11 @@ def claim_run_dir(runs_dir, kind: str, name: Optional[str], *, resume: bool, exi
         made = _missing_parents(base / "x")
         path, _ = resolve_run_dir(runs_dir, kind)
         lock = OutputLock(path)
-        lock.acquire()
+        try:
+            lock.acquire()
+        except BaseException:
+            _remove_empty([path, *made])
+            raise
         return Claim(path, False, True, lock, made)
     path = _resume_target(base, name) if resume else base / name
     made = _missing_parents(path)
@@ -144,16 +148,13 @@ def claim_run_dir(runs_dir, kind: str, name: Optional[str], *, resume: bool, exi
 
 def run_outputs(run_dir: Path) -> dict:
     """Every file a run writes in its folder -> how to recognise featx's own copy (None: by suffix)."""
-    legacy = _is_featx_run(run_dir)
-    outputs = {run_dir / n: None for n in ("config.json", MODEL_JSON)}
-    outputs[run_dir / "metrics.csv"] = metrics_csv_is_ours
-    for n in ("best.safetensors", "last.safetensors", RESUME_FILE):
-        outputs[run_dir / n] = checkpoint.safetensors_is_ours
-    for n in REPORT_FILES:
-        outputs[run_dir / n] = _legacy_report_file if legacy else None
-    for n in ("config.json", MODEL_JSON):
-        if legacy:
-            outputs[run_dir / n] = _legacy_json
+    legacy = _is_featx_run(run_dir)  # a run folder of an older featx: its files carry no written_by mark
+    json_rec, report_rec = (_legacy_json, _legacy_report_file) if legacy else (None, None)
+    outputs = {run_dir / "config.json": json_rec, run_dir / MODEL_JSON: json_rec,
+               run_dir / "metrics.csv": metrics_csv_is_ours}
+    outputs.update({run_dir / n: checkpoint.safetensors_is_ours for n in ("best.safetensors", "last.safetensors",
+                                                                          RESUME_FILE)})
+    outputs.update({run_dir / n: report_rec for n in REPORT_FILES})
     return outputs
 
 
