@@ -146,6 +146,7 @@ def test_augmentation_is_reproducible_whatever_the_worker_count(data, tmp_path):
 
 # -- issue 11/12: one run per folder, nothing left by a failed start, interrupts that say how to resume -------------
 FAST = dict(pretrained=False, epochs=2, head_epochs=1, image_size=32, batch_size=8, workers=0, verbose=False)
+ONE = {**FAST, "epochs": 1}  # the head phase only: the cheapest complete run
 
 
 def test_a_second_run_on_a_busy_run_folder_is_refused_at_once(data, tmp_path):
@@ -154,7 +155,7 @@ def test_a_second_run_on_a_busy_run_folder_is_refused_at_once(data, tmp_path):
     from featx._io import OutputLock
     from featx.errors import OutputError
 
-    first = finetune(TINY, data, name="busy", runs_dir=str(tmp_path), stop_after=1, **FAST)
+    first = finetune(TINY, data, name="busy", runs_dir=str(tmp_path), stop_after=1, **FAST)  # resumable
     before = {p.name: p.stat().st_mtime_ns for p in first.run_dir.iterdir()}
     with OutputLock(first.run_dir):  # what a running `featx finetune --name busy` holds
         for again in (dict(name="busy", resume=True), dict(name="busy", exist_ok=True), dict(resume=True)):
@@ -199,8 +200,9 @@ def test_ctrl_c_and_sigterm_both_say_how_to_resume(data, tmp_path, sig, code, wo
     msg = str(exc.value)
     assert exc.value.exit_code == code and msg.startswith(f"stopped by {word};")
     assert "epoch 1 is saved" in msg and "--resume --name sig" in msg
-    done = finetune(TINY, data, name="sig", resume=True, runs_dir=str(tmp_path), **FAST)
-    assert done.completed and [r["epoch"] for r in done.rows] == [1, 2]
+    if sig == "SIGINT":  # and the hint works
+        done = finetune(TINY, data, name="sig", resume=True, runs_dir=str(tmp_path), **FAST)
+        assert done.completed and [r["epoch"] for r in done.rows] == [1, 2]
 
 
 def test_a_reused_folder_keeps_files_featx_did_not_write(data, tmp_path):
@@ -208,15 +210,15 @@ def test_a_reused_folder_keeps_files_featx_did_not_write(data, tmp_path):
     run.mkdir(parents=True)
     (run / "report.md").write_text("my own notes\n")
     with pytest.raises(UsageError, match="report.md exists and was not written by featx"):
-        finetune(TINY, data, name="mine", exist_ok=True, runs_dir=str(tmp_path), **FAST)
+        finetune(TINY, data, name="mine", exist_ok=True, runs_dir=str(tmp_path), **ONE)
     assert (run / "report.md").read_text() == "my own notes\n" and sorted(p.name for p in run.iterdir()) == ["report.md"]
     (run / "report.md").unlink()
     (run / "metrics.csv").write_text("a,b\n1,2\n")
     with pytest.raises(UsageError, match="metrics.csv exists"):
-        finetune(TINY, data, name="mine", exist_ok=True, runs_dir=str(tmp_path), **FAST)
+        finetune(TINY, data, name="mine", exist_ok=True, runs_dir=str(tmp_path), **ONE)
     (run / "metrics.csv").unlink()
-    first = finetune(TINY, data, name="mine", exist_ok=True, runs_dir=str(tmp_path), **FAST)
-    again = finetune(TINY, data, name="mine", exist_ok=True, runs_dir=str(tmp_path), **FAST)  # its own files: fine
+    first = finetune(TINY, data, name="mine", exist_ok=True, runs_dir=str(tmp_path), **ONE)
+    again = finetune(TINY, data, name="mine", exist_ok=True, runs_dir=str(tmp_path), **ONE)  # its own files: fine
     assert first.run_dir == again.run_dir and again.completed
 
 
@@ -224,7 +226,7 @@ def test_the_python_api_shows_progress_by_default(data, tmp_path, capsys):
     finetune(TINY, data, runs_dir=str(tmp_path), **{**FAST, "verbose": True})
     err = capsys.readouterr().err
     assert "epoch 1/2 [head]" in err and "epoch 2/2 [finetune]" in err and "phase finetune" in err
-    finetune(TINY, data, runs_dir=str(tmp_path), **FAST)
+    finetune(TINY, data, runs_dir=str(tmp_path), **ONE)
     assert capsys.readouterr().err == ""
 
 
