@@ -34,4 +34,6 @@ def split_folder(folder, val_split: float, seed: int) -> TrainSplit:
     present = {r.label for r in (*train, *val, *test)}
     classes = [c for c in folder.classes if c in present] or sorted(present)
     classes += sorted(present - set(classes))  # a class the folder listing missed still gets an output
-    return TrainSplit(train=train, val=val, test=test, classes=classes, how=plan.how, warnings=warnings)
+    # "folders" when the folder's own val/ selects: the word run folders and compare have always recorded
+    how = "folders" if plan.how.startswith("the folder's") else plan.how
+    return TrainSplit(train=train, val=val, test=test, classes=classes, how=how, warnings=warnings)
