@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from featx.cli.app import app
+from featx.errors import UsageError
 from featx.training import finetune, load_model
 from featx.training.data import stack_uint8
 
@@ -141,3 +142,112 @@ def test_augmentation_is_reproducible_whatever_the_worker_count(data, tmp_path):
     assert [r["train_loss"] for r in a.rows] == [r["train_loss"] for r in b.rows]
     c = finetune(TINY, data, workers=0, seed=1, **kw)
     assert [r["train_loss"] for r in c.rows] != [r["train_loss"] for r in a.rows]
+
+
+# -- issue 11/12: one run per folder, nothing left by a failed start, interrupts that say how to resume -------------
+FAST = dict(pretrained=False, epochs=2, head_epochs=1, image_size=32, batch_size=8, workers=0, verbose=False)
+ONE = {**FAST, "epochs": 1}  # the head phase only: the cheapest complete run
+
+
+def test_a_second_run_on_a_busy_run_folder_is_refused_at_once(data, tmp_path):
+    import os
+
+    from featx._io import OutputLock
+    from featx.errors import OutputError
+
+    first = finetune(TINY, data, name="busy", runs_dir=str(tmp_path), stop_after=1, **FAST)  # resumable
+    before = {p.name: p.stat().st_mtime_ns for p in first.run_dir.iterdir()}
+    with OutputLock(first.run_dir):  # what a running `featx finetune --name busy` holds
+        for again in (dict(name="busy", resume=True), dict(name="busy", exist_ok=True), dict(resume=True)):
+            with pytest.raises(OutputError, match=rf"being written by another featx run \(pid {os.getpid()}"):
+                finetune(TINY, data, runs_dir=str(tmp_path), **{**FAST, **again})
+    assert {p.name: p.stat().st_mtime_ns for p in first.run_dir.iterdir()} == before  # untouched
+    resumed = finetune(TINY, data, name="busy", resume=True, runs_dir=str(tmp_path), **FAST)  # free again
+    assert resumed.completed
+    assert not [p for p in (tmp_path / "finetune").iterdir() if p.name.endswith(".featx-lock")]
+
+
+def test_failures_before_the_first_epoch_leave_no_folders(data, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    r = CliRunner().invoke(app, ["finetune", TINY, str(data), "--weights", str(tmp_path / "missing.safetensors"),
+                                 "--runs-dir", str(runs)])
+    assert r.exit_code == 4, r.output
+    assert not runs.exists()  # neither runs/finetune/exp nor an empty runs/finetune/
+    from featx.training import trainer as T
+
+    def boom(self, epoch):
+        raise RuntimeError("crash in epoch 1")
+
+    monkeypatch.setattr(T.Trainer, "_train_epoch", boom)
+    with pytest.raises(RuntimeError):
+        finetune(TINY, data, runs_dir=str(runs), **FAST)
+    assert not runs.exists()  # config.json was the only file, and it went with its folder
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
+def test_ctrl_c_and_sigterm_both_say_how_to_resume(data, tmp_path, sig, code, word):
+    import os
+    import signal
+
+    from featx.errors import Interrupted
+
+    def stop_in_epoch_2(row):
+        if row["epoch"] == 2:  # epoch 1 is saved by now; epoch 2 is not
+            os.kill(os.getpid(), getattr(signal, sig))
+
+    with pytest.raises(Interrupted) as exc:
+        finetune(TINY, data, name="sig", runs_dir=str(tmp_path), on_epoch=stop_in_epoch_2, **FAST)
+    msg = str(exc.value)
+    assert exc.value.exit_code == code and msg.startswith(f"stopped by {word};")
+    assert "epoch 1 is saved" in msg and "--resume --name sig" in msg
+    if sig == "SIGINT":  # and the hint works
+        done = finetune(TINY, data, name="sig", resume=True, runs_dir=str(tmp_path), **FAST)
+        assert done.completed and [r["epoch"] for r in done.rows] == [1, 2]
+
+
+def test_a_reused_folder_keeps_files_featx_did_not_write(data, tmp_path):
+    run = tmp_path / "finetune" / "mine"
+    run.mkdir(parents=True)
+    (run / "report.md").write_text("my own notes\n")
+    with pytest.raises(UsageError, match="report.md exists and was not written by featx"):
+        finetune(TINY, data, name="mine", exist_ok=True, runs_dir=str(tmp_path), **ONE)
+    assert (run / "report.md").read_text() == "my own notes\n" and sorted(p.name for p in run.iterdir()) == ["report.md"]
+    (run / "report.md").unlink()
+    (run / "metrics.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(UsageError, match="metrics.csv exists"):
+        finetune(TINY, data, name="mine", exist_ok=True, runs_dir=str(tmp_path), **ONE)
+    (run / "metrics.csv").unlink()
+    first = finetune(TINY, data, name="mine", exist_ok=True, runs_dir=str(tmp_path), **ONE)
+    again = finetune(TINY, data, name="mine", exist_ok=True, runs_dir=str(tmp_path), **ONE)  # its own files: fine
+    assert first.run_dir == again.run_dir and again.completed
+
+
+def test_the_python_api_shows_progress_by_default(data, tmp_path, capsys):
+    finetune(TINY, data, runs_dir=str(tmp_path), **{**FAST, "verbose": True})
+    err = capsys.readouterr().err
+    assert "epoch 1/2 [head]" in err and "epoch 2/2 [finetune]" in err and "phase finetune" in err
+    finetune(TINY, data, runs_dir=str(tmp_path), **ONE)
+    assert capsys.readouterr().err == ""
+
+
+def test_small_folders_fine_tune_fewer_groups_at_a_lower_rate(data, tmp_path):
+    from featx.backbones import create_backbone
+    from featx.training.checkpoint import save_weights
+    from featx.training.config import FinetuneConfig
+    from featx.training.finetune import phase2_for_data
+
+    cfg = FinetuneConfig()  # pretrained, lr 1e-3, unfreeze all
+    assert phase2_for_data(cfg, 9, 32) == (pytest.approx(1e-3 * (32 / 1000) ** 0.5), 1, pytest.approx(0.1789, abs=1e-4))
+    assert phase2_for_data(cfg, 9, 245)[1] == 4 and phase2_for_data(cfg, 9, 1000) == (1e-3, 9, 1.0)
+    assert phase2_for_data(cfg.replace(unfreeze=2), 9, 500)[1] == 2  # never more than --unfreeze allows
+    assert phase2_for_data(cfg.replace(scale_to_data=False), 9, 32) == (1e-3, 9, 1.0)
+    assert phase2_for_data(cfg.replace(pretrained=False), 9, 32) == (1e-3, 9, 1.0)  # nothing learnt to protect
+    # end to end: local weights count as pretrained; 24 training images -> the top group only, at ~0.15 x lr
+    bb = create_backbone(TINY, pretrained=False)
+    save_weights(tmp_path / "w.safetensors", bb.model.state_dict())
+    res = finetune(TINY, data, weights=str(tmp_path / "w.safetensors"), runs_dir=str(tmp_path), **FAST)
+    top = sum(p.numel() for m in bb.layer_groups()[-1] for p in m.parameters())
+    head = sum(p.numel() for p in bb.reset_classifier(3).parameters())
+    assert res.trainable_params == top + head
+    cfg_json = json.loads((res.run_dir / "config.json").read_text())
+    assert cfg_json["phase_lrs"][1] == pytest.approx(1e-3 * (24 / 1000) ** 0.5)

@@ -92,3 +92,34 @@ def test_bad_options_exit_2(tmp_path):
     assert r.exit_code == 2 and "did you mean lenet5" in r.output
     r = CliRunner().invoke(app, ["scratch", str(data), "--augment", "strong", "--runs-dir", str(tmp_path / "r")])
     assert r.exit_code == 2
+
+
+def test_train_and_test_without_val_select_on_a_train_holdout_and_score_test_once(tmp_path):
+    from featx.data.discover import discover
+    from featx.data.split import plan_split
+    from featx.training.split import split_folder
+
+    data = make_folder(tmp_path / "data", classes=("a", "b"), n_per_class=10, splits=("train", "test"), size=20)
+    res = train_scratch(data, arch="lenet5", epochs=2, image_size=16, workers=0, runs_dir=str(tmp_path / "r"),
+                        verbose=False)
+    # the one split rule (what `featx fit` uses): 20 % of train/ selects the epoch; test/ is never used to select
+    folder = discover(data)
+    plan = plan_split(folder.relpaths(), folder.labels(), folder.splits(), val_fraction=0.2, seed=0)
+    ours = split_folder(folder, 0.2, 0)
+    assert [r.relpath for r in ours.val] == [folder.records[i].relpath for i in plan.val]
+    assert {r.split for r in ours.val} == {"train"} and len(ours.val) == 4
+    assert (res.n_train, res.n_val, res.n_test) == (16, 4, 20)
+    s = res.summary()
+    assert s["test"]["n"] == 20 and 0.0 <= s["test"]["accuracy"] <= 1.0 and s["n_test"] == 20
+    assert res.metrics["n"] == 4  # the best weights re-scored on the 4 held-out train images, not on test
+    meta = json.loads((res.run_dir / "model.json").read_text())
+    assert "hold-out of 'train'" in meta["split"]
+    report = (res.run_dir / "report.md").read_text()
+    assert "test (scored once, best weights)" in report and (res.run_dir / "confusion-test.png").is_file()
+
+
+def test_featx_help_summarises_scratch_in_one_sentence():
+    r = CliRunner().invoke(app, ["--help"])
+    assert "the no-pretraining baseline." in r.output
+    assert "Architectures" not in r.output  # the list belongs to `featx scratch --help`, not to the summary line
+    assert "Architectures (--arch):" in CliRunner().invoke(app, ["scratch", "--help"]).output

@@ -11,21 +11,32 @@ import torch
 from featx.errors import ArtifactError, DataError, UsageError
 from featx.training import checkpoint, zoo
 from featx.training.data import device_augment, make_split
-from featx.training.loop import lr_factor
+from featx.training.optim import make_optimizer, make_scheduler, param_groups
 from featx.training.runs import resolve_run_dir
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def lr_factors(total: int, warmup: float) -> list:
+    """The learning rate before each optimizer step of a phase, as a fraction of the peak (timm's scheduler)."""
+    opt = make_optimizer(param_groups([torch.nn.Linear(2, 2)], 0.0), "adamw", 1.0, 0.0, 0.9)
+    sched = make_scheduler(opt, total, warmup, 1.0)
+    out = []
+    for step in range(total):
+        sched.step_update(step + 1)
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
 def test_lr_schedule_warms_up_then_decays_to_one_percent():
     total = 100
-    f = [lr_factor(s, total, 0.1) for s in range(total)]
+    f = lr_factors(total, 0.1)
     assert f[0] == pytest.approx(0.1)  # first of 10 warm-up steps
     assert f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[9:], f[10:]))  # monotone cosine decay after the warm-up
     assert f[-1] == pytest.approx(0.01)
-    assert lr_factor(0, 1, 0.0) == pytest.approx(0.01)  # a single step without warm-up is the end of the cosine
+    assert lr_factors(1, 0.0) == [pytest.approx(0.01)]  # a single step without warm-up is the end of the cosine
 
 
 def test_device_augment_crops_and_flips_without_inventing_pixels():
@@ -106,11 +117,12 @@ def test_optimizer_state_round_trips_through_safetensors(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(5, 4)).sum().backward()
     opt.step()
-    checkpoint.save_resume(tmp_path / "resume.safetensors", opt, {"epoch": 3, "best": {"accuracy": 0.5}})
+    checkpoint.save_resume(tmp_path / "resume.safetensors", model, opt, {"epoch": 3, "best": {"accuracy": 0.5}})
     loop, sd = checkpoint.load_resume(tmp_path / "resume.safetensors")
     assert loop == {"epoch": 3, "best": {"accuracy": 0.5}}
+    assert "state.weight.exp_avg" in sd  # keyed by parameter name, not by position in the optimizer
     opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    opt2.load_state_dict(sd)
+    checkpoint.restore_optimizer(model, opt2, sd)  # the model still holds gradients: they must not block the load
     for k in ("exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(opt2.state_dict()["state"][0][k], opt.state_dict()["state"][0][k])
     assert opt2.param_groups[0]["betas"] == opt.param_groups[0]["betas"]
@@ -146,3 +158,31 @@ def test_load_model_rejects_garbage_and_tampering(tmp_path):
     (tmp_path / "best.safetensors").write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(ArtifactError):
         checkpoint.load_model(tmp_path)
+
+
+def test_run_folders_of_older_featx_still_load(tmp_path):
+    """model.json and weights as featx wrote them before the written_by marks (no stamp, plain JSON)."""
+    from safetensors.torch import save_file
+
+    from featx._io import sha256_file
+    from featx.data.preprocess import Preprocess
+
+    model = zoo.build("lenet5", 2, 32)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "best.safetensors"),
+              metadata={"epoch": "3"})
+    doc = {"format": "featx.model", "format_version": 1, "kind": "scratch", "arch": "lenet5", "image_size": 32,
+           "classes": ["x", "y"], "preprocess": Preprocess(32, 32).to_dict(), "best": {"accuracy": 0.5, "epoch": 3},
+           "num_classes": 2, "weights": {"file": "best.safetensors", "sha256": sha256_file(tmp_path / "best.safetensors")},
+           "versions": {"featx": "0.1.0"}}
+    (tmp_path / "model.json").write_text(json.dumps(doc))
+    tm = checkpoint.load_model(tmp_path)
+    assert tm.classes == ["x", "y"] and tm.kind == "scratch"
+    assert tm.predict_uint8(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 2)
+    # and a reused (--exist-ok) old folder counts as featx's own: its files may be replaced
+    from featx._io import check_outputs
+    from featx.training.runs import run_outputs
+
+    (tmp_path / "config.json").write_text(json.dumps({"kind": "scratch", "epochs": 3}))
+    (tmp_path / "report.md").write_text("# featx scratch: lenet5\n")
+    check_outputs(run_outputs(tmp_path))
+    assert checkpoint.safetensors_is_ours(tmp_path / "best.safetensors")

@@ -18,15 +18,10 @@ def is_main_rank() -> bool:
 
 def epoch_line(row: dict) -> None:
     """One progress line per epoch on stderr; `*` marks a new best validation accuracy."""
-    val = ""
-    if row.get("val_accuracy") is not None:
-        val = (f" | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f} "
-               f"bal {row['val_balanced_accuracy']:.4f}")
+    from ..training.callbacks import format_epoch
+
     star = " [green]*[/]" if row.get("improved") and row.get("val_accuracy") is not None else ""
-    line = (f"epoch {row['epoch']}/{row['total_epochs']} [{row['phase']}] loss {row['train_loss']:.4f} "
-            f"acc {row['train_accuracy']:.4f}{val} | lr {row['lr']:.3g} | {row['seconds']:.1f} s, "
-            f"{row['images_per_s']:.0f} img/s")
-    err.print(styled("{}" + star, line))
+    err.print(styled("{}" + star, format_epoch(row)))
 
 
 def log_message(msg: str) -> None:
@@ -44,12 +39,18 @@ def print_result(res, json_: bool) -> None:
         return
     b = res.best
     if b.get("accuracy") is not None:
-        score = styled("best val accuracy [bold green]{}[/] (balanced {}) at epoch {}",
-                       f"{b['accuracy']:.4f}", f"{b['balanced_accuracy']:.4f}", b['epoch'])
+        score = styled("best val accuracy [bold green]{}[/] (balanced {}) at epoch {} ({} phase)",
+                       f"{b['accuracy']:.4f}", f"{b['balanced_accuracy']:.4f}", b["epoch"], b.get("phase"))
     else:
-        score = styled("no validation images; kept the last epoch ({})", b['epoch'])
+        score = styled("no validation images; kept the last epoch ({})", b["epoch"])
     state = "" if res.completed else " [yellow](stopped early on request: continue with --resume)[/]"
     out.print(score + styled(", {} epochs in {} s" + state, len(res.rows), f"{res.seconds:.1f}"))
+    for note in res.notes:  # which epoch the model keeps, and whether fine-tuning beat the head phase
+        out.print(note)
+    t = res.test_metrics
+    if t:
+        out.print(styled("test accuracy [bold]{}[/] (balanced {}) on {} images, scored once with the kept weights",
+                         f"{t['accuracy']:.4f}", f"{t['balanced_accuracy']:.4f}", t["n"]))
     if res.skipped:
         out.print(f"{len(res.skipped)} image(s) could not be decoded and were skipped (listed in report.md)")
     out.print(styled("run folder: [bold]{}[/]  (featx predict IMAGES --model {})", res.run_dir, res.run_dir))
@@ -68,6 +69,7 @@ def finetune_cmd(
     head_lr: float = typer.Option(3e-3, "--head-lr", help="Learning rate of phase 1 (head on the frozen backbone)."),
     unfreeze: str = typer.Option("all", "--unfreeze", help="Layer groups to unfreeze in phase 2: N or 'all'."),
     layer_decay: float = typer.Option(0.7, "--layer-decay", help="LR multiplier per layer group going down."),
+    scale_to_data: bool = typer.Option(True, "--scale-to-data/--no-scale-to-data", help="Below 1000 training images, phase 2 of a pretrained backbone unfreezes fewer groups at a lower LR (x sqrt(n/1000))."),
     augment: str = typer.Option("standard", "--augment", help="none | light | standard | strong."),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | sgd (Nesterov momentum 0.9)."),
     weight_decay: float = typer.Option(0.01, "--weight-decay", help="Decoupled weight decay (not on biases/norms)."),
@@ -78,7 +80,8 @@ def finetune_cmd(
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Start from a random init instead of ImageNet weights."),
     seed: int = typer.Option(0, "--seed", help="Seed for the split, the head init, shuffling and augmentation."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes (default: CPUs - 1, at most 8)."),
+    precision: str = typer.Option("auto", "--precision", help="auto | bf16 | fp16 | fp32 (auto: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on the CPU)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes (default: one per CPU, at most 8)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Run folders go to RUNS_DIR/finetune/NAME."),
     name: Optional[str] = typer.Option(None, "--name", help="Run folder name (default: exp, exp2, ...)."),
     exist_ok: bool = typer.Option(False, "--exist-ok", help="Allow overwriting an existing --name folder."),
@@ -91,9 +94,9 @@ def finetune_cmd(
 
     res = finetune(
         backbone, images, epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, image_size=image_size,
-        lr=lr, head_lr=head_lr, unfreeze=unfreeze, layer_decay=layer_decay, augment=augment, optimizer=optimizer,
+        lr=lr, head_lr=head_lr, unfreeze=unfreeze, layer_decay=layer_decay, scale_to_data=scale_to_data, augment=augment, optimizer=optimizer,
         weight_decay=weight_decay, label_smoothing=label_smoothing, patience=patience, val_split=val_split,
-        weights=str(weights) if weights else None, pretrained=not no_pretrained, seed=seed, device=device,
+        weights=str(weights) if weights else None, pretrained=not no_pretrained, seed=seed, device=device, precision=precision,
         workers=workers, runs_dir=str(runs_dir), name=name, exist_ok=exist_ok, resume=resume, stop_after=max_epochs,
         log=log_message if is_main_rank() else None, on_epoch=epoch_line,
     )

@@ -11,7 +11,8 @@ from .app import app, run_boundary
 from .finetune import epoch_line, is_main_rank, log_message, print_result
 
 _ARCH_HELP = ", ".join(f"{a.name} ({a.image_size} px)" for a in ARCHS.values())
-_HELP = ("Train a small CNN from random init: the no-pretraining baseline. Architectures (--arch):\n\n"
+# the first paragraph is the one-line summary `featx --help` lists; the architectures follow in `featx scratch --help`
+_HELP = ("Train a small CNN from random init: the no-pretraining baseline.\n\nArchitectures (--arch):\n\n"
          + "\n\n".join(f"{a.name}: {a.description} (default --image-size {a.image_size})" for a in ARCHS.values()))
 
 
@@ -33,7 +34,8 @@ def scratch_cmd(
     in_memory: Optional[bool] = typer.Option(None, "--in-memory/--stream", help="Force decoding once into memory, or streaming (default: in memory when it fits)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the split, the init, shuffling and augmentation."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: CPUs - 1, at most 8)."),
+    precision: str = typer.Option("auto", "--precision", help="auto | bf16 | fp16 | fp32 (auto: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on the CPU)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: one per CPU, at most 8)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Run folders go to RUNS_DIR/scratch/NAME."),
     name: Optional[str] = typer.Option(None, "--name", help="Run folder name (default: exp, exp2, ...)."),
     exist_ok: bool = typer.Option(False, "--exist-ok", help="Allow overwriting an existing --name folder."),
@@ -46,7 +48,7 @@ def scratch_cmd(
     res = train_scratch(
         images, arch=arch, epochs=epochs, batch_size=batch_size, image_size=image_size, lr=lr, augment=augment,
         optimizer=optimizer, weight_decay=weight_decay, label_smoothing=label_smoothing, patience=patience,
-        val_split=val_split, in_memory=in_memory, seed=seed, device=device, workers=workers, runs_dir=str(runs_dir),
+        val_split=val_split, in_memory=in_memory, seed=seed, device=device, precision=precision, workers=workers, runs_dir=str(runs_dir),
         name=name, exist_ok=exist_ok, resume=resume, stop_after=max_epochs,
         log=log_message if is_main_rank() else None, on_epoch=epoch_line,
     )

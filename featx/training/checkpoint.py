@@ -2,8 +2,9 @@
 
 A run folder holds ``best.safetensors`` and ``last.safetensors`` (plain state dicts), ``model.json`` (what
 the network is: kind, architecture or backbone, classes, preprocessing, best scores, library versions,
-the SHA-256 of the best weights) and ``resume.safetensors`` (optimizer tensors, with the loop counters and
-optimizer hyper-parameters as a JSON string in the safetensors header). Loading never unpickles anything.
+the SHA-256 of the best weights) and ``resume.safetensors``: the optimizer state as torch flattens it
+(``torch.distributed.checkpoint.state_dict``: one entry per parameter name and key), its tensors in the file and
+its hyper-parameters plus the loop counters as JSON in the safetensors header. Loading never unpickles anything.
 """
 from __future__ import annotations
 
@@ -19,13 +20,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .._io import atomic_write, read_json, sha256_file, write_json
+from .._io import atomic_write, read_json, sha256_file, stamp, write_json
 from ..data.preprocess import Preprocess
 from ..errors import ArtifactError
 
 MODEL_FORMAT = "featx.model"
 MODEL_FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
+RESUME_FILE = "resume.safetensors"  # optimizer state + loop counters of the last finished epoch
 
 
 def versions() -> dict:
@@ -52,9 +54,13 @@ def versions() -> dict:
 
 # -- weights ------------------------------------------------------------------------------------------
 def save_weights(path: str | os.PathLike, state_dict: dict, metadata: Optional[dict] = None) -> None:
-    """State dict -> safetensors, atomically. Tensors are copied to contiguous CPU memory (tied weights too)."""
+    """State dict -> safetensors, atomically. Tensors are copied to contiguous CPU memory (tied weights too).
+
+    The header carries ``written_by: featx X``, so a later run recognises the file as its own (check_outputs).
+    """
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    data = st_save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    meta = {"written_by": stamp(), **{k: str(v) for k, v in (metadata or {}).items()}}
+    data = st_save(tensors, metadata=meta)
     with atomic_write(path, "wb") as fh:
         fh.write(data)
 
@@ -77,42 +83,75 @@ def load_weights(path: str | os.PathLike) -> tuple[dict, dict]:
     return tensors, meta
 
 
+def safetensors_is_ours(path: Path) -> bool:
+    """A recogniser for check_outputs: a safetensors file whose header says featx wrote it.
+
+    Files from featx before the ``written_by`` mark are recognised by the ``epoch`` (weights) or ``loop`` (resume)
+    entry every featx run wrote. Only the header is read (its length is the file's first 8 bytes).
+    """
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n <= 100 << 20:
+                return False
+            meta = json.loads(fh.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return str(meta.get("written_by", "")).startswith("featx") or "epoch" in meta or "loop" in meta
+
+
 # -- optimizer / loop state for --resume -------------------------------------------------------------
-def save_resume(path: str | os.PathLike, optimizer: torch.optim.Optimizer, loop_state: dict) -> None:
-    """Optimizer tensors as ``opt.<param index>.<name>``; hyper-parameters and loop counters as JSON metadata."""
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"opt.{idx}.{k}"] = v
-            else:
-                scalars[f"{idx}.{k}"] = v
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    meta = {"loop": json.dumps(loop_state), "param_groups": json.dumps(groups), "scalars": json.dumps(scalars)}
+RESUME_FORMAT = "featx.resume/2"  # optimizer state keyed by parameter name (torch's flattened optimizer state dict)
+
+
+def _flat_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def save_resume(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                loop_state: dict) -> None:
+    """Optimizer state flattened by torch (``state.<param name>.<key>``, ``param_groups.<param name>.<key>``):
+    its tensors go to safetensors, the rest (hyper-parameters) and the loop counters to the JSON header."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    flat = get_optimizer_state_dict(model, optimizer, options=_flat_options())
+    tensors = {k: v for k, v in flat.items() if torch.is_tensor(v)}
+    scalars = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items() if not torch.is_tensor(v)}
+    meta = {"format": RESUME_FORMAT, "loop": json.dumps(loop_state), "scalars": json.dumps(scalars)}
     save_weights(path, tensors, meta)
 
 
 def load_resume(path: str | os.PathLike) -> tuple[dict, dict]:
-    """-> (loop state dict, optimizer state dict ready for ``optimizer.load_state_dict``)."""
+    """-> (loop state dict, flattened optimizer state for :func:`restore_optimizer`)."""
     tensors, meta = load_weights(path)
+    if meta.get("format") != RESUME_FORMAT:
+        raise ArtifactError(f"{path} was written by an older featx (its optimizer state has another layout); "
+                            "start a new run, or finish this one with the featx version that started it")
     try:
         loop = json.loads(meta["loop"])
-        groups = json.loads(meta["param_groups"])
-        scalars = json.loads(meta.get("scalars", "{}"))
+        scalars = json.loads(meta["scalars"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path} lacks featx resume metadata ({exc})") from exc
-    state: dict = {}
-    for key, v in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = v
-    for key, v in scalars.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    for g in groups:
-        if "betas" in g and isinstance(g["betas"], list):
-            g["betas"] = tuple(g["betas"])
-    return loop, {"state": state, "param_groups": groups}
+    # JSON has no tuples: torch's optimizers keep tuple hyper-parameters (AdamW betas)
+    flat = {k: (tuple(v) if isinstance(v, list) else v) for k, v in scalars.items()}
+    return loop, {**flat, **tensors}
+
+
+def restore_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, flat: dict) -> None:
+    """Load a flattened optimizer state into a freshly built optimizer of the same parameters.
+
+    torch initialises the optimizer state with a zero-learning-rate step before loading, and skips that (loading
+    nothing, silently) when the parameters already hold gradients: clear them first, and check the result.
+    """
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    optimizer.zero_grad(set_to_none=True)
+    set_optimizer_state_dict(model, optimizer, flat, options=_flat_options())
+    expected = any(k.startswith("state.") for k in flat)
+    if expected and not any(st for st in optimizer.state.values()):
+        raise ArtifactError("the saved optimizer state did not load into the resumed optimizer; start a new run")
 
 
 # -- model.json + load_model -------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`featx.train_scratch`: train a small CNN from random init: the baseline that shows what pretraining buys.
+"""`featx.train_scratch`: the from-scratch recipe for the Trainer: a small CNN from random init, the baseline that
+shows what pretraining buys.
 
 When the decoded images fit in memory (the usual case at 32-64 px), every image is decoded and resized
 once into a uint8 tensor on the device; each epoch then shuffles, crops and flips on the device with no
@@ -7,32 +8,41 @@ decoding at all (the airbench recipe). Larger data streams through a DataLoader 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from .. import devices
 from ..data.preprocess import Preprocess
 from ..errors import DataError
 from . import data as D
 from . import zoo
+from .callbacks import print_epoch, print_message
 from .config import ScratchConfig
-from .loop import Phase, RunSpec, TrainResult, seed_everything, split_decay, train, write_config
-from .runs import run_training
+from .optim import param_groups
+from .runs import RunSpec, execute, run_training
+from .split import TrainSplit, split_folder
+from .trainer import Phase, seed_everything
 
 
 def train_scratch(images: str | os.PathLike, *, arch: str = "lenet5", config: Optional[ScratchConfig] = None,
                   log: Optional[Callable[[str], None]] = None, on_epoch: Optional[Callable[[dict], None]] = None,
-                  **settings) -> TrainResult:
+                  verbose: bool = True, **settings):
     """Train ``arch`` (see :func:`featx.training.zoo.list_archs`) from scratch on the labelled folder ``images``.
 
     ``settings`` are :class:`ScratchConfig` fields (epochs, batch_size, image_size, lr, augment, val_split, seed,
-    device, name, runs_dir, resume, ...). Runs unchanged under torchrun (DDP).
+    device, precision, name, runs_dir, resume, ...). Progress goes to stderr unless ``verbose=False`` or a ``log`` /
+    ``on_epoch`` callback is given (then progress goes to the callbacks only). Runs unchanged under torchrun (DDP).
     """
     cfg = (config or ScratchConfig()).replace(arch=arch, **settings)
     zoo.get_arch(cfg.arch)  # unknown names fail before any work, with suggestions
     cfg.check()
+    if verbose and log is None and on_epoch is None:  # a caller who passes either callback handles progress
+        log, on_epoch = print_message, print_epoch
     return run_training("scratch", cfg, images, log, on_epoch, _train_scratch_in)
+
 
 def auto_batch_size(n_train: int) -> int:
     """About 16 steps per epoch, a power of two in [32, 512]: large batches, but enough steps on small data."""
@@ -42,85 +52,119 @@ def auto_batch_size(n_train: int) -> int:
     return b
 
 
-def _train_scratch_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch) -> TrainResult:
+@dataclass
+class _Batches:
+    train: object
+    val: Optional[object]
+    test: Optional[object]
+    preprocess: Preprocess
+    batch_size: int
+    skipped: list
+    n_train: int
+    n_val: int
+    n_test: int
+    in_memory: bool
+
+
+def _train_scratch_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch):
     from ..data.discover import discover
 
     cfg.check()
-    arch = zoo.get_arch(cfg.arch)
-    size = cfg.image_size or arch.image_size
+    size = cfg.image_size or zoo.get_arch(cfg.arch).image_size
     folder = discover(images)
-    split = D.make_split(folder, cfg.val_split, cfg.seed)
+    split = split_folder(folder, cfg.val_split, cfg.seed)
     for w in [*getattr(folder, "warnings", []), *split.warnings]:
         log(f"warning: {w}")
-    cidx = {c: i for i, c in enumerate(split.classes)}
-    workers = D.default_workers(cfg.workers)
-    # resize the shorter side straight to the network size and centre-crop: no crop margin at 32 px
-    pp = Preprocess(input_size=size, resize=size, interpolation="bicubic")
-    n_all = len(split.train) + len(split.val)
-    fits = D.estimate_bytes(n_all, size) < cfg.memory_budget_gb * 2**30
+    saved = _saved_preprocess(run_dir) if resume_state is not None else None
+    fits = D.estimate_bytes(len(split.train) + len(split.val) + len(split.test), size) < cfg.memory_budget_gb * 2**30
     in_memory = cfg.in_memory if cfg.in_memory is not None else fits
-    skipped: list = []
-
-    if in_memory:
-        arrays, kept, bad = D.decode_all(split.train + split.val, pp, mode="crop", workers=workers)
-        skipped += bad
-        recs = [(split.train + split.val)[i] for i in kept]
-        is_train = torch.tensor([i < len(split.train) for i in kept], dtype=torch.bool)
-        x = D.stack_uint8(arrays)
-        y = torch.tensor([cidx[r.label] for r in recs], dtype=torch.long)
-        xtr, ytr, xva, yva = x[is_train], y[is_train], x[~is_train], y[~is_train]
-        if len(ytr) == 0:
-            raise DataError("none of the training images could be decoded")
-        mean, std = D.channel_stats(xtr)  # the net's own normalisation, recorded in model.json for predict
-        if resume_state is not None:  # keep the statistics the run started with
-            saved = _saved_preprocess(run_dir)
-            mean, std = saved.mean if saved else mean, saved.std if saved else std
-        pp = Preprocess(input_size=size, resize=size, interpolation="bicubic", mean=mean, std=std)
-        n_train, n_val = len(ytr), len(yva)
-        bs = cfg.batch_size or auto_batch_size(n_train)
-        log(f"decoded {n_train + n_val} images once into a {tuple(x.shape)} uint8 tensor "
-            f"({x.numel() / 2**20:.1f} MiB) on {device}")
-        train_b = D.TensorBatches(xtr.to(device), ytr.to(device), bs, train=True, augment=cfg.augment,
-                                  dist=dist, seed=cfg.seed)
-        val_b = D.TensorBatches(xva.to(device), yva.to(device), bs * 2, train=False, dist=dist) if n_val else None
-    else:
-        n_train, n_val = len(split.train), len(split.val)
-        bs = cfg.batch_size or auto_batch_size(n_train)
-        saved = _saved_preprocess(run_dir) if resume_state is not None else None
-        pp = saved or pp  # ImageNet statistics: close enough for natural photos, no extra pass over the data
-        log(f"streaming {n_train + n_val} images (decoded size above the {cfg.memory_budget_gb} GB budget)")
-        inner = D.LoaderBatches([r.path for r in split.train], [cidx[r.label] for r in split.train],
-                                [r.relpath for r in split.train], pp, D.EvalCrop(pp), bs, train=True,
-                                workers=workers, dist=dist, seed=cfg.seed, device=device)
-        train_b = D.AugmentedBatches(inner, cfg.augment, cfg.seed)
-        val_b = D.LoaderBatches([r.path for r in split.val], [cidx[r.label] for r in split.val],
-                                [r.relpath for r in split.val], pp, D.EvalCrop(pp), bs * 2, train=False,
-                                workers=workers, dist=dist, seed=cfg.seed, device=device) if split.val else None
-    for p, reason in skipped:
+    make = _in_memory_batches if in_memory else _streamed_batches
+    b = make(cfg, split, size, saved, dist, device, log)
+    for p, reason in b.skipped:
         log(f"warning: skipped {p}: {reason}")
 
     seed_everything(cfg.seed)
     model = zoo.build(cfg.arch, len(split.classes), size)
     lr = cfg.lr or 3e-3
-    phases = [Phase("train", cfg.epochs, lambda m: _setup_all(m, lr, cfg.weight_decay), early_stop=True)]
-    log(f"{cfg.arch}: {zoo.count_params(model):,} parameters, {size} px, batch {bs}, "
-        f"{len(split.classes)} classes, {n_train} train / {n_val} val images, device {device}")
-    if dist.is_main and resume_state is None:
-        write_config(run_dir, cfg, {"kind": "scratch", "images": str(images.resolve()), "classes": split.classes,
-                                    "split": split.source, "resolved_batch_size": bs, "resolved_image_size": size,
-                                    "in_memory": bool(in_memory), "world_size": dist.world_size})
-    spec = RunSpec(kind="scratch", model=model, preprocess=pp, classes=split.classes, train_batches=train_b,
-                   val_batches=val_b, phases=phases, cfg=cfg, run_dir=run_dir,
-                   model_info={"arch": cfg.arch, "image_size": size}, dist=dist, device=device,
-                   n_train=n_train, n_val=n_val, split_source=split.source, skipped=skipped,
-                   warnings=split.warnings, resume_state=resume_state, log=log, on_epoch=on_epoch)
-    return train(spec)
+    phases = [Phase("train", cfg.epochs, lr, lambda m: _setup_all(m, cfg.weight_decay), early_stop=True)]
+    log(f"{cfg.arch}: {zoo.count_params(model):,} parameters, {size} px, batch {b.batch_size}, "
+        f"{len(split.classes)} classes, {b.n_train} train / {b.n_val} val"
+        + (f" / {b.n_test} test" if b.n_test else "") + f" images, device {device}")
+    extra = {"kind": "scratch", "images": str(images.resolve()), "classes": split.classes, "split": split.how,
+             "resolved_batch_size": b.batch_size, "resolved_image_size": size, "in_memory": bool(in_memory),
+             "world_size": dist.world_size}
+    spec = RunSpec(kind="scratch", model=model, preprocess=b.preprocess, classes=split.classes, train_batches=b.train,
+                   val_batches=b.val, test_batches=b.test, phases=phases, cfg=cfg, run_dir=run_dir,
+                   model_info={"arch": cfg.arch, "image_size": size}, dist=dist, device=device, n_train=b.n_train,
+                   n_val=b.n_val, n_test=b.n_test, split_how=split.how, skipped=b.skipped, warnings=split.warnings,
+                   config_extra=extra, resume_state=resume_state, log=log, on_epoch=on_epoch)
+    return execute(spec)
 
 
-def _setup_all(model, lr: float, wd: float) -> list:
+def _recipe(size: int, mean=None, std=None) -> Preprocess:
+    # resize the shorter side straight to the network size and centre-crop: no crop margin at 32 px
+    if mean is None:
+        return Preprocess(input_size=size, resize=size, interpolation="bicubic")
+    return Preprocess(input_size=size, resize=size, interpolation="bicubic", mean=mean, std=std)
+
+
+def _in_memory_batches(cfg: ScratchConfig, split: TrainSplit, size: int, saved: Optional[Preprocess], dist, device,
+                       log) -> _Batches:
+    """Decode every image once into one uint8 tensor on the device; the net's own channel statistics."""
+    recs = split.train + split.val + split.test
+    arrays, kept, bad = D.decode_all(recs, _recipe(size), mode="crop", workers=devices.default_workers(cfg.workers))
+    cidx = {c: i for i, c in enumerate(split.classes)}
+    part = torch.tensor([0 if i < len(split.train) else 1 if i < len(split.train) + len(split.val) else 2
+                         for i in kept], dtype=torch.long)
+    x = D.stack_uint8(arrays)
+    y = torch.tensor([cidx[recs[i].label] for i in kept], dtype=torch.long)
+    xtr, ytr = x[part == 0], y[part == 0]
+    if len(ytr) == 0:
+        raise DataError("none of the training images could be decoded")
+    # the net's own normalisation, recorded in model.json for predict; a resumed run keeps the one it started with
+    mean, std = (saved.mean, saved.std) if saved else D.channel_stats(xtr)
+    bs = cfg.batch_size or auto_batch_size(len(ytr))
+    log(f"decoded {len(kept)} images once into a {tuple(x.shape)} uint8 tensor ({x.numel() / 2**20:.1f} MiB) "
+        f"on {device}")
+
+    def held_out(k: int):
+        sel = part == k
+        if not sel.any():
+            return None, 0
+        return D.TensorBatches(x[sel].to(device), y[sel].to(device), bs * 2, train=False, dist=dist), int(sel.sum())
+
+    train = D.TensorBatches(xtr.to(device), ytr.to(device), bs, train=True, augment=cfg.augment, dist=dist,
+                            seed=cfg.seed)
+    (val, n_val), (test, n_test) = held_out(1), held_out(2)
+    return _Batches(train, val, test, _recipe(size, mean, std), bs, list(bad), len(ytr), n_val, n_test, True)
+
+
+def _streamed_batches(cfg: ScratchConfig, split: TrainSplit, size: int, saved: Optional[Preprocess], dist, device,
+                      log) -> _Batches:
+    """Decode every epoch in DataLoader workers; ImageNet statistics (close enough for photos, no extra pass)."""
+    pp = saved or _recipe(size)
+    bs = cfg.batch_size or auto_batch_size(len(split.train))
+    workers = devices.default_workers(cfg.workers)
+    cidx = {c: i for i, c in enumerate(split.classes)}
+    log(f"streaming {len(split.train) + len(split.val) + len(split.test)} images (decoded size above the "
+        f"{cfg.memory_budget_gb} GB budget)")
+
+    def loader(recs: list, batch: int, train: bool):
+        if not recs:
+            return None
+        return D.LoaderBatches([r.path for r in recs], [cidx[r.label] for r in recs], [r.relpath for r in recs], pp,
+                               D.EvalCrop(pp), batch, train=train, workers=workers, dist=dist, seed=cfg.seed,
+                               device=device)
+
+    train = D.AugmentedBatches(loader(split.train, bs, True), cfg.augment, cfg.seed)
+    return _Batches(train, loader(split.val, bs * 2, False), loader(split.test, bs * 2, False), pp, bs, [],
+                    len(split.train), len(split.val), len(split.test), False)
+
+
+def _setup_all(model, weight_decay: float) -> list:
     for p in model.parameters():
         p.requires_grad_(True)
-    return split_decay(model.named_parameters(), lr, wd)
+    return param_groups([model], weight_decay)
 
 
 def _saved_preprocess(run_dir: Path) -> Optional[Preprocess]:
