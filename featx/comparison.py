@@ -80,7 +80,7 @@ def compare(images: str | os.PathLike, *, settings: Optional[CompareSettings] = 
             **kw) -> CompareResult:
     """Run the chosen methods on one split of ``images`` and write a comparison report. ``kw``: CompareSettings fields."""
     from .data.discover import discover
-    from .training.data import make_split
+    from .data.split import split_records
     from .training.runs import resolve_run_dir
 
     s = settings or CompareSettings()
@@ -105,7 +105,7 @@ def compare(images: str | os.PathLike, *, settings: Optional[CompareSettings] = 
 
     refuse_inside(Path(s.runs_dir), images, what="--runs-dir")
     folder = discover(images)
-    split = make_split(folder, s.val_split, s.seed)
+    split = split_records(folder, s.val_split, s.seed)
     run_dir, _ = resolve_run_dir(s.runs_dir, "compare", s.name, exist_ok=s.exist_ok)
     log(f"comparing on {len(split.train)} train / {len(split.val)} val images ({split.source}); run folder {run_dir}")
     if not split.val:

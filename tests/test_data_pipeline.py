@@ -87,13 +87,3 @@ def test_train_and_test_without_val_validate_on_a_holdout_of_train_and_score_tes
     plan = plan_split([r.relpath for r in folder.records], [r.label for r in folder.records],
                       [r.split for r in folder.records], val_fraction=0.2, seed=0)
     assert [r.relpath for r in s.val] == [folder.records[i].relpath for i in plan.val]
-
-
-def test_training_data_shim_keeps_the_old_names():
-    from featx.training import data as D
-
-    for name in ("Split", "make_split", "TensorBatches", "LoaderBatches", "AugmentedBatches", "decode_all",
-                 "default_workers", "estimate_bytes", "stack_uint8", "channel_stats", "train_transform", "EvalCrop",
-                 "device_augment"):
-        assert hasattr(D, name), name
-    assert D.make_split is split_records

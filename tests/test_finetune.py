@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from featx.cli.app import app
 from featx.errors import UsageError
 from featx.training import finetune, load_model
-from featx.training.data import stack_uint8
+from featx.data.loader import stack_uint8
 
 from .imagegen import make_folder
 

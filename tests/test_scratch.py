@@ -97,7 +97,7 @@ def test_bad_options_exit_2(tmp_path):
 def test_train_and_test_without_val_select_on_a_train_holdout_and_score_test_once(tmp_path):
     from featx.data.discover import discover
     from featx.data.split import plan_split
-    from featx.training.split import split_folder
+    from featx.data.split import split_records
 
     data = make_folder(tmp_path / "data", classes=("a", "b"), n_per_class=10, splits=("train", "test"), size=20)
     res = train_scratch(data, arch="lenet5", epochs=2, image_size=16, workers=0, runs_dir=str(tmp_path / "r"),
@@ -105,7 +105,7 @@ def test_train_and_test_without_val_select_on_a_train_holdout_and_score_test_onc
     # the one split rule (what `featx fit` uses): 20 % of train/ selects the epoch; test/ is never used to select
     folder = discover(data)
     plan = plan_split(folder.relpaths(), folder.labels(), folder.splits(), val_fraction=0.2, seed=0)
-    ours = split_folder(folder, 0.2, 0)
+    ours = split_records(folder, 0.2, 0)
     assert [r.relpath for r in ours.val] == [folder.records[i].relpath for i in plan.val]
     assert {r.split for r in ours.val} == {"train"} and len(ours.val) == 4
     assert (res.n_train, res.n_val, res.n_test) == (16, 4, 20)

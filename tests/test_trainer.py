@@ -13,7 +13,7 @@ from featx.data.preprocess import Preprocess
 from featx.training import trainer as T
 from featx.training.callbacks import EarlyStopping
 from featx.training.config import TrainConfig
-from featx.training.data import TensorBatches
+from featx.data.batches import TensorBatches
 from featx.training.optim import param_groups
 from featx.training.result import outcome_notes
 

@@ -10,7 +10,8 @@ import torch
 
 from featx.errors import ArtifactError, DataError, UsageError
 from featx.training import checkpoint, zoo
-from featx.training.data import device_augment, make_split
+from featx.data.augment import device_augment
+from featx.data.split import split_records as make_split
 from featx.training.optim import make_optimizer, make_scheduler, param_groups
 from featx.training.runs import resolve_run_dir
 

@@ -163,7 +163,8 @@ def split_records(folder, val_fraction: float, seed: int = 0) -> Split:
     if len(labelled) < len(records):
         warnings.insert(0, f"{len(records) - len(labelled)} image(s) without a class folder were ignored")
     train, val, test = ([records[i] for i in idx] for idx in (plan.train, plan.val, plan.test))
-    used = {r.label for r in train} | {r.label for r in val}
+    used = {r.label for r in (*train, *val, *test)}  # a test-only class still gets an output (always an error)
     classes = [c for c in (getattr(folder, "classes", None) or sorted(used)) if c in used]
+    classes += sorted(used - set(classes))  # a class the folder listing missed
     source = "folders" if plan.how.startswith("the folder's") else plan.how
     return Split(train=train, val=val, classes=classes, source=source, warnings=warnings, test=test)

@@ -17,12 +17,14 @@ from typing import Callable, Optional
 
 from .. import devices
 from ..errors import DataError
-from . import data as D
+from ..data import augment as A
+from ..data import batches as B
+from ..data import loader as L
+from ..data.split import Split, split_records
 from .callbacks import print_epoch, print_message
 from .config import SMALL_DATA, FinetuneConfig
 from .optim import layer_decay_groups, param_groups
 from .runs import RunSpec, execute, run_training
-from .split import TrainSplit, split_folder
 from .trainer import Phase, seed_everything
 
 
@@ -49,7 +51,7 @@ def _finetune_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch
 
     cfg.check()
     folder = discover(images)
-    split = split_folder(folder, cfg.val_split, cfg.seed)
+    split = split_records(folder, cfg.val_split, cfg.seed)
     for w in [*getattr(folder, "warnings", []), *split.warnings]:
         log(f"warning: {w}")
     seed_everything(cfg.seed)  # the new head's initialisation is part of the run's reproducibility
@@ -63,13 +65,13 @@ def _finetune_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch
     phases = _phases(cfg, bb, b.n_train, log)
     info = {"backbone": bb.name, "pretrained": cfg.pretrained, "base_weights_sha256": getattr(bb, "weights_sha256", None),
             "image_size": pp.input_size}
-    extra = {"kind": "finetune", "images": str(images.resolve()), "classes": split.classes, "split": split.how,
+    extra = {"kind": "finetune", "images": str(images.resolve()), "classes": split.classes, "split": split.source,
              "phases": [[p.name, p.epochs] for p in phases], "phase_lrs": [p.lr for p in phases],
              "backbone_meta": _safe_meta(bb),
              "world_size": dist.world_size}
     spec = RunSpec(kind="finetune", model=bb.model, preprocess=pp, classes=split.classes, train_batches=b.train,
                    val_batches=b.val, test_batches=b.test, phases=phases, cfg=cfg, run_dir=run_dir, model_info=info,
-                   dist=dist, device=device, n_train=b.n_train, n_val=b.n_val, n_test=b.n_test, split_how=split.how,
+                   dist=dist, device=device, n_train=b.n_train, n_val=b.n_val, n_test=b.n_test, split_how=split.source,
                    skipped=b.skipped, warnings=split.warnings, config_extra=extra, resume_state=resume_state, log=log,
                    on_epoch=on_epoch)
     return execute(spec)
@@ -98,21 +100,21 @@ def _eval_batches(records: list, cfg, pp, cidx: dict, dist, device, workers: int
     if not records:
         return None, 0
     bs = (cfg.batch_size or 32) * 2
-    if cfg.in_memory is not False and D.estimate_bytes(len(records), pp.input_size) < cfg.memory_budget_gb * 2**30:
+    if cfg.in_memory is not False and L.estimate_bytes(len(records), pp.input_size) < cfg.memory_budget_gb * 2**30:
         import torch
 
-        arrays, kept, bad = D.decode_all(records, pp, mode="crop", workers=workers)
+        arrays, kept, bad = L.decode_all(records, pp, mode="crop", workers=workers)
         skipped += bad
-        x = D.stack_uint8(arrays).to(device)
+        x = L.stack_uint8(arrays).to(device)
         y = torch.tensor([cidx[records[i].label] for i in kept], dtype=torch.long, device=device)
-        return D.TensorBatches(x, y, bs, train=False, dist=dist), len(kept)
-    batches = D.LoaderBatches([r.path for r in records], [cidx[r.label] for r in records],
-                              [r.relpath for r in records], pp, D.EvalCrop(pp), bs, train=False,
+        return B.TensorBatches(x, y, bs, train=False, dist=dist), len(kept)
+    batches = B.LoaderBatches([r.path for r in records], [cidx[r.label] for r in records],
+                              [r.relpath for r in records], pp, A.EvalCrop(pp), bs, train=False,
                               workers=workers, dist=dist, seed=cfg.seed, device=device)
     return batches, len(records)
 
 
-def _batches(cfg: FinetuneConfig, pp, split: TrainSplit, dist, device, log) -> _Batches:
+def _batches(cfg: FinetuneConfig, pp, split: Split, dist, device, log) -> _Batches:
     """Validation and test: decoded once by the eval recipe. Training: a DataLoader over images decoded once and
     downscaled to the recipe's resize side when they fit in RAM, else streamed."""
     workers = devices.default_workers(cfg.workers)
@@ -122,8 +124,8 @@ def _batches(cfg: FinetuneConfig, pp, split: TrainSplit, dist, device, log) -> _
     test_b, n_test = _eval_batches(split.test, cfg, pp, cidx, dist, device, workers, skipped)
     shorter = max(pp.resize, pp.input_size)
     recs = split.train
-    if cfg.in_memory is not False and D.estimate_bytes(len(recs), shorter, aspect=1.4) < cfg.memory_budget_gb * 2**30:
-        arrays, kept, bad = D.decode_all(recs, pp, mode="shorter", shorter=shorter, workers=workers)
+    if cfg.in_memory is not False and L.estimate_bytes(len(recs), shorter, aspect=1.4) < cfg.memory_budget_gb * 2**30:
+        arrays, kept, bad = L.decode_all(recs, pp, mode="shorter", shorter=shorter, workers=workers)
         skipped += bad
         sources = arrays
         recs = [recs[i] for i in kept]
@@ -134,8 +136,8 @@ def _batches(cfg: FinetuneConfig, pp, split: TrainSplit, dist, device, log) -> _
         raise DataError("none of the training images could be decoded")
     for p, reason in skipped:
         log(f"warning: skipped {p}: {reason}")
-    train_b = D.LoaderBatches(sources, [cidx[r.label] for r in recs], [r.relpath for r in recs], pp,
-                              D.train_transform(pp, cfg.augment), cfg.batch_size or 32, train=True, workers=workers,
+    train_b = B.LoaderBatches(sources, [cidx[r.label] for r in recs], [r.relpath for r in recs], pp,
+                              A.train_transform(pp, cfg.augment), cfg.batch_size or 32, train=True, workers=workers,
                               dist=dist, seed=cfg.seed, device=device)
     return _Batches(train_b, val_b, test_b, skipped, len(recs), n_val, n_test)
 

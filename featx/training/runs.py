@@ -224,7 +224,7 @@ class RunSpec:
     model: nn.Module
     preprocess: Preprocess
     classes: list
-    train_batches: object  # TensorBatches | LoaderBatches (featx.training.data)
+    train_batches: object  # TensorBatches | LoaderBatches (featx.data.batches)
     val_batches: Optional[object]
     phases: list
     cfg: object  # TrainConfig

@@ -17,13 +17,15 @@ import torch
 from .. import devices
 from ..data.preprocess import Preprocess
 from ..errors import DataError
-from . import data as D
+from ..data import augment as A
+from ..data import batches as B
+from ..data import loader as L
+from ..data.split import Split, split_records
 from . import zoo
 from .callbacks import print_epoch, print_message
 from .config import ScratchConfig
 from .optim import param_groups
 from .runs import RunSpec, execute, run_training
-from .split import TrainSplit, split_folder
 from .trainer import Phase, seed_everything
 
 
@@ -72,11 +74,11 @@ def _train_scratch_in(run_dir, resume_state, cfg, images, dist, device, log, on_
     cfg.check()
     size = cfg.image_size or zoo.get_arch(cfg.arch).image_size
     folder = discover(images)
-    split = split_folder(folder, cfg.val_split, cfg.seed)
+    split = split_records(folder, cfg.val_split, cfg.seed)
     for w in [*getattr(folder, "warnings", []), *split.warnings]:
         log(f"warning: {w}")
     saved = _saved_preprocess(run_dir) if resume_state is not None else None
-    fits = D.estimate_bytes(len(split.train) + len(split.val) + len(split.test), size) < cfg.memory_budget_gb * 2**30
+    fits = L.estimate_bytes(len(split.train) + len(split.val) + len(split.test), size) < cfg.memory_budget_gb * 2**30
     in_memory = cfg.in_memory if cfg.in_memory is not None else fits
     make = _in_memory_batches if in_memory else _streamed_batches
     b = make(cfg, split, size, saved, dist, device, log)
@@ -90,13 +92,13 @@ def _train_scratch_in(run_dir, resume_state, cfg, images, dist, device, log, on_
     log(f"{cfg.arch}: {zoo.count_params(model):,} parameters, {size} px, batch {b.batch_size}, "
         f"{len(split.classes)} classes, {b.n_train} train / {b.n_val} val"
         + (f" / {b.n_test} test" if b.n_test else "") + f" images, device {device}")
-    extra = {"kind": "scratch", "images": str(images.resolve()), "classes": split.classes, "split": split.how,
+    extra = {"kind": "scratch", "images": str(images.resolve()), "classes": split.classes, "split": split.source,
              "resolved_batch_size": b.batch_size, "resolved_image_size": size, "in_memory": bool(in_memory),
              "world_size": dist.world_size}
     spec = RunSpec(kind="scratch", model=model, preprocess=b.preprocess, classes=split.classes, train_batches=b.train,
                    val_batches=b.val, test_batches=b.test, phases=phases, cfg=cfg, run_dir=run_dir,
                    model_info={"arch": cfg.arch, "image_size": size}, dist=dist, device=device, n_train=b.n_train,
-                   n_val=b.n_val, n_test=b.n_test, split_how=split.how, skipped=b.skipped, warnings=split.warnings,
+                   n_val=b.n_val, n_test=b.n_test, split_how=split.source, skipped=b.skipped, warnings=split.warnings,
                    config_extra=extra, resume_state=resume_state, log=log, on_epoch=on_epoch)
     return execute(spec)
 
@@ -108,21 +110,21 @@ def _recipe(size: int, mean=None, std=None) -> Preprocess:
     return Preprocess(input_size=size, resize=size, interpolation="bicubic", mean=mean, std=std)
 
 
-def _in_memory_batches(cfg: ScratchConfig, split: TrainSplit, size: int, saved: Optional[Preprocess], dist, device,
+def _in_memory_batches(cfg: ScratchConfig, split: Split, size: int, saved: Optional[Preprocess], dist, device,
                        log) -> _Batches:
     """Decode every image once into one uint8 tensor on the device; the net's own channel statistics."""
     recs = split.train + split.val + split.test
-    arrays, kept, bad = D.decode_all(recs, _recipe(size), mode="crop", workers=devices.default_workers(cfg.workers))
+    arrays, kept, bad = L.decode_all(recs, _recipe(size), mode="crop", workers=devices.default_workers(cfg.workers))
     cidx = {c: i for i, c in enumerate(split.classes)}
     part = torch.tensor([0 if i < len(split.train) else 1 if i < len(split.train) + len(split.val) else 2
                          for i in kept], dtype=torch.long)
-    x = D.stack_uint8(arrays)
+    x = L.stack_uint8(arrays)
     y = torch.tensor([cidx[recs[i].label] for i in kept], dtype=torch.long)
     xtr, ytr = x[part == 0], y[part == 0]
     if len(ytr) == 0:
         raise DataError("none of the training images could be decoded")
     # the net's own normalisation, recorded in model.json for predict; a resumed run keeps the one it started with
-    mean, std = (saved.mean, saved.std) if saved else D.channel_stats(xtr)
+    mean, std = (saved.mean, saved.std) if saved else B.channel_stats(xtr)
     bs = cfg.batch_size or auto_batch_size(len(ytr))
     log(f"decoded {len(kept)} images once into a {tuple(x.shape)} uint8 tensor ({x.numel() / 2**20:.1f} MiB) "
         f"on {device}")
@@ -131,15 +133,15 @@ def _in_memory_batches(cfg: ScratchConfig, split: TrainSplit, size: int, saved: 
         sel = part == k
         if not sel.any():
             return None, 0
-        return D.TensorBatches(x[sel].to(device), y[sel].to(device), bs * 2, train=False, dist=dist), int(sel.sum())
+        return B.TensorBatches(x[sel].to(device), y[sel].to(device), bs * 2, train=False, dist=dist), int(sel.sum())
 
-    train = D.TensorBatches(xtr.to(device), ytr.to(device), bs, train=True, augment=cfg.augment, dist=dist,
+    train = B.TensorBatches(xtr.to(device), ytr.to(device), bs, train=True, augment=cfg.augment, dist=dist,
                             seed=cfg.seed)
     (val, n_val), (test, n_test) = held_out(1), held_out(2)
     return _Batches(train, val, test, _recipe(size, mean, std), bs, list(bad), len(ytr), n_val, n_test, True)
 
 
-def _streamed_batches(cfg: ScratchConfig, split: TrainSplit, size: int, saved: Optional[Preprocess], dist, device,
+def _streamed_batches(cfg: ScratchConfig, split: Split, size: int, saved: Optional[Preprocess], dist, device,
                       log) -> _Batches:
     """Decode every epoch in DataLoader workers; ImageNet statistics (close enough for photos, no extra pass)."""
     pp = saved or _recipe(size)
@@ -152,11 +154,11 @@ def _streamed_batches(cfg: ScratchConfig, split: TrainSplit, size: int, saved: O
     def loader(recs: list, batch: int, train: bool):
         if not recs:
             return None
-        return D.LoaderBatches([r.path for r in recs], [cidx[r.label] for r in recs], [r.relpath for r in recs], pp,
-                               D.EvalCrop(pp), batch, train=train, workers=workers, dist=dist, seed=cfg.seed,
+        return B.LoaderBatches([r.path for r in recs], [cidx[r.label] for r in recs], [r.relpath for r in recs], pp,
+                               A.EvalCrop(pp), batch, train=train, workers=workers, dist=dist, seed=cfg.seed,
                                device=device)
 
-    train = D.AugmentedBatches(loader(split.train, bs, True), cfg.augment, cfg.seed)
+    train = B.AugmentedBatches(loader(split.train, bs, True), cfg.augment, cfg.seed)
     return _Batches(train, loader(split.val, bs * 2, False), loader(split.test, bs * 2, False), pp, bs, [],
                     len(split.train), len(split.val), len(split.test), False)
 

@@ -86,7 +86,7 @@ def _better(acc: float, loss: float, best: dict) -> bool:
 class Trainer:
     """Fits ``model`` through ``phases`` on ``train_batches``, selecting the best epoch on ``val_batches``.
 
-    Batch sources yield uint8 NCHW batches on the device (``featx.training.data``); ``preprocess.normalize`` turns
+    Batch sources yield uint8 NCHW batches on the device (``featx.data.batches``); ``preprocess.normalize`` turns
     them into the network's input. ``cfg`` is a :class:`~featx.training.config.TrainConfig`.
     """
 
