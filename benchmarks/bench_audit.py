@@ -120,6 +120,77 @@ def calibrate_set(data: Path, work: Path, n: int = 30, seed: int = 7) -> Path:
     return dst
 
 
+def calibrate(work: Path, thresholds=(0.84, 0.86, 0.87, 0.88, 0.89, 0.90, 0.92), plain: bool = False) -> dict:
+    """Cosine (as the audit measures it) of each calibration copy to its original, against every pair of distinct
+    photos in the planted store (copies and digits left out): copies found and distinct pairs above each threshold.
+    plain: plain L2 normalisation instead of the audit's (signed square root first), for the comparison."""
+    import featx
+    from featx.audit.neighbors import normalise
+
+    if plain:
+        normalise = lambda A: A / np.linalg.norm(A, axis=1, keepdims=True)  # noqa: E731
+
+    fs = featx.load_features(work / "features.npz")
+    cs = featx.load_features(work / "calib.npz")
+    keep = [i for i, p in enumerate(fs.paths) if not Path(p).name.startswith(("copy_", "digit_"))]
+    X = normalise(fs.features[keep])
+    C = normalise(cs.features)
+    by_name = {Path(fs.paths[k]).name: n for n, k in enumerate(keep)}
+    orig = np.array([by_name[p.split("__")[-1]] for p in cs.paths])
+    copy_sim = (C * X[orig]).sum(1)
+    kinds = np.array([p.split("/")[0] for p in cs.paths])
+    S = X @ X.T
+    distinct = S[np.triu_indices(len(X), 1)]
+    S[np.arange(len(X)), np.arange(len(X))] = -1
+    out = {"distinct_pairs": int(len(distinct)), "closest_distinct_pair": round(float(distinct.max()), 4),
+           "copies": int(len(copy_sim)), "copy_is_nearest": int(sum((S[o] < s).all() for o, s in zip(orig, copy_sim))),
+           "per_threshold": {}}
+    for t in thresholds:
+        row = {k: f"{int((copy_sim[kinds == k] >= t).sum())}/{int((kinds == k).sum())}" for k in sorted(set(kinds))}
+        row.update(all=f"{int((copy_sim >= t).sum())}/{len(copy_sim)}", distinct_pairs_above=int((distinct >= t).sum()))
+        out["per_threshold"][str(t)] = row
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- honesty
+def _recall(found: list, planted: set, top: int) -> tuple:
+    return len(planted & set(found[:top])), len(planted & set(found))
+
+
+def honesty(work: Path, **settings) -> dict:
+    """Recall of the planted problems at the top of each list and in the whole list, plus what else is listed."""
+    import featx.audit as A
+
+    truth = json.loads((work / "planted.json").read_text())
+    t = time.perf_counter()
+    res = A.audit(work / "features.npz", report_dir=work / "report", **settings)
+    seconds = time.perf_counter() - t
+    pairs = {frozenset((d["original"], d["copy"])) for d in truth["duplicates"]}
+    groups = [frozenset(m["path"] for m in g["members"]) for g in res.duplicates]
+    hit = [any(p <= g for p in pairs) for g in groups]
+    found_pairs = {p for p in pairs if any(p <= g for g in groups)}
+    top_pairs = {p for p in pairs if any(p <= g for g in groups[:len(pairs)])}
+    swapped = {d["path"] for d in truth["label_errors"]}
+    digits = {d["path"] for d in truth["outliers"]}
+    lab = [r["path"] for r in res.label_issues]
+    out = [r["path"] for r in res.outliers]
+    report = {
+        "seconds": round(seconds, 2), "settings": res.info["settings"], "timings": res.info["seconds"],
+        "duplicates": {"planted": len(pairs), f"recall@{len(pairs)}": len(top_pairs), "recall_all": len(found_pairs),
+                       "groups": len(groups), "leakage_groups": len(res.leakage),
+                       "groups_without_a_planted_pair": [sorted(g) for g, h in zip(groups, hit) if not h]},
+        "label_errors": {"planted": len(swapped), **dict(zip((f"recall@{len(swapped)}", "recall_all"),
+                                                              _recall(lab, swapped, len(swapped)))),
+                         "listed": len(lab), "listed_planted_outliers": len(digits & set(lab)),
+                         "listed_not_planted": [p for p in lab if p not in swapped | digits]},
+        "outliers": {"planted": len(digits), **dict(zip((f"recall@{len(digits)}", "recall_all"),
+                                                         _recall(out, digits, len(digits)))),
+                     "listed": len(out), "listed_not_planted": [p for p in out if p not in digits],
+                     "cut": res.info.get("outlier_cut")},
+    }
+    return report
+
+
 # --------------------------------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -130,7 +201,18 @@ def main() -> None:
     p = sub.add_parser("calib-set")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    p = sub.add_parser("calibrate")
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    p.add_argument("--plain", action="store_true", help="plain L2 normalisation (no square root), for comparison")
+    p = sub.add_parser("honesty")
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    p.add_argument("--threshold", type=float, default=None)
     args = ap.parse_args()
+    if args.cmd == "calibrate":
+        print(json.dumps(calibrate(args.work, plain=args.plain), indent=1))
+    if args.cmd == "honesty":
+        kw = {} if args.threshold is None else {"threshold": args.threshold}
+        print(json.dumps(honesty(args.work, overwrite=True, **kw), indent=1))
     if args.cmd == "calib-set":
         print(calibrate_set(args.data, args.work))
     if args.cmd == "plant":

@@ -34,6 +34,7 @@ _API = {
     "train_scratch": "featx.training",
     "load_model": "featx.training",
     "compare": "featx.comparison",
+    "audit": "featx.audit",
 }
 
 __all__ = ["__version__", *_API]

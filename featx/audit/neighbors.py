@@ -33,8 +33,15 @@ _EPS = 1e-4  # float32 rounding slack on the radius: a true pair is never lost t
 
 
 def normalise(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (a copy, float32); an all-zero row stays zero."""
+    """Signed square root of every value, then rows scaled to unit length (a float32 copy; a zero row stays zero).
+
+    The square root ("power normalisation", Perronnin et al. 2010, a retrieval staple) damps the few large
+    activations that dominate a CNN feature's cosine. Measured on hymenoptera with efficientnet_lite0
+    (BENCHMARKS.md, "Audit"): of 180 resized / re-encoded / cropped copies, 171 scored above the closest pair of
+    distinct photos with it, 142 without. It needs no dataset statistics, so a threshold means the same on any store.
+    """
     X = np.asarray(X, dtype=np.float32)
+    X = np.sign(X) * np.sqrt(np.abs(X))
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     return X / np.maximum(norms, 1e-12)
 

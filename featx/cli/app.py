@@ -70,6 +70,7 @@ def run_boundary(fn):
 
 # Command modules register themselves on `app` when imported (one module per command).
 from . import compare, extract, finetune, fit, models, predict, scratch  # noqa: E402,F401
+from . import audit  # noqa: E402,F401
 
 
 def _lift_traceback_flag(argv: list) -> list:
