@@ -191,6 +191,140 @@ def honesty(work: Path, **settings) -> dict:
     return report
 
 
+# --------------------------------------------------------------------------------------------------- speed
+def synthetic_store(path: Path, n: int, dim: int, classes: int = 10, n_dups: int = 500, n_swaps: int = 500,
+                    seed: int = 0) -> dict:
+    """A labelled feature store shaped like CNN features (non-negative, low-rank class structure plus noise) with
+    planted near-duplicate pairs (copy = original + small noise) and swapped labels; truth returned (indices)."""
+    from featx.features.store import FeatureSet, save_features
+
+    rng = np.random.default_rng(seed)
+    latent = 256
+    decay = (1.0 + np.arange(latent, dtype=np.float32)) ** -0.5  # a decaying spectrum, as CNN features have
+    W = rng.standard_normal((latent, dim), dtype=np.float32) / np.sqrt(latent)
+    centres = rng.standard_normal((classes, latent), dtype=np.float32) * decay * 2.0
+    y = rng.integers(classes, size=n)
+    X = np.empty((n, dim), dtype=np.float32)
+    for s in range(0, n, 8192):
+        e = min(n, s + 8192)
+        lat = centres[y[s:e]] + rng.standard_normal((e - s, latent), dtype=np.float32) * decay * 2.0
+        X[s:e] = np.maximum(lat @ W + 0.3 * rng.standard_normal((e - s, dim), dtype=np.float32), 0.0)
+    src, dst = rng.choice(n, size=(2, n_dups), replace=False)
+    X[dst] = np.maximum(X[src] + 0.08 * rng.standard_normal((n_dups, dim), dtype=np.float32) * X[src].std(), 0)
+    y[dst] = y[src]
+    swapped = rng.choice(np.setdiff1d(np.arange(n), np.concatenate([src, dst])), size=n_swaps, replace=False)
+    given = y.copy()
+    given[swapped] = (y[swapped] + rng.integers(1, classes, size=n_swaps)) % classes
+    splits = np.where(rng.random(n) < 0.8, "train", "val")
+    fs = FeatureSet(features=X, paths=[f"c{c}/img{i:07d}.jpg" for i, c in enumerate(given)],
+                    labels=[f"c{c}" for c in given], splits=splits, classes=[f"c{c}" for c in range(classes)],
+                    meta={"backbone": "synthetic", "root": None})
+    save_features(fs, path)
+    return {"dup_pairs": [[int(a), int(b)] for a, b in zip(src, dst)], "swapped": swapped.tolist()}
+
+
+def _peak_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def speed_run(store: Path, truth: dict, checks: list, threads: int) -> dict:
+    """Time each audit step on a saved store (run in a fresh process so the peak RSS is the audit's own)."""
+    from threadpoolctl import threadpool_limits
+
+    import featx
+    from featx.audit import AuditSettings, run_checks
+
+    with threadpool_limits(threads):
+        t = time.perf_counter()
+        fs = featx.load_features(store)
+        load_s = time.perf_counter() - t
+        res = run_checks(fs, AuditSettings(checks=checks), checks)
+    out = {"n": len(fs), "dim": fs.dim, "threads": threads, "load_s": round(load_s, 2), "seconds": res.info["seconds"],
+           "search": res.info.get("search"), "peak_rss_mb": _peak_mb(), "load": os.getloadavg()}
+    if "duplicates" in checks:
+        groups = [set(m["path"] for m in g["members"]) for g in res.duplicates]
+        member = {p: gi for gi, g in enumerate(groups) for p in g}
+        hits = sum(1 for a, b in truth["dup_pairs"] if fs.paths[a] in member and member.get(fs.paths[a]) == member.get(fs.paths[b]))
+        out["duplicates"] = {"planted_pairs": len(truth["dup_pairs"]), "found": hits, "groups": len(groups),
+                             "similar_pairs": res.info.get("n_similar_pairs")}
+    if "labels" in checks:
+        listed = [r["path"] for r in res.label_issues]
+        sw = {fs.paths[i] for i in truth["swapped"]}
+        out["labels"] = {"planted": len(sw), f"found_in_top_{len(sw)}": len(sw & set(listed[:len(sw)])),
+                         "found": len(sw & set(listed)), "listed": len(listed), "cv_accuracy": res.info["labels"]["cv_accuracy"]}
+    return out
+
+
+def naive_duplicates(store: Path, n: int, threshold: float, threads: int) -> dict:
+    """The tutorial way: the full N x N similarity matrix in memory, then threshold it (n rows of the store)."""
+    from threadpoolctl import threadpool_limits
+
+    import featx
+    from featx.audit.neighbors import normalise
+
+    with threadpool_limits(threads):
+        X = normalise(featx.load_features(store).features[:n])
+        t = time.perf_counter()
+        S = X @ X.T
+        i, j = np.nonzero(np.triu(S >= threshold, 1))
+        secs = time.perf_counter() - t
+    return {"n": n, "seconds": round(secs, 2), "pairs": int(len(i)), "matrix_gb": round(S.nbytes / 2**30, 2),
+            "peak_rss_mb": _peak_mb(), "load": os.getloadavg()}
+
+
+def naive_labels(store: Path, n: int, threads: int) -> dict:
+    """fit's grid search inside every fold (nested CV: 5 values x 5 inner folds per outer fold), n rows."""
+    from threadpoolctl import threadpool_limits
+
+    import featx
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    fs = featx.load_features(store)
+    X, y = fs.features[:n], fs.labels[:n]
+    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+    search = GridSearchCV(head, {"logisticregression__C": [0.001, 0.01, 0.1, 1.0, 10.0]}, cv=5)
+    with threadpool_limits(threads):
+        t = time.perf_counter()
+        cross_val_predict(search, X, y, cv=StratifiedKFold(5, shuffle=True, random_state=0), method="predict_proba")
+        secs = time.perf_counter() - t
+    return {"n": n, "seconds": round(secs, 2), "load": os.getloadavg()}
+
+
+def _subprocess_json(*args) -> dict:
+    import subprocess
+
+    r = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(r.stderr)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def speed(work: Path, n: int, dim: int, classes: int, threads: int, naive_n: int, naive_labels_n: int,
+          checks: list) -> dict:
+    store = work / f"synthetic-{n}x{dim}-c{classes}.npz"
+    truth_path = store.with_suffix(".json")
+    if not truth_path.exists():
+        truth_path.write_text(json.dumps(synthetic_store(store, n, dim, classes)))
+    out = {"store": str(store), "audit": _subprocess_json("speed-run", store, "--threads", threads, "--checks", ",".join(checks))}
+    threshold = AUDIT_THRESHOLD
+    if naive_n:
+        nd = _subprocess_json("naive-dups", store, "--n", naive_n, "--threads", threads, "--threshold", threshold)
+        nd["extrapolated_to_n_seconds"] = round(nd["seconds"] * (n / naive_n) ** 2, 1)  # O(N^2): stated as such
+        nd["extrapolated_matrix_gb"] = round(4 * n * n / 2**30, 1)
+        out["naive_duplicates"] = nd
+    if naive_labels_n:
+        nl = _subprocess_json("naive-labels", store, "--n", naive_labels_n, "--threads", threads)
+        nl["extrapolated_to_n_seconds"] = round(nl["seconds"] * n / naive_labels_n, 1)  # ~linear in N: stated
+        out["naive_labels"] = nl
+    return out
+
+
+AUDIT_THRESHOLD = 0.88
+
+
 # --------------------------------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -207,7 +341,33 @@ def main() -> None:
     p = sub.add_parser("honesty")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK)
     p.add_argument("--threshold", type=float, default=None)
+    p = sub.add_parser("speed")
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=1280)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--checks", default="duplicates,labels,outliers")
+    p.add_argument("--naive-n", type=int, default=16_000, help="rows for the N x N baseline (0 = skip)")
+    p.add_argument("--naive-labels-n", type=int, default=5_000, help="rows for the nested-search baseline (0 = skip)")
+    for name in ("speed-run", "naive-dups", "naive-labels"):  # internal: one measurement in a fresh process
+        p = sub.add_parser(name)
+        p.add_argument("store", type=Path)
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--n", type=int, default=0)
+        p.add_argument("--threshold", type=float, default=AUDIT_THRESHOLD)
+        p.add_argument("--checks", default="duplicates,labels,outliers")
     args = ap.parse_args()
+    if args.cmd == "speed":
+        print(json.dumps(speed(args.work, args.n, args.dim, args.classes, args.threads, args.naive_n,
+                               args.naive_labels_n, args.checks.split(",")), indent=1))
+    if args.cmd == "speed-run":
+        truth = json.loads(args.store.with_suffix(".json").read_text())
+        print(json.dumps(speed_run(args.store, truth, args.checks.split(","), args.threads)))
+    if args.cmd == "naive-dups":
+        print(json.dumps(naive_duplicates(args.store, args.n, args.threshold, args.threads)))
+    if args.cmd == "naive-labels":
+        print(json.dumps(naive_labels(args.store, args.n, args.threads)))
     if args.cmd == "calibrate":
         print(json.dumps(calibrate(args.work, plain=args.plain), indent=1))
     if args.cmd == "honesty":
