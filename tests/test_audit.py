@@ -275,7 +275,13 @@ def test_audit_never_touches_the_images(planted, tmp_path):
     assert before == after
 
 
-def test_audit_of_an_extracted_folder_finds_copied_files_across_splits(tmp_path):
+@pytest.fixture(scope="module")
+def lite0_96():
+    # the real embedded network at a small input size: seconds on the CPU, same code path as 224 px
+    return featx.create_backbone("efficientnet_lite0", image_size=96)
+
+
+def test_audit_of_an_extracted_folder_finds_copied_files_across_splits(tmp_path, lite0_96):
     """Real path: images -> featx extract -> featx audit (a tiny input size keeps it fast)."""
     import shutil
 
@@ -284,11 +290,48 @@ def test_audit_of_an_extracted_folder_finds_copied_files_across_splits(tmp_path)
     folder = make_folder(tmp_path / "imgs", classes=("a", "b"), n_per_class=3, splits=("train", "val"), size=40)
     src = sorted((folder / "train" / "a").iterdir())[0]
     shutil.copyfile(src, folder / "val" / "a" / "copied.jpg")
-    bb = featx.create_backbone("efficientnet_lite0", image_size=32)
-    featx.extract_features(folder, tmp_path / "f.npz", backbone=bb, workers=0)
+    featx.extract_features(folder, tmp_path / "f.npz", backbone=lite0_96, workers=0)
     # these flat-colour test images all look alike to the network: only a byte copy reaches 0.9999
     r = _cli("audit", tmp_path / "f.npz", "--checks", "duplicates", "--threshold", "0.9999", "--json")
     assert r.exit_code == 0, r.output
     [g] = json.loads(r.stdout)["duplicates"]
     assert g["leakage"] and g["all_exact"]
     assert {m["path"] for m in g["members"]} == {f"train/a/{src.name}", "val/a/copied.jpg"}
+
+
+def test_planted_copies_and_a_digit_among_real_photos_are_found(hymenoptera, tmp_path, lite0_96):
+    """Real photos (../shared/data/hymenoptera, skipped without it): 3 copies planted across splits after a resize,
+    a JPEG re-encode and a 6% crop, plus an upscaled scikit-learn digit among the ants. Pretrained lite0 at 96 px
+    keeps this to seconds; BENCHMARKS.md has the full-size run on all 398 photos."""
+    import shutil
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path / "photos"
+    for split, n in (("train", 10), ("val", 5)):
+        for cls in ("ants", "bees"):
+            (root / split / cls).mkdir(parents=True)
+            for f in sorted((hymenoptera / split / cls).iterdir())[:n]:
+                shutil.copyfile(f, root / split / cls / f.name)
+    copies = []
+    for cls, i, how in (("ants", 0, "resize"), ("bees", 1, "reencode"), ("ants", 2, "crop")):
+        src = sorted((root / "train" / cls).iterdir())[i]
+        im = Image.open(src).convert("RGB")
+        w, h = im.size
+        if how == "resize":
+            im, q = im.resize((w * 3 // 5, h * 3 // 5), Image.BICUBIC), 85
+        elif how == "crop":
+            im, q = im.crop((w * 6 // 100, h * 6 // 100, w - w * 6 // 100, h - h * 6 // 100)), 90
+        else:
+            q = 40
+        im.save(root / "val" / cls / f"copy_{src.name}", quality=q)
+        copies.append({f"train/{cls}/{src.name}", f"val/{cls}/copy_{src.name}"})
+    digit = (load_digits().images[3] * 255 / 16).astype(np.uint8)
+    Image.fromarray(digit).convert("RGB").resize((224, 224), Image.BICUBIC).save(root / "train" / "ants" / "digit.jpg")
+    featx.extract_features(root, tmp_path / "f.npz", backbone=lite0_96, workers=0)
+    res = audit(tmp_path / "f.npz", report_dir=False, checks=["duplicates", "outliers"], k=5)
+    found = sorted(sorted(m["path"] for m in g["members"]) for g in res.duplicates)
+    assert found == sorted(sorted(c) for c in copies)  # all three, and no pair of distinct photos
+    assert all(g["leakage"] for g in res.duplicates)
+    assert res.outliers and res.outliers[0]["path"] == "train/ants/digit.jpg"
