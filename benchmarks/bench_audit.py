@@ -191,6 +191,26 @@ def honesty(work: Path, **settings) -> dict:
     return report
 
 
+def sweep(work: Path) -> dict:
+    """Recall and list length of the label check over C, and of the outlier list over the fence (planted set)."""
+    import featx.audit as A
+
+    truth = json.loads((work / "planted.json").read_text())
+    swapped = {d["path"] for d in truth["label_errors"]}
+    digits = {d["path"] for d in truth["outliers"]}
+    out = {"C": {}, "fence": {}}
+    for C in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0):
+        res = A.audit(work / "features.npz", report_dir=False, checks=["labels"], C=C)
+        listed = [r["path"] for r in res.label_issues]
+        out["C"][str(C)] = {"listed": len(listed), "found_in_top_10": len(swapped & set(listed[:10])),
+                            "found": len(swapped & set(listed)), "cv_accuracy": res.info["labels"]["cv_accuracy"]}
+    for fence in (1.5, 1.7, 2.0, 3.0):
+        res = A.audit(work / "features.npz", report_dir=False, checks=["outliers"], fence=fence)
+        listed = [r["path"] for r in res.outliers]
+        out["fence"][str(fence)] = {"listed": len(listed), "found": len(digits & set(listed))}
+    return out
+
+
 # --------------------------------------------------------------------------------------------------- speed
 def synthetic_store(path: Path, n: int, dim: int, classes: int = 10, n_dups: int = 500, n_swaps: int = 500,
                     seed: int = 0) -> dict:
@@ -223,23 +243,41 @@ def synthetic_store(path: Path, n: int, dim: int, classes: int = 10, n_dups: int
     return {"dup_pairs": [[int(a), int(b)] for a, b in zip(src, dst)], "swapped": swapped.tolist()}
 
 
+def _gflops(threads: int) -> float:
+    """What the shared machine gives right now: float32 matrix product speed (context for every time printed)."""
+    from threadpoolctl import threadpool_limits
+
+    a = np.random.default_rng(0).random((2048, 1280), dtype=np.float32)
+    b = np.random.default_rng(1).random((8192, 1280), dtype=np.float32)
+    with threadpool_limits(threads):
+        t = time.perf_counter()
+        for _ in range(3):
+            a @ b.T
+        dt = time.perf_counter() - t
+    return round(3 * 2 * 2048 * 8192 * 1280 / dt / 1e9, 1)
+
+
 def _peak_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def speed_run(store: Path, truth: dict, checks: list, threads: int) -> dict:
+def speed_run(store: Path, truth: dict, checks: list, threads: int, backend: str = "auto",
+              project_dim: int = 0) -> dict:
     """Time each audit step on a saved store (run in a fresh process so the peak RSS is the audit's own)."""
     from threadpoolctl import threadpool_limits
 
     import featx
-    from featx.audit import AuditSettings, run_checks
+    from featx.audit import AuditSettings, neighbors, run_checks
 
+    if project_dim:
+        neighbors.PROJECT_DIM = project_dim
     with threadpool_limits(threads):
         t = time.perf_counter()
         fs = featx.load_features(store)
         load_s = time.perf_counter() - t
-        res = run_checks(fs, AuditSettings(checks=checks), checks)
+        res = run_checks(fs, AuditSettings(checks=checks, backend=backend), checks)
     out = {"n": len(fs), "dim": fs.dim, "threads": threads, "load_s": round(load_s, 2), "seconds": res.info["seconds"],
+           "sgemm_gflops_now": _gflops(threads), "outlier_knn": res.info.get("outlier_knn"),
            "search": res.info.get("search"), "peak_rss_mb": _peak_mb(), "load": os.getloadavg()}
     if "duplicates" in checks:
         groups = [set(m["path"] for m in g["members"]) for g in res.duplicates]
@@ -303,12 +341,13 @@ def _subprocess_json(*args) -> dict:
 
 
 def speed(work: Path, n: int, dim: int, classes: int, threads: int, naive_n: int, naive_labels_n: int,
-          checks: list) -> dict:
+          checks: list, backend: str = "auto") -> dict:
     store = work / f"synthetic-{n}x{dim}-c{classes}.npz"
     truth_path = store.with_suffix(".json")
     if not truth_path.exists():
         truth_path.write_text(json.dumps(synthetic_store(store, n, dim, classes)))
-    out = {"store": str(store), "audit": _subprocess_json("speed-run", store, "--threads", threads, "--checks", ",".join(checks))}
+    out = {"store": str(store), "audit": _subprocess_json("speed-run", store, "--threads", threads, "--checks",
+                                                          ",".join(checks), "--backend", backend)}
     threshold = AUDIT_THRESHOLD
     if naive_n:
         nd = _subprocess_json("naive-dups", store, "--n", naive_n, "--threads", threads, "--threshold", threshold)
@@ -338,6 +377,8 @@ def main() -> None:
     p = sub.add_parser("calibrate")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK)
     p.add_argument("--plain", action="store_true", help="plain L2 normalisation (no square root), for comparison")
+    p = sub.add_parser("sweep")
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK)
     p = sub.add_parser("honesty")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK)
     p.add_argument("--threshold", type=float, default=None)
@@ -348,6 +389,7 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--checks", default="duplicates,labels,outliers")
+    p.add_argument("--backend", default="auto")
     p.add_argument("--naive-n", type=int, default=16_000, help="rows for the N x N baseline (0 = skip)")
     p.add_argument("--naive-labels-n", type=int, default=5_000, help="rows for the nested-search baseline (0 = skip)")
     for name in ("speed-run", "naive-dups", "naive-labels"):  # internal: one measurement in a fresh process
@@ -357,19 +399,24 @@ def main() -> None:
         p.add_argument("--n", type=int, default=0)
         p.add_argument("--threshold", type=float, default=AUDIT_THRESHOLD)
         p.add_argument("--checks", default="duplicates,labels,outliers")
+        p.add_argument("--backend", default="auto")
+        p.add_argument("--project-dim", type=int, default=0)
     args = ap.parse_args()
     if args.cmd == "speed":
         print(json.dumps(speed(args.work, args.n, args.dim, args.classes, args.threads, args.naive_n,
-                               args.naive_labels_n, args.checks.split(",")), indent=1))
+                               args.naive_labels_n, args.checks.split(","), args.backend), indent=1))
     if args.cmd == "speed-run":
         truth = json.loads(args.store.with_suffix(".json").read_text())
-        print(json.dumps(speed_run(args.store, truth, args.checks.split(","), args.threads)))
+        print(json.dumps(speed_run(args.store, truth, args.checks.split(","), args.threads, args.backend,
+                                   args.project_dim)))
     if args.cmd == "naive-dups":
         print(json.dumps(naive_duplicates(args.store, args.n, args.threshold, args.threads)))
     if args.cmd == "naive-labels":
         print(json.dumps(naive_labels(args.store, args.n, args.threads)))
     if args.cmd == "calibrate":
         print(json.dumps(calibrate(args.work, plain=args.plain), indent=1))
+    if args.cmd == "sweep":
+        print(json.dumps(sweep(args.work), indent=1))
     if args.cmd == "honesty":
         kw = {} if args.threshold is None else {"threshold": args.threshold}
         print(json.dumps(honesty(args.work, overwrite=True, **kw), indent=1))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,6 +18,9 @@ from featx.errors import DataError, OutputError, UsageError
 from featx.features.store import FeatureSet, save_features
 
 runner = CliRunner()
+# the label check is an optional extra (featx[audit], also in featx[test]); its tests skip where it is not installed
+needs_cleanlab = pytest.mark.skipif(importlib.util.find_spec("cleanlab") is None,
+                                    reason="cleanlab not installed (pip install 'featx[audit]')")
 
 
 def _cluster_features(rng, n_per_class: int, classes: int, dim: int) -> tuple:
@@ -108,30 +112,44 @@ def test_projected_blocked_search_finds_exactly_the_pairs_of_the_full_matrix(mon
     rng = np.random.default_rng(1)
     X, _ = _cluster_features(rng, 150, 2, 48)
     X[100:140] = X[:40] * (1 + rng.normal(0, 0.05, (40, 48)))  # some close pairs
-    monkeypatch.setattr(neighbors, "QUERY_BLOCK", 37)
-    for project in (True, False):
-        index = neighbors.build_index(X, project=project, dim=6)
-        assert index.projected is project and index.Z.shape[1] == (6 if project else 48)
-        i, j, s = neighbors.similar_pairs(index, 0.8)
-        U = index.X @ index.X.T
-        ei, ej = np.nonzero(np.triu(U >= 0.8, 1))
-        assert len(ei) > 40  # the test means something: many pairs, both close copies and same-class neighbours
-        assert sorted(zip(i.tolist(), j.tolist())) == sorted(zip(ei.tolist(), ej.tolist()))
-        np.testing.assert_allclose(s, U[i, j], atol=1e-5)
+    monkeypatch.setattr(neighbors, "BLOCK_MB", 0.01)  # 16-row blocks: many blocks, pairs across their edges
+    assert neighbors.block_rows(300) == 16
+    for backend in ("numpy", "sklearn"):
+        for project in (True, False):
+            index = neighbors.build_index(X, project=project, dim=6, backend=backend)
+            assert index.projected is project and index.Z.shape[1] == (6 if project else 48)
+            i, j, s = neighbors.similar_pairs(index, 0.8)
+            U = index.X @ index.X.T
+            ei, ej = np.nonzero(np.triu(U >= 0.8, 1))
+            assert len(ei) > 40  # the test means something: many pairs, close copies and same-class neighbours
+            assert sorted(zip(i.tolist(), j.tolist())) == sorted(zip(ei.tolist(), ej.tolist()))
+            np.testing.assert_allclose(s, U[i, j], atol=1e-5)
 
 
-def test_knn_rerank_on_a_projection_matches_the_exact_kth_distance_on_clustered_data():
+def test_kth_neighbour_distance_exact_reranked_and_sampled(monkeypatch):
     rng = np.random.default_rng(2)
     X, _ = _cluster_features(rng, 100, 3, 40)
-    exact = neighbors.knn_distances(neighbors.build_index(X, project=False), 5)
-    approx = neighbors.knn_distances(neighbors.build_index(X, project=True, dim=30), 5)
-    assert exact.shape == (300, 5) and (np.diff(exact, axis=1) >= -1e-6).all()
-    # re-measured in the full dimension: real distances to real neighbours, so never shorter than the exact k-NN;
-    # on this noisy data (30 of 40 dimensions kept) nearly every row gets its exact k-th distance back
-    assert (approx >= exact - 1e-6).all()
-    assert (np.abs(approx[:, -1] - exact[:, -1]) < 1e-6).mean() > 0.9
+    X[7] = X[8]  # an identical copy is a neighbour like any other (distance 0), only the row itself is not
+    Xn = neighbors.normalise(X)
+    S = Xn @ Xn.T
+    np.fill_diagonal(S, -np.inf)
+    truth = 1 - np.sort(S, axis=1)[:, -5]  # the 5th nearest other row
+    monkeypatch.setattr(neighbors, "BLOCK_MB", 0.01)
+    for backend in ("numpy", "sklearn"):
+        exact = neighbors.kth_neighbour_distance(neighbors.build_index(X, project=False, backend=backend), 5)
+        assert exact.k == 5 and exact.reference == 300
+        np.testing.assert_allclose(exact.distance, truth, atol=1e-5)
+        # on a projection the candidates are re-measured in the full dimension: real distances to real
+        # neighbours, never shorter than the exact ones; here (30 of 40 dimensions) nearly all are exact
+        approx = neighbors.kth_neighbour_distance(neighbors.build_index(X, project=True, dim=30, backend=backend), 5)
+        assert (approx.distance >= truth - 1e-5).all() and (np.abs(approx.distance - truth) < 1e-5).mean() > 0.9
+    monkeypatch.setattr(neighbors, "KNN_REFERENCE", 150)  # a sample of half the rows: k scales to 2 (5 * 150/300)
+    sampled = neighbors.kth_neighbour_distance(neighbors.build_index(X, project=False), 5)
+    assert (sampled.k, sampled.reference) == (2, 150)
+    assert np.corrcoef(sampled.distance, truth)[0, 1] > 0.8
 
 
+@needs_cleanlab
 def test_swapped_labels_are_ranked_first(planted):
     fs, truth = planted
     res = audit(fs, report_dir=False, checks=["labels"])
@@ -208,6 +226,7 @@ def _cli(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+@needs_cleanlab
 def test_cli_writes_the_report_folder_beside_the_store_and_json(planted, tmp_path):
     fs, truth = planted
     store = tmp_path / "features.npz"
@@ -232,6 +251,7 @@ def test_cli_writes_the_report_folder_beside_the_store_and_json(planted, tmp_pat
     assert "across splits" in r.output and "copy0.jpg" in r.output and "report ->" in r.output
 
 
+@needs_cleanlab
 def test_cli_refuses_a_foreign_file_in_the_report_folder_before_any_work(planted, tmp_path):
     folder = tmp_path / "features-audit"
     folder.mkdir()
@@ -246,6 +266,16 @@ def test_cli_refuses_a_foreign_file_in_the_report_folder_before_any_work(planted
     assert mine.read_text().startswith("rank,path")
 
 
+@needs_cleanlab
+def test_report_folder_inside_the_image_folder_is_refused(planted, tmp_path):
+    fs, _ = planted
+    inside = Path(fs.meta["root"]) / "audit"
+    r = _cli("audit", tmp_path / "features.npz", "--report-dir", inside)
+    assert r.exit_code == 2 and "inside the input folder" in r.output
+    assert not inside.exists()
+
+
+@needs_cleanlab
 def test_rerun_replaces_its_own_report_and_stays_consistent(planted, tmp_path):
     store = tmp_path / "features.npz"
     assert _cli("audit", store).exit_code == 0
@@ -256,6 +286,7 @@ def test_rerun_replaces_its_own_report_and_stays_consistent(planted, tmp_path):
     assert "near-duplicates: not run" in (folder / "report.md").read_text()
 
 
+@needs_cleanlab
 def test_a_second_audit_of_the_same_store_is_refused_while_the_first_runs(planted, tmp_path):
     from featx._io import OutputLock
 
@@ -266,6 +297,7 @@ def test_a_second_audit_of_the_same_store_is_refused_while_the_first_runs(plante
         assert r.exit_code == 7
 
 
+@needs_cleanlab
 def test_audit_never_touches_the_images(planted, tmp_path):
     fs, _ = planted
     root = Path(fs.meta["root"])

@@ -45,7 +45,7 @@ class AuditSettings:
     folds: int = 5  # cross-validation folds for out-of-sample probabilities; lowered to the smallest class count
     val_split: float = 0.2  # as `featx fit`: which rows fit would hold out when the store has no val split
     seed: int = 0  # seeds the hold-out (same rule as fit), the CV folds and the PCA
-    backend: str = "auto"  # neighbour search: sklearn, faiss (when installed), or auto
+    backend: str = "auto"  # neighbour search: numpy (blocked products), sklearn, faiss; auto = faiss if installed
     n_jobs: Optional[int] = None  # parallel CV fits (joblib); None = 1
 
     def validate(self) -> None:
@@ -126,6 +126,11 @@ def audit(features, *, report_dir: Union[str, Path, None, bool] = True, images: 
     fs = features if path is None else load_features(path)
     checks = _plan_checks(fs, s)
     out_dir = _resolve_report_dir(report_dir, path)
+    root = images if images is not None else fs.meta.get("root")
+    if out_dir is not None and root:  # PNGs inside the image folder would be read back as images next time
+        from .._io import refuse_inside
+
+        refuse_inside(out_dir, root, what="report folder")
     outputs = rep.report_files(out_dir) if out_dir is not None else {}
     with rep.claim(outputs, overwrite=overwrite):  # checked and locked before any work
         res = run_checks(fs, s, checks, images=images, progress=progress)
@@ -224,13 +229,15 @@ def _duplicates(fs, s, index, roles, root, info, progress) -> list:
                           root=root, known_exact=known)
     info["seconds"]["duplicates"] = round(time.perf_counter() - t, 3)
     info["n_similar_pairs"] = int(len(pairs[0]))
+    info["search"] = index.describe()
     return out
 
 
 def _outliers(fs, s, index, roles, info, progress) -> list:
     t = time.perf_counter()
-    dist = neighbors.knn_distances(index, s.k, progress=_stage(progress, "outliers"))
-    score = dist[:, -1]
+    knn = neighbors.kth_neighbour_distance(index, s.k, seed=s.seed, progress=_stage(progress, "outliers"))
+    score = knn.distance
+    info["outlier_knn"] = {"k": knn.k, "reference": knn.reference}
     q1, q3 = np.percentile(score, [25, 75])
     cut = float(q3 + s.fence * (q3 - q1))
     order = np.argsort(-score, kind="stable")
