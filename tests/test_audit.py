@@ -170,7 +170,10 @@ def test_foreign_rows_are_the_outliers(planted):
 
 def test_unlabelled_flat_store_runs_duplicates_and_outliers_and_skips_labels(tmp_path):
     fs, truth = planted_store(tmp_path, labelled=False, splits=False)
-    res = audit(tmp_path / "features.npz", report_dir=False)
+    seen = []
+    res = audit(tmp_path / "features.npz", report_dir=False, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (2 * len(fs), 2 * len(fs))  # two neighbour passes, reported as one bar that ends full
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert res.info["checks"] == ["duplicates", "outliers"] and res.info["skipped"] == ["labels"]
     assert res.label_issues == [] and len(res.duplicates) == 4
     assert not res.leakage  # no splits, no labels: nothing to leak between

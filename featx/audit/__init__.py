@@ -104,7 +104,7 @@ def default_report_dir(features_path: Union[str, Path]) -> Path:
 
 
 def audit(features, *, report_dir: Union[str, Path, None, bool] = True, images: Union[str, Path, None] = None,
-          overwrite: bool = False, progress: Optional[Callable[[str, int, int], None]] = None,
+          overwrite: bool = False, progress: Optional[Callable[[int, int], None]] = None,
           **settings) -> AuditResult:
     """Audit a feature store (a path or a FeatureSet) for near-duplicates, likely label errors and outliers.
 
@@ -114,7 +114,8 @@ def audit(features, *, report_dir: Union[str, Path, None, bool] = True, images: 
             store (``<stem>-audit/``; nothing is written for an in-memory FeatureSet); a path; or False/None.
         images: the image root, when the images are no longer where the store says (sha256 marks, galleries).
         overwrite: allow replacing report files featx did not write.
-        progress: optional ``callback(stage, done, total)``.
+        progress: optional ``callback(done, total)`` over the neighbour passes (rows searched; the label check's
+            cross-validation reports nothing).
         settings: any field of :class:`AuditSettings` (threshold, checks, k, fence, C, folds, seed, backend...).
     """
     from ..features.store import FeatureSet, load_features
@@ -137,7 +138,7 @@ def audit(features, *, report_dir: Union[str, Path, None, bool] = True, images: 
         res.features_path = path
         if out_dir is not None:
             res.report_dir = out_dir
-            res.files = rep.write_report(res, out_dir, fs=fs)
+            res.files = rep.write_report(res, out_dir)
     return res
 
 
@@ -219,7 +220,7 @@ def _duplicates(fs, s, index, roles, root, info, progress) -> list:
     max_pairs = max(1000, 50 * len(fs))
     try:
         pairs = neighbors.similar_pairs(index, s.threshold, max_pairs=max_pairs,
-                                        progress=_stage(progress, "duplicates"))
+                                        progress=_stage(progress, info["checks"], "duplicates"))
     except ValueError:
         raise UsageError(f"more than {max_pairs} image pairs reach cosine {s.threshold}: that is not duplication; "
                          "raise --threshold") from None
@@ -235,7 +236,8 @@ def _duplicates(fs, s, index, roles, root, info, progress) -> list:
 
 def _outliers(fs, s, index, roles, info, progress) -> list:
     t = time.perf_counter()
-    knn = neighbors.kth_neighbour_distance(index, s.k, seed=s.seed, progress=_stage(progress, "outliers"))
+    knn = neighbors.kth_neighbour_distance(index, s.k, seed=s.seed,
+                                           progress=_stage(progress, info["checks"], "outliers"))
     score = knn.distance
     info["outlier_knn"] = {"k": knn.k, "reference": knn.reference}
     q1, q3 = np.percentile(score, [25, 75])
@@ -272,10 +274,13 @@ def _at(arr, r: int):
     return v or None
 
 
-def _stage(progress, name: str):
+def _stage(progress, checks: list, name: str):
+    """Progress of one neighbour pass as a share of all of them (duplicates and outliers each walk every row)."""
     if progress is None:
         return None
-    return lambda done, total: progress(name, done, total)
+    passes = [c for c in ("duplicates", "outliers") if c in checks]
+    before = passes.index(name)
+    return lambda done, total: progress(before * total + done, len(passes) * total)
 
 
 __all__ = ["audit", "AuditSettings", "AuditResult", "CHECKS", "default_report_dir", "run_checks"]

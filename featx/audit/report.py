@@ -54,7 +54,7 @@ def claim(outputs: dict, *, overwrite: bool = False):
         yield held
 
 
-def write_report(res, folder: Path, *, fs=None) -> list:
+def write_report(res, folder: Path) -> list:
     """Write every report file (all of them, even empty, so a folder never mixes two runs); returns the paths."""
     folder = Path(folder)
     root = Path(res.root) if res.root else None

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from .app import app, run_boundary
 from .._io import safe_str
-from .common import out, print_json, styled, warn
+from .common import out, print_json, progress_bar, styled, warn
 
 # Literal defaults (not imported) so that `featx --help` does not import numpy/sklearn; tests check they agree.
 DEFAULT_FEATURES = Path("featx-out") / "features.npz"
@@ -41,9 +41,11 @@ def audit_cmd(
     """List near-duplicates (cross-split leakage first), likely label errors and outliers. Never moves or deletes images."""
     from ..audit import audit
 
-    res = audit(features, report_dir=False if no_report else (report_dir or True), images=images,
-                overwrite=overwrite, checks=[c.strip() for c in checks.split(",") if c.strip()], threshold=threshold,
-                k=k, fence=fence, C=C, folds=folds, val_split=val_split, seed=seed, backend=backend, n_jobs=jobs)
+    with progress_bar("searching neighbours", unit="img") as update:
+        res = audit(features, report_dir=False if no_report else (report_dir or True), images=images,
+                    overwrite=overwrite, checks=[c.strip() for c in checks.split(",") if c.strip()],
+                    threshold=threshold, k=k, fence=fence, C=C, folds=folds, val_split=val_split, seed=seed,
+                    backend=backend, n_jobs=jobs, progress=update)
     for note in res.info.get("notes", []):
         warn(note)
     if json_:
