@@ -370,3 +370,19 @@ def test_planted_copies_and_a_digit_among_real_photos_are_found(hymenoptera, tmp
     assert found == sorted(sorted(c) for c in copies)  # all three, and no pair of distinct photos
     assert all(g["leakage"] for g in res.duplicates)
     assert res.outliers and res.outliers[0]["path"] == "train/ants/digit.jpg"
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """The CLI spells its defaults out (so `featx --help` imports nothing heavy); they must match AuditSettings."""
+    import inspect
+
+    from featx.audit import AuditSettings
+    from featx.cli.audit import DEFAULT_FEATURES, audit_cmd
+    from featx.features.store import DEFAULT_FEATURES_PATH
+
+    params = {name: p.default.default for name, p in inspect.signature(audit_cmd).parameters.items()}
+    lib = AuditSettings()
+    for name in ("threshold", "k", "fence", "C", "folds", "val_split", "seed", "backend"):
+        assert params[name] == getattr(lib, name), name
+    assert params["checks"].split(",") == list(lib.checks)
+    assert DEFAULT_FEATURES == DEFAULT_FEATURES_PATH
