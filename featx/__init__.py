@@ -36,6 +36,7 @@ _API = {
     "compare": "featx.comparison",
     "export_model": "featx.export.onnx_export",
     "export_features": "featx.export.parquet",
+    "audit": "featx.audit",
 }
 
 __all__ = ["__version__", *_API]

@@ -12,7 +12,7 @@ from featx.cli.app import app
 from tests.imagegen import make_bad_files, make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["models", "extract", "fit", "predict", "finetune", "scratch", "compare", "export"]
+COMMANDS = ["models", "extract", "fit", "predict", "finetune", "scratch", "compare", "export", "audit"]
 runner = CliRunner()
 
 

@@ -69,7 +69,7 @@ def run_boundary(fn):
 
 
 # Command modules register themselves on `app` when imported (one module per command).
-from . import compare, export, extract, finetune, fit, models, predict, scratch  # noqa: E402,F401
+from . import audit, compare, export, extract, finetune, fit, models, predict, scratch  # noqa: E402,F401
 
 
 def _lift_traceback_flag(argv: list) -> list:
