@@ -129,6 +129,12 @@ def test_the_cli_predicts_with_an_onnx_file_where_torch_is_not_installed(exporte
     assert dict((x[0], x[-1]) for x in rows)["bee/broken.jpg"].startswith("truncated or corrupt")
     assert "could not read bee/broken.jpg" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "out.report" / "confusion.png").is_file()
+    # a model that needs torch: one line naming what to install, nothing written
+    r = subprocess.run([sys.executable, "-m", "featx", "predict", str(exported["val"]), "--model",
+                        str(exported["head"]), "-o", str(tmp_path / "head.csv")],
+                       env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("Error: torch is not installed"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "head.csv").exists()
 
 
 def test_importing_the_cli_imports_no_torch_and_the_scratch_help_matches_the_zoo():
