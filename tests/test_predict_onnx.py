@@ -205,3 +205,15 @@ def test_an_oversized_batch_is_capped_to_memory_like_extract(exported, monkeypat
     note = [w for w in res.warnings if w.startswith("--batch-size 100000 would need")]
     assert note and "using batches of" in note[0]
     same_rows(res.rows, exported["ref"].rows)
+
+
+def test_without_onnxruntime_predict_names_the_extra_in_one_line(exported, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from featx.cli.app import app
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    r = CliRunner().invoke(app, ["predict", str(exported["val"]), "--model", str(exported["onnx"]), "-o",
+                                 str(tmp_path / "p.csv"), "--workers", "0"])
+    assert r.exit_code == 2 and "pip install onnxruntime (or 'featx[export]')" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.csv").exists()

@@ -186,7 +186,8 @@ def cap_batch_size(batch_size: int, model, preprocess, device, *, workers: int, 
     pixels = 3 * side * side
     per_image = pixels * (4 * workers + 1) + pixels * 4
     if device.type != "cuda":
-        per_image += ACTIVATION_FACTOR * (largest_activation() if largest_activation else _largest_activation(model, side))
+        largest = largest_activation() if largest_activation else _largest_activation(model, side)
+        per_image += ACTIVATION_FACTOR * largest
     cap = max(1, int(free * 0.5 // per_image))
     if want <= cap:
         return want, None

@@ -161,8 +161,9 @@ class PredictResult:
             "output": str(self.output) if self.output else None, "format": self.format, "model": self.model,
             "model_kind": self.model_kind, "confidence_kind": self.confidence_kind, "n_images": self.n_images,
             "n_classified": self.n_classified, "n_errors": self.n_errors, "counts": self.counts,
-            "errors": self.errors, "n_skipped": len(self.skipped), "skipped": self.skipped, "device": self.device, "seconds": round(self.seconds, 3),
-            "images_per_s": round(self.images_per_s, 2), "dry_run": self.dry_run, "warnings": self.warnings,
+            "errors": self.errors, "n_skipped": len(self.skipped), "skipped": self.skipped, "device": self.device,
+            "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 2), "dry_run": self.dry_run,
+            "warnings": self.warnings,
         }
         if self.labelled and self.metrics is not None:
             d["metrics"] = {**summary(self.metrics), "per_class": self.metrics["per_class"],

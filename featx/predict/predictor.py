@@ -254,9 +254,9 @@ def _from_onnx(model, *, weights=None, strict: bool = False) -> Predictor:
     onnx = model if isinstance(model, OnnxPredictor) else load_onnx_predictor(Path(os.fsdecode(model)))
     what = onnx.description or f"{onnx.kind or 'exported'} model"
     return Predictor(
-        preprocess=Preprocess.from_dict(onnx.preprocess), forward=None, to_scores=_as_scores, classes=list(onnx.classes),
-        score_kind=onnx.score_kind, description=f"{what} (ONNX)", kind=onnx.kind or "onnx", path=onnx.path,
-        score_pixels=onnx.predict, largest_activation=onnx.largest_activation)
+        preprocess=Preprocess.from_dict(onnx.preprocess), forward=None, to_scores=_as_scores,
+        classes=list(onnx.classes), score_kind=onnx.score_kind, description=f"{what} (ONNX)", kind=onnx.kind or "onnx",
+        path=onnx.path, score_pixels=onnx.predict, largest_activation=onnx.largest_activation)
 
 
 def _as_scores(x) -> np.ndarray:
