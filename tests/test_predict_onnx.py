@@ -172,6 +172,21 @@ def test_numpy_pixels_match_the_torch_loader_rows_errors_and_pixels(tmp_path):
     assert set(errors) == set(bad) and all(bad[n] in errors[n] for n in bad)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the fake crash reaches the workers through fork")
+def test_a_decoding_process_that_dies_is_one_clear_error(tmp_path, monkeypatch):
+    import featx.data.jpeg_batch as jb
+    from featx.data.numpy_pixels import iter_numpy_pixels
+    from featx.data.preprocess import Preprocess
+    from featx.errors import DataError
+
+    folder = make_folder(tmp_path / "d", classes=("a",), n_per_class=4, splits=None, size=24)
+    paths = sorted((folder / "a").iterdir())
+    real = jb.pil_pixels
+    monkeypatch.setattr(jb, "pil_pixels", lambda p, *a: os._exit(9) if p.endswith("a_002.jpg") else real(p, *a))
+    with pytest.raises(DataError, match=r"a decoding process died .* on were not decoded; re-run with --workers 0"):
+        list(iter_numpy_pixels(paths, Preprocess(input_size=16, resize=16), batches=[[0, 1], [2, 3]], workers=2))
+
+
 # -- folder-level skips and the batch-size cap, as in extract -------------------------------------------------------
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
 def test_folders_discovery_skipped_are_reported_and_strict_refuses_them_before_any_work(exported, tmp_path,

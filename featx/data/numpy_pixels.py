@@ -38,7 +38,8 @@ def iter_numpy_pixels(paths: Sequence, preprocess, *, batches: list, workers: Op
     ``workers``: decoding processes (None: `featx.devices.default_workers`; 0: decode in this process).
 
     Raises:
-        DataError when a decoding process dies (killed by the OS, e.g. out of memory), naming the batch's first file.
+        DataError when a decoding process dies (killed by the OS, e.g. out of memory), naming the first file of the
+        first batch that did not come back.
     """
     from ..devices import default_workers
 
@@ -69,9 +70,9 @@ def _in_processes(paths: list, preprocess, batches: list, n: int, max_pixels) ->
                 yield fut.result()
             except BrokenProcessPool:
                 first = safe_str(paths[batch[0]]) if batch else "?"
-                raise DataError(f"a decoding process died (killed by the OS, out of memory?) while reading the batch "
-                                f"that starts with {first}; re-run with --workers 0 to decode in one process and "
-                                "find the file") from None
+                raise DataError(f"a decoding process died (killed by the OS, out of memory?); the images from {first} "
+                                "on were not decoded; re-run with --workers 0 to decode in one process and find the "
+                                "file") from None
     finally:
         for _, fut in pending:
             fut.cancel()
