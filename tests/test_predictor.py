@@ -18,9 +18,11 @@ def test_artifact_kind_dispatches_in_one_place(tiny_head, tmp_path):  # noqa: F8
     assert PR.artifact_kind(tiny_head[1]) == "head" and PR.artifact_kind(load_head(tiny_head[1])) == "head"
     assert PR.artifact_kind(tmp_path) == "trained"  # a run folder (load_model then says what is missing)
     (tmp_path / "model.onnx").write_bytes(b"not yet")
+    assert PR.artifact_kind(tmp_path / "model.onnx") == "onnx"  # the loader then says it is not a model it can load
+    (tmp_path / "model.pt").write_bytes(b"not yet")
     with pytest.raises(ArtifactError, match="is not a model featx can predict with"):
-        PR.artifact_kind(tmp_path / "model.onnx")
-    assert set(PR.LOADERS) == {"head", "trained"}
+        PR.artifact_kind(tmp_path / "model.pt")
+    assert set(PR.LOADERS) == {"head", "trained", "onnx"}
 
 
 def test_a_predictor_called_on_pixels_agrees_with_predict_folder(tiny_head):  # noqa: F811

@@ -52,12 +52,16 @@ def run_boundary(fn):
         try:
             with library_warnings():
                 return fn(*args, **kwargs)
-        except (FeatxError, OSError, KeyboardInterrupt) as exc:
+        except (FeatxError, OSError, KeyboardInterrupt, ModuleNotFoundError) as exc:
             if _state["traceback"]:
                 raise
             if isinstance(exc, KeyboardInterrupt):
                 err.print(error_line("stopped by Ctrl-C; featx writes every output atomically, so none is half-written"))
                 raise typer.Exit(code=130)
+            if isinstance(exc, ModuleNotFoundError):
+                exc = _missing_dependency(exc)
+                if exc is None:
+                    raise
             if isinstance(exc, OSError):
                 if exc.errno not in WRITE_ERRNOS:
                     raise  # not a user's fault we can explain: a bug, keep the traceback
@@ -66,6 +70,22 @@ def run_boundary(fn):
             raise typer.Exit(code=exc.exit_code)
 
     return wrapper
+
+
+# featx's dependencies, import name -> pip name. An install without them (a deployment machine that only runs
+# `featx predict --model model.onnx`, see the README) gets one line naming the package, not a traceback.
+_DEPENDENCIES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "sklearn": "scikit-learn",
+                 "skops": "skops", "safetensors": "safetensors", "matplotlib": "matplotlib"}
+
+
+def _missing_dependency(exc: ModuleNotFoundError) -> Optional[FeatxError]:
+    from ..errors import UsageError
+
+    pip = _DEPENDENCIES.get((exc.name or "").split(".")[0])
+    if pip is None:
+        return None
+    return UsageError(f"{pip} is not installed and this command needs it: pip install {pip} (or install featx with its "
+                      "dependencies); without torch, featx runs `featx predict --model MODEL.onnx` only")
 
 
 # Command modules register themselves on `app` when imported (one module per command).

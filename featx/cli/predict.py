@@ -13,13 +13,14 @@ from .plain_help import PlainHelpCommand
 from .tables import confusion_table, fmt, metrics_table, per_class_table
 
 PLAN_LINES = 40  # sort actions listed in full on the terminal (dry run); the rest are counted
+SKIP_LINES = 20  # folders/files discovery skipped, listed on stderr (as `featx extract` does); the rest are counted
 
 
 @app.command("predict", cls=PlainHelpCommand)
 @run_boundary
 def predict_cmd(
     images: Path = typer.Argument(..., help="Folder of images. Class subfolders = labelled: accuracy, confusion matrix, gallery."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Head file (.skops) from `featx fit`, or a run folder / model.json from `featx finetune` / `featx scratch`. Default: featx-out/head.skops."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Head file (.skops) from `featx fit`, a run folder / model.json from `featx finetune` / `featx scratch`, or an .onnx file from `featx export` (runs in onnxruntime; torch not needed). Default: featx-out/head.skops."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Table to write. Default: featx-out/predictions.csv (.jsonl with --format jsonl)."),
     format_: Optional[str] = typer.Option(None, "--format", help="csv | jsonl (default: from the -o suffix, else csv)."),
     top_k: int = typer.Option(3, "--top-k", min=0, help="Top classes and scores per row."),
@@ -28,9 +29,9 @@ def predict_cmd(
     move: bool = typer.Option(False, "--move", help="With --sort-into: move the images (the only mode that removes sources)."),
     min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="With --sort-into: images below this go to DIR/_uncertain/ (a probability, or a decision score for SVM/ridge heads)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Predict and print the sort plan; write, copy and move nothing."),
-    strict: bool = typer.Option(False, "--strict", help="Exit 6 if any image could not be read (after writing the rest); with --sort-into, stop at the first file that cannot be sorted (exit 7)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 6 if any image could not be read (after writing the rest) or a folder was skipped (before any work); with --sort-into, stop at the first file that cannot be sorted (exit 7)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per batch (default 32 CPU, 256 CUDA)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per batch (default 32 CPU, 256 CUDA; capped to what memory holds)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: CPU count, at most 8)."),
     report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Labelled input: where confusion.png, misclassified.png, metrics.json go (default: <output stem>.report/)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing existing output files (table, report files) that featx did not write."),
@@ -66,6 +67,10 @@ def predict_cmd(
 def _report(res, json_: bool) -> None:
     for w in res.warnings:
         warn(w)
+    for k in res.skipped[:SKIP_LINES]:
+        warn(f"skipped {k['path']}: {k['reason']}")
+    if len(res.skipped) > SKIP_LINES:
+        warn(f"... and {len(res.skipped) - SKIP_LINES} more skipped (--json lists them all)")
     for e in res.errors:
         warn(f"could not read {e['path']}: {e['reason']}")
     for a in res.sort_actions:
@@ -80,9 +85,9 @@ def _report(res, json_: bool) -> None:
 def _print(res) -> None:
     from rich.table import Table
 
-    out.print(styled("{} images classified by {} on {} in {} s ({} img/s); [bold]{}[/bold] unreadable",
+    out.print(styled("{} images classified by {} on {} in {} s ({} img/s); [bold]{}[/bold] unreadable{}",
                      res.n_classified, res.model, res.device, f"{res.seconds:.1f}", f"{res.images_per_s:.1f}",
-                     res.n_errors))
+                     res.n_errors, f", {len(res.skipped)} skipped folders/files" if res.skipped else ""))
     conf = ("probability of the predicted class" if res.confidence_kind == "probability"
             else "decision score of the predicted class (not a probability; larger = more confident)")
     out.print(f"confidence = {conf}")

@@ -1,15 +1,24 @@
 """`featx scratch IMAGES --arch NAME`: train a small CNN from scratch (the no-pretraining baseline)."""
 from __future__ import annotations
 
+from collections import namedtuple
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ..training.zoo import ARCHS
 from .app import app, run_boundary
 from .finetune import epoch_line, is_main_rank, log_message, print_result
 
+# A literal copy of featx.training.zoo.ARCHS (name, default size, description), not imported: the zoo imports torch,
+# every command module is imported at start-up, and `featx predict --model model.onnx` must run on a machine without
+# torch. tests/test_predict_onnx.py checks that the two agree.
+_Arch = namedtuple("_Arch", "name image_size description")
+ARCHS = {a.name: a for a in (
+    _Arch("lenet5", 32, "LeNet-5 (ReLU, max-pool), 62k parameters at 10 classes; digits, tiny icons"),
+    _Arch("vgg_small", 64, "VGG-style 3x3 conv stacks with BatchNorm and dropout, 1.1M parameters"),
+    _Arch("resnet20", 32, "CIFAR-style ResNet-20 (3 stages x 3 basic blocks), 0.27M parameters"),
+)}
 _ARCH_HELP = ", ".join(f"{a.name} ({a.image_size} px)" for a in ARCHS.values())
 # the first paragraph is the one-line summary `featx --help` lists; the architectures follow in `featx scratch --help`
 _HELP = ("Train a small CNN from random init: the no-pretraining baseline.\n\nArchitectures (--arch):\n\n"

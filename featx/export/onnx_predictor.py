@@ -11,6 +11,9 @@ happens inside the graph. This module must not import torch, and imports nothing
 from __future__ import annotations
 
 import json
+import logging
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,6 +22,8 @@ import numpy as np
 
 from .._io import safe_str
 from ..errors import ArtifactError, UsageError
+
+log = logging.getLogger("featx")
 
 FORMAT = "featx.onnx"  # same value as featx.export.onnx_export.FORMAT (not imported: that module imports torch)
 FORMAT_VERSION = 1
@@ -40,6 +45,9 @@ class OnnxPredictor:
     provenance: dict = field(default_factory=dict)  # what the model was made from (head / model.json, backbone, source)
     exporter: dict = field(default_factory=dict)
     parity: dict = field(default_factory=dict)
+    # () -> bytes of the largest node output for one image, measured by onnxruntime's profiler (featx predict caps
+    # an oversized --batch-size with it, as it does for torch models with forward hooks)
+    largest_activation: Optional[Callable[[], int]] = field(default=None, repr=False)
 
 
 def load_onnx_predictor(path, *, threads: Optional[int] = None) -> OnnxPredictor:
@@ -91,7 +99,33 @@ def load_onnx_predictor(path, *, threads: Optional[int] = None) -> OnnxPredictor
                          score_kind=meta["score_kind"], kind=meta.get("kind", ""),
                          description=meta.get("description", ""), input_size=size, predict=predict,
                          features=features if n_out > 1 else None, provenance=meta.get("provenance", {}),
-                         exporter=meta.get("exporter", {}), parity=meta.get("parity", {}))
+                         exporter=meta.get("exporter", {}), parity=meta.get("parity", {}),
+                         largest_activation=lambda: largest_activation(path, size, in_name))
+
+
+def largest_activation(path, size: int, in_name: str) -> int:
+    """Bytes of the largest node output of ``path`` at batch 1, from onnxruntime's profiler (a throwaway session).
+
+    Measured (onnxruntime 1.32, CPU): peak memory grows by about 3x this per image at batch 256, the same order as
+    torch (featx.features.engine.ACTIVATION_FACTOR = 4). 0 when onnxruntime cannot profile the model.
+    """
+    import onnxruntime as ort
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="featx-ort-") as tmp:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            opts.enable_profiling = True
+            opts.profile_file_prefix = os.path.join(tmp, "profile")
+            sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            sess.run(None, {in_name: np.zeros((1, size, size, 3), np.uint8)})
+            with open(sess.end_profiling(), encoding="utf-8") as fh:
+                events = json.load(fh)
+    except Exception as exc:  # an estimate for a memory cap: without it only the pixel buffers are counted
+        log.debug("could not profile %s for its activation size: %s", safe_str(str(path)), exc)
+        return 0
+    sizes = (int(e.get("args", {}).get("output_size", 0)) for e in events if e.get("cat") == "Node")
+    return max(sizes, default=0)
 
 
 def _featx_meta(sess, shown: str) -> dict:

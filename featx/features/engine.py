@@ -170,11 +170,13 @@ def _largest_activation(model, size: int) -> int:
     return largest[0]
 
 
-def cap_batch_size(batch_size: int, model, preprocess, device, *, workers: int, n_images: int) -> tuple[int, Optional[str]]:
+def cap_batch_size(batch_size: int, model, preprocess, device, *, workers: int, n_images: int,
+                   largest_activation: Optional[Callable[[], int]] = None) -> tuple[int, Optional[str]]:
     """-> (batch size that fits in RAM, warning or None). A batch never exceeds ``n_images`` anyway.
 
     Counted: uint8 batches waiting in workers (prefetch 4 each), the float input and, on the CPU, the network's
     activations. CUDA memory is not counted: an out-of-memory there halves the batch (`iter_outputs`).
+    ``largest_activation``: () -> bytes, for a model that is not a torch module (an ONNX session; `model` unused).
     """
     want = min(batch_size, max(1, n_images))
     free = available_memory()
@@ -184,7 +186,8 @@ def cap_batch_size(batch_size: int, model, preprocess, device, *, workers: int, 
     pixels = 3 * side * side
     per_image = pixels * (4 * workers + 1) + pixels * 4
     if device.type != "cuda":
-        per_image += ACTIVATION_FACTOR * _largest_activation(model, side)
+        largest = largest_activation() if largest_activation else _largest_activation(model, side)
+        per_image += ACTIVATION_FACTOR * largest
     cap = max(1, int(free * 0.5 // per_image))
     if want <= cap:
         return want, None

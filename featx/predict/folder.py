@@ -6,15 +6,21 @@ The steps, in order (each a function below):
    locked for the run's life, so a second run on the same outputs fails at once and nothing runs for an output
    that cannot be written;
 3. `load_predictor` (predictor.py), then `_classify`: every image through the extraction engine (`iter_outputs`:
-   the same workers, batching, device placement and OOM retry as `featx extract`);
+   the same workers, batching, device placement and OOM retry as `featx extract`), or, for an exported ONNX model,
+   through `featx.data.numpy_pixels` and onnxruntime (same decoder, batches, rows and skips; torch never imported);
+   an oversized --batch-size is capped to what memory holds, as extract does;
 4. `_make_rows`, `_evaluate` (featx.report metrics), `_sort` (sort.py), `_write` (tables.py + featx.report);
 5. `_raise_for_failures`: a failed sort exits 7 (OutputError), unreadable images under --strict exit 6, both after
    everything that could be written was.
 A file that cannot be decoded gets a row with an empty label and the reason; it is never given another file's label.
+What discovery could not read (a folder without permission, a path too long, a file reached through a link from
+another class) has no row: it is listed in ``skipped`` and the summary, and --strict refuses it before any work,
+as `featx extract` does.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,7 +32,7 @@ import numpy as np
 from .._io import (OutputLock, check_outputs, check_writable_folder, claim_outputs, refuse_inside, safe_str,
                    written_by_featx)
 from ..errors import DataError, FeatxError, OutputError, StrictModeError, UsageError, interruptible
-from .predictor import Predictor, load_predictor
+from .predictor import Predictor, load_predictor, model_device
 from .sort import EARLIER, MODES, MoveJournal, SortAction, check_sort_targets, sort_counts, sort_images
 from .tables import FORMATS, ROW_KEYS, Layout, is_featx_table, resolve_format, write_table
 
@@ -41,12 +47,12 @@ RESUME_HINT = ("nothing is half-written (the table and reports are written whole
 class PredictSettings:
     """Everything `featx predict` can be told, with its default. Library keyword arguments map 1:1 onto these."""
 
-    model: Optional[str] = None  # None: the head `featx fit` wrote last (featx-out/head.skops)
+    model: Optional[str] = None  # None: the head `featx fit` wrote last (featx-out/head.skops); or a run, an .onnx
     output: Optional[str] = None  # None: featx-out/predictions.<format>; False (API only): write no table
     format: Optional[str] = None  # None: from the output suffix (.jsonl/.json -> jsonl), else csv
     top_k: int = 3  # top classes and scores per row; clipped to the number of classes
     device: str = "auto"  # auto = CUDA when present
-    batch_size: Optional[int] = None  # None: 32 on CPU, 256 on CUDA (as `featx extract`)
+    batch_size: Optional[int] = None  # None: 32 on CPU, 256 on CUDA; capped to what RAM holds (as `featx extract`)
     workers: Optional[int] = None  # decoding processes; None: CPU count, at most 8
     sort_into: Optional[str] = None  # copy (or link/move) each image into <sort_into>/<predicted class>/
     mode: str = "copy"  # copy | link (hard link, else symlink) | move; copy never touches the sources
@@ -98,7 +104,7 @@ class PredictResult:
     model_kind: str
     n_images: int
     n_errors: int
-    errors: list  # [{"path", "reason", "stage"}]
+    errors: list  # [{"path", "reason", "stage"}]: images that could not be read (each has an error row)
     device: str
     seconds: float  # the whole call, model loading included
     images_per_s: float  # decoding + network + head only (what scales with the number of images)
@@ -118,6 +124,9 @@ class PredictResult:
     earlier_moves: list = field(default_factory=list)  # rows of files an interrupted earlier --move had moved
     dry_run: bool = False
     warnings: list = field(default_factory=list)
+    # what discovery did not read (unreadable or too deep folders, paths too long, a file reached twice through
+    # links): [{"path", "reason", "stage": "discover"}], no rows; the same list `featx extract` records
+    skipped: list = field(default_factory=list)
 
     def __iter__(self):
         return iter(self.rows)
@@ -152,8 +161,9 @@ class PredictResult:
             "output": str(self.output) if self.output else None, "format": self.format, "model": self.model,
             "model_kind": self.model_kind, "confidence_kind": self.confidence_kind, "n_images": self.n_images,
             "n_classified": self.n_classified, "n_errors": self.n_errors, "counts": self.counts,
-            "errors": self.errors, "device": self.device, "seconds": round(self.seconds, 3),
-            "images_per_s": round(self.images_per_s, 2), "dry_run": self.dry_run, "warnings": self.warnings,
+            "errors": self.errors, "n_skipped": len(self.skipped), "skipped": self.skipped, "device": self.device,
+            "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 2), "dry_run": self.dry_run,
+            "warnings": self.warnings,
         }
         if self.labelled and self.metrics is not None:
             d["metrics"] = {**summary(self.metrics), "per_class": self.metrics["per_class"],
@@ -218,7 +228,9 @@ def predict_folder(
             accuracy, balanced accuracy, per-class scores, a confusion matrix and a gallery of the most confidently
             misclassified images are produced as well (the PNGs in ``report_dir``).
         model: a head file from ``featx fit`` (default: ``featx-out/head.skops``), a run folder / ``model.json`` /
-            ``.safetensors`` from ``featx finetune`` or ``featx scratch``, or a loaded ``Head`` / ``TrainedModel``.
+            ``.safetensors`` from ``featx finetune`` or ``featx scratch``, an ``.onnx`` file from ``featx export``
+            (runs in onnxruntime on the CPU; torch is not needed), or a loaded ``Head`` / ``TrainedModel`` /
+            ``OnnxPredictor``.
         output: the table to write, atomically (default ``featx-out/predictions.csv``); ``False`` writes no table.
             Every file written (table, report files) must be absent or written by featx, unless ``overwrite``.
         format: ``csv`` or ``jsonl`` (default: from the output suffix, else csv).
@@ -227,8 +239,8 @@ def predict_folder(
             images below ``min_confidence`` go to ``sort_into/_uncertain/``; unreadable images go nowhere.
             Existing files are never overwritten (``name_1.jpg``...); re-running completes an interrupted sort.
         dry_run: compute everything, write nothing (no table, no report, no folders); the plan is in ``sort_actions``.
-        strict: raise StrictModeError (exit 6) after writing if any image could not be read; stop sorting at the
-            first file that cannot be sorted.
+        strict: raise StrictModeError (exit 6) after writing if any image could not be read, and before any work
+            if discovery skipped a folder or file (``skipped``); stop sorting at the first file that cannot be sorted.
         weights: the backbone weights file, for heads fitted on features from a local weights file.
         image_size: optional; must equal the crop size the model was made at (predict always uses the model's own).
         progress: callback(done_images, total_images).
@@ -240,7 +252,6 @@ def predict_folder(
         OutputError and StrictModeError raised after the run carry the finished result as ``.result``.
     """
     from ..data.discover import discover
-    from ..devices import resolve_device
 
     t0 = time.perf_counter()
     s = PredictSettings(model=model, output=output, format=format, top_k=top_k, device=device, batch_size=batch_size,
@@ -252,11 +263,14 @@ def predict_folder(
     folder = discover(root)
     plan = _plan_outputs(s, root, folder.has_labels)
     with interruptible(RESUME_HINT), _claim(plan, s):
-        dev = resolve_device(s.device)
+        if s.strict and folder.skipped:  # known before any work, as in extract: fail before loading a model
+            raise _strict_skips(folder.skipped)
+        dev = model_device(s.model, s.device)  # onnxruntime's CPU for an ONNX model: torch is not imported
         pred = load_predictor(s.model, weights=s.weights, strict=s.strict, image_size=s.image_size)
         _check_against_model(pred, plan, s)
-        scores, errors_at, run_seconds = _classify(folder.records, pred, dev, s, progress, root)
+        scores, errors_at, run_seconds, note = _classify(folder.records, pred, dev, s, progress, root)
         res = _result(folder, pred, scores, errors_at, s, plan, str(dev), run_seconds)
+        res.warnings += [note] if note else []
         res.seconds = time.perf_counter() - t0
         if folder.has_labels:
             _evaluate(res, folder, pred)
@@ -321,29 +335,27 @@ def _check_against_model(pred: Predictor, plan: _Plan, s: PredictSettings) -> No
 
 
 def _classify(records, pred: Predictor, dev, s: PredictSettings, progress, root):
-    """Run the model over every record through the extraction engine
-    -> (scores N x C with NaN rows for failures, {index: (reason, stage)}, seconds spent)."""
-    from ..features.engine import GARBAGE_WINDOW, default_batch_size, iter_outputs
+    """Run the model over every record -> (scores N x C with NaN rows for failures, {index: (reason, stage)},
+    seconds spent, a note when the batch size was capped)."""
+    from ..features.engine import GARBAGE_WINDOW
 
     t = time.perf_counter()
     n = len(records)
     scores = np.full((n, len(pred.classes)), np.nan, dtype=np.float64)
     errors_at: dict = {}
     pred.to(dev)
+    bsize, note = _batch_size(pred, dev, s, n)
     done = failed = 0
     if progress:
         progress(0, n)
-    # Same decoder policy as extract (GPU JPEG decoding on CUDA, PIL elsewhere), so predict sees extract's pixels.
-    stream = iter_outputs([r.path for r in records], pred.preprocess, pred.forward, device=dev,
-                          batch_size=s.batch_size or default_batch_size(dev), workers=s.workers, decoder="auto")
-    for batch in stream:
-        if len(batch.indices):
-            scores[batch.indices] = pred.to_scores(batch.outputs)
-        for i, reason, stage in batch.errors:
+    for idx, batch_scores, errors in _score_batches([r.path for r in records], pred, dev, s, bsize):
+        if len(idx):
+            scores[idx] = batch_scores
+        for i, reason, stage in errors:
             errors_at[int(i)] = (safe_str(str(reason)), stage)
             log.debug("could not read %s: %s", safe_str(records[i].relpath), reason)
-        done += len(batch.indices) + len(batch.errors)
-        failed += len(batch.errors)
+        done += len(idx) + len(errors)
+        failed += len(errors)
         # A folder whose first files all fail is not an image folder: say so instead of grinding through it.
         if done >= min(GARBAGE_WINDOW, n) and failed == done:
             first = records[min(errors_at)]
@@ -351,7 +363,34 @@ def _classify(records, pred: Predictor, dev, s: PredictSettings, progress, root)
                             f"{safe_str(first.relpath)}: {errors_at[min(errors_at)][0]}); is this an image folder?")
         if progress:
             progress(done, n)
-    return scores, errors_at, time.perf_counter() - t
+    return scores, errors_at, time.perf_counter() - t, note
+
+
+def _batch_size(pred: Predictor, dev, s: PredictSettings, n: int):
+    """-> (batch size, note or None): the request (default 32 CPU, 256 CUDA), capped to what RAM holds like extract."""
+    from ..devices import default_workers
+    from ..features.engine import cap_batch_size, default_batch_size
+
+    return cap_batch_size(s.batch_size or default_batch_size(dev), pred.network, pred.preprocess, dev,
+                          workers=default_workers(s.workers), n_images=n, largest_activation=pred.largest_activation)
+
+
+def _score_batches(paths: list, pred: Predictor, dev, s: PredictSettings, bsize: int):
+    """(positions, their scores, [(position, reason, stage)]) per batch, in input order. A torch model runs through
+    the extraction engine; an ONNX model gets the same batches of the same PIL pixels from featx.data.numpy_pixels."""
+    if pred.needs_torch:
+        from ..features.engine import iter_outputs
+
+        # Same decoder policy as extract (GPU JPEG decoding on CUDA, PIL elsewhere), so predict sees extract's pixels.
+        for b in iter_outputs(paths, pred.preprocess, pred.forward, device=dev, batch_size=bsize, workers=s.workers,
+                              decoder="auto"):
+            yield b.indices, (pred.to_scores(b.outputs) if len(b.indices) else None), b.errors
+        return
+    from ..data.numpy_pixels import iter_numpy_pixels
+
+    batches = [list(range(i, min(i + bsize, len(paths)))) for i in range(0, len(paths), bsize)]
+    for idx, pixels, errors in iter_numpy_pixels(paths, pred.preprocess, batches=batches, workers=s.workers):
+        yield idx, (pred.score_pixels(pixels) if pixels is not None else None), errors
 
 
 def _result(folder, pred: Predictor, scores, errors_at, s: PredictSettings, plan: _Plan, device: str,
@@ -363,7 +402,8 @@ def _result(folder, pred: Predictor, scores, errors_at, s: PredictSettings, plan
         model=pred.description, model_kind=pred.kind, n_images=n, n_errors=len(errors), errors=errors,
         device=device, seconds=0.0, images_per_s=n / run_seconds if run_seconds > 0 else 0.0,
         output=plan.table, format=plan.fmt, labelled=folder.has_labels, dry_run=s.dry_run,
-        warnings=list(folder.warnings))
+        warnings=[w for w in folder.warnings if w not in set(folder.skip_warnings)],  # skips are listed on their own
+        skipped=[{**k, "path": safe_str(k["path"]), "reason": safe_str(str(k["reason"]))} for k in folder.skipped])
 
 
 def _make_rows(folder, classes, scores, errors_at, top_k: int):
@@ -399,6 +439,12 @@ def _ordered(row: dict) -> dict:
 def _evaluate(res: PredictResult, folder, pred: Predictor) -> None:
     from ..report import classification_metrics, summary
 
+    missing = [pip for mod, pip in (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"))
+               if importlib.util.find_spec(mod) is None]
+    if missing:  # a deployment install (ONNX, no torch) may lack them: the predictions still count, so write them
+        res.warnings.append(f"no scores or report against the folder labels: {' and '.join(missing)} not installed "
+                            f"(pip install {' '.join(missing)})")
+        return
     idx = [i for i, r in enumerate(res.rows) if r["error"] is None and r.get("true_label") is not None]
     y_true = [res.rows[i]["true_label"] for i in idx]
     y_pred = [res.rows[i]["label"] for i in idx]
@@ -468,6 +514,12 @@ def _write_report(res: PredictResult, folder, rep_dir: Path) -> None:
         extra={"split_metrics": res.split_metrics, "unknown_classes": res.unknown_classes, "n_errors": res.n_errors},
         score_name=res.confidence_kind, what="predictions vs folder labels")
     res.report_dir, res.confusion_png, res.gallery_png = rep_dir, files["confusion"], files["gallery"]
+
+
+def _strict_skips(skipped: list) -> StrictModeError:
+    first = skipped[0]
+    return StrictModeError(f"--strict: {len(skipped)} file(s) or folder(s) could not be read (first: "
+                           f"{safe_str(first['path'])}: {first['reason']}); nothing was predicted")
 
 
 def _raise_for_failures(res: PredictResult, s: PredictSettings) -> None:

@@ -2,17 +2,19 @@
 
 `load_predictor` is the one place that decides what ``--model`` names and how to load it:
 
-    artifact_kind(model)  -> "head" | "trained"          (a path, or an already loaded object)
+    artifact_kind(model)  -> "head" | "trained" | "onnx"   (a path, or an already loaded object)
     LOADERS[kind](model)  -> Predictor
 
 A head file (.skops) from `featx fit` rebuilds its backbone from the head's provenance (weights hash checked,
 preprocessing restored verbatim); a run folder / model.json / .safetensors from `featx finetune` / `featx scratch`
-carries its own network and preprocessing. Another artifact type (an exported ``.onnx`` model) is one more branch in
-`artifact_kind` and one more entry in `LOADERS`; nothing else in predict needs to change, because the rest of predict
-only sees a `Predictor`.
+carries its own network and preprocessing; an ``.onnx`` file from `featx export` runs in onnxruntime with the
+preprocessing recorded in its metadata. The rest of predict only sees a `Predictor`: a torch predictor runs through
+the extraction engine, one with ``score_pixels`` (ONNX) through `featx.data.numpy_pixels`, and nothing on that path
+imports torch, so a deployment machine needs none.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,6 +31,18 @@ HOW_TO_MAKE_A_MODEL = ("make a head with `featx extract IMAGES` then `featx fit`
                        "or train a model with `featx finetune` / `featx scratch` and pass its run folder")
 
 
+@dataclass(frozen=True)
+class RuntimeDevice:
+    """Where a model that runs outside torch runs (no torch.device on a machine without torch).
+    ``type`` answers the questions featx asks a torch.device (``"cpu"``: CPU batch size and memory rules)."""
+
+    type: str = "cpu"
+    runtime: str = "onnxruntime"
+
+    def __str__(self) -> str:
+        return f"{self.type} ({self.runtime})"
+
+
 @dataclass
 class Predictor:
     """What predict needs from any model.
@@ -36,11 +50,12 @@ class Predictor:
     ``forward`` runs on a normalised float batch (N, 3, S, S) on the model's device and returns an (N, K) tensor;
     ``to_scores`` turns those outputs (numpy) into (N, C) scores in ``classes`` order. Splitting the two lets the
     extraction engine (workers, batching, autocast, OOM retry) run ``forward`` while scoring stays in numpy.
-    Calling the predictor on uint8 pixels does both (for notebooks and tests).
+    A model that runs outside torch (ONNX) sets ``score_pixels`` instead: uint8 (N, S, S, 3) numpy -> (N, C) scores.
+    Calling the predictor on uint8 pixels does either (for notebooks and tests).
     """
 
     preprocess: object  # featx.data.preprocess.Preprocess: the pixel recipe the model was made with
-    forward: Callable
+    forward: Optional[Callable]  # None when score_pixels is set
     to_scores: Callable
     classes: list
     score_kind: str  # "probability" | "decision"
@@ -49,6 +64,14 @@ class Predictor:
     network: object = None  # the torch module the engine places on the device (None: forward manages its runtime)
     path: Optional[Path] = None
     device: object = field(default=None, repr=False)
+    score_pixels: Optional[Callable] = None  # torch-free models (ONNX): uint8 NHWC numpy batch -> (N, C) scores
+    # bytes of the largest intermediate output for one image (the batch-size cap's memory estimate); None: the
+    # engine measures it on ``network`` with forward hooks
+    largest_activation: Optional[Callable[[], int]] = None
+
+    @property
+    def needs_torch(self) -> bool:
+        return self.score_pixels is None
 
     @property
     def image_size(self) -> int:
@@ -60,9 +83,9 @@ class Predictor:
 
     def to(self, device) -> "Predictor":
         """Eval mode on ``device`` (channels_last on CUDA), as the extraction engine does for extraction."""
-        from ..features.engine import prepare_model
-
         if self.network is not None:
+            from ..features.engine import prepare_model
+
             prepare_model(self.network, device)
         self.device = device
         return self
@@ -70,6 +93,11 @@ class Predictor:
     def __call__(self, pixels) -> np.ndarray:
         """uint8 pixels, (H, W, 3) or (N, H, W, 3), already resized and cropped by ``preprocess.resize_crop``
         -> (N, C) float64 scores. The CLI and `predict_folder` go through the extraction engine instead."""
+        if not self.needs_torch:
+            x = np.asarray(pixels)
+            if x.dtype != np.uint8 or x.ndim not in (3, 4) or x.shape[-1] != 3:
+                raise UsageError(f"expected uint8 pixels of shape (N, H, W, 3), got {tuple(x.shape)} {x.dtype}")
+            return np.asarray(self.score_pixels(x[None] if x.ndim == 3 else x), dtype=np.float64)
         import torch
 
         x = torch.as_tensor(np.ascontiguousarray(pixels))
@@ -90,6 +118,8 @@ class Predictor:
             return
         how = ("extract features at that size (`featx extract --image-size N`) and fit a new head on them"
                if self.kind == "head" else "train a model at that size (`--image-size N`)")
+        if not self.needs_torch:
+            how += ", then export it again"
         raise UsageError(f"this {self.kind} model was made at {self.image_size} px and predict always uses the "
                          f"preprocessing recorded in the model; --image-size {image_size} would give other features. "
                          f"Drop --image-size, or {how}")
@@ -98,9 +128,10 @@ class Predictor:
 def load_predictor(model=None, *, weights=None, strict: bool = False, image_size: Optional[int] = None) -> Predictor:
     """Resolve ``--model`` into a Predictor.
 
-    ``model``: a head file (.skops), a run folder / model.json / .safetensors of a trained model, or a loaded
-    ``Head`` / ``TrainedModel``; ``None`` means the head at fit's default path. ``weights`` names the backbone weights
-    of a head fitted on features from a local file; ``image_size`` (optional) must equal the recorded crop size.
+    ``model``: a head file (.skops), a run folder / model.json / .safetensors of a trained model, an ``.onnx`` file
+    from `featx export`, or a loaded ``Head`` / ``TrainedModel`` / ``OnnxPredictor``; ``None`` means the head at fit's
+    default path. ``weights`` names the backbone weights of a head fitted on features from a local file;
+    ``image_size`` (optional) must equal the recorded crop size.
     """
     if model is None:
         model = _default_model()
@@ -112,24 +143,48 @@ def load_predictor(model=None, *, weights=None, strict: bool = False, image_size
 
 
 def artifact_kind(model) -> str:
-    """Which loader handles ``model``: "head" or "trained". The only place that looks at artifact types."""
-    from ..heads.store import Head
+    """Which loader handles ``model``: "head", "trained" or "onnx". The only place that looks at artifact types.
 
-    if isinstance(model, Head):
-        return "head"
-    if _is_trained_model(model):
-        return "trained"
-    path = Path(model)
+    Paths are told apart by suffix before anything heavy is imported: an ``.onnx`` file must be recognised on a
+    machine without torch (featx.heads and featx.training import it)."""
+    from ..export.onnx_predictor import OnnxPredictor  # numpy + onnxruntime only (lazily), no torch
+
+    if isinstance(model, OnnxPredictor):
+        return "onnx"
+    if not isinstance(model, (str, bytes, os.PathLike)):
+        from ..heads.store import Head
+
+        if isinstance(model, Head):
+            return "head"
+        if _is_trained_model(model):
+            return "trained"
+    path = Path(os.fsdecode(model))
     shown = safe_str(str(path))
     if not path.exists():
         raise ArtifactError(f"model {shown} does not exist; {HOW_TO_MAKE_A_MODEL}")
     suffix = path.suffix.lower()
     if path.is_file() and suffix == ".skops":
         return "head"
+    if path.is_file() and suffix == ".onnx":
+        return "onnx"
     if path.is_dir() or suffix in (".json", ".safetensors"):
         return "trained"
     raise ArtifactError(f"{shown} is not a model featx can predict with: give a head file (.skops) from `featx fit`, "
-                        "or a run folder (or its model.json) from `featx finetune` / `featx scratch`")
+                        "a run folder (or its model.json) from `featx finetune` / `featx scratch`, or an .onnx file "
+                        "from `featx export`")
+
+
+def model_device(model, device: str = "auto"):
+    """The device ``model`` will run on: onnxruntime's CPU for an ONNX model (torch is not imported), else
+    `featx.devices.resolve_device`. ``model=None`` means the default head, as in `load_predictor`."""
+    if artifact_kind(_default_model() if model is None else model) != "onnx":
+        from ..devices import resolve_device
+
+        return resolve_device(device)
+    if str(device or "auto").lower() not in ("auto", "cpu"):
+        raise UsageError(f"--device {device}: an exported ONNX model runs on the CPU with onnxruntime; drop --device, "
+                         "or predict on the GPU with the model it was exported from")
+    return RuntimeDevice()
 
 
 def _default_model() -> Path:
@@ -188,5 +243,25 @@ def _from_trained(model, *, weights=None, strict: bool = False) -> Predictor:
         description=f"{tm.kind or 'trained'} model {tm.name}", kind=tm.kind or "trained", network=net, path=tm.path)
 
 
+def _from_onnx(model, *, weights=None, strict: bool = False) -> Predictor:
+    """An exported ONNX file (or a loaded OnnxPredictor): classes, score kind and preprocessing from its metadata."""
+    from ..data.preprocess import Preprocess
+    from ..export.onnx_predictor import OnnxPredictor, load_onnx_predictor
+
+    if weights is not None:
+        raise UsageError("--weights applies to heads (it names the backbone weights); an exported ONNX model carries "
+                         "its own")
+    onnx = model if isinstance(model, OnnxPredictor) else load_onnx_predictor(Path(os.fsdecode(model)))
+    what = onnx.description or f"{onnx.kind or 'exported'} model"
+    return Predictor(
+        preprocess=Preprocess.from_dict(onnx.preprocess), forward=None, to_scores=_as_scores,
+        classes=list(onnx.classes), score_kind=onnx.score_kind, description=f"{what} (ONNX)", kind=onnx.kind or "onnx",
+        path=onnx.path, score_pixels=onnx.predict, largest_activation=onnx.largest_activation)
+
+
+def _as_scores(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
 # artifact kind -> loader(model, weights=, strict=) -> Predictor
-LOADERS = {"head": _from_head, "trained": _from_trained}
+LOADERS = {"head": _from_head, "trained": _from_trained, "onnx": _from_onnx}
