@@ -419,7 +419,7 @@ def test_torch_svm_reaches_linearsvc_optimum(classes, class_weight):
         fs = fs.subset(np.isin(fs.labels, classes))
         keep = np.r_[np.flatnonzero(fs.labels == classes[0])[:20], np.flatnonzero(fs.labels != classes[0])]
         fs = fs.subset(keep)  # imbalanced, so class weights matter
-    res = fit_head(fs, "svm", C=0.05, cv=0, class_weight=class_weight)
+    res = fit_head(fs, "svm", C=0.05, cv=0, class_weight=class_weight, backend="torch")
     assert res.training["backend"] == "torch"
     scaler, svc = res.head.pipeline[0], res.head.pipeline[-1]
     assert type(svc) is LinearSVC
@@ -563,3 +563,23 @@ def test_a_second_fit_on_the_same_head_is_refused_naming_the_first(small, tmp_pa
         with pytest.raises(OutputError, match="being written by another featx run"):
             fit_head(small, "linear", cv=0, output=tmp_path / "h.skops")
     assert not (tmp_path / "h.skops").exists()
+
+
+def test_svm_rbf_on_a_precomputed_kernel_is_the_direct_fit(small):
+    """The fast path (libsvm on a precomputed kernel) stores the very model a direct SVC(rbf) fit gives."""
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    res = fit_head(small, "svm-rbf", C=10.0, cv=0)
+    assert res.training["backend"] == "precomputed" and type(res.head.pipeline[-1]) is SVC
+    X, y = res_train(small, seed=0)
+    direct = Pipeline([("scale", StandardScaler()), ("clf", SVC(C=10.0, kernel="rbf", gamma="scale"))]).fit(X, y)
+    # equal up to libsvm's tolerance (1e-3): the kernel is built from float64 standardised rows, the direct fit's
+    # from float32 ones (on float64 data the two agree exactly)
+    np.testing.assert_allclose(res.head.pipeline.decision_function(small.features),
+                               direct.decision_function(small.features), atol=1e-3)
+    np.testing.assert_array_equal(res.head.pipeline.predict(small.features), direct.predict(small.features))
+    plain = fit_head(small, "svm-rbf", C=10.0, cv=0, backend="sklearn")
+    assert plain.training["backend"] == "sklearn"
+    assert plain.scores["val"]["confusion"] == res.scores["val"]["confusion"]

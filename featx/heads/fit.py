@@ -25,6 +25,11 @@ from .store import Head, feature_provenance, is_head_file, library_versions
 log = logging.getLogger(__name__)
 
 TORCH_KINDS = ("logistic", "svm", "mlp")  # heads with a torch solver (mlp has no other)
+PRECOMPUTED_MAX_ROWS = 6000  # svm-rbf: precomputed kernel up to here (n^2 float64 = 288 MB), libsvm's own beyond
+# svm: n * d from which the torch solver replaces liblinear. Below, liblinear's whole CV search takes about a second
+# (0.8 CPU-s on 245 x 1,280 ants/bees features) while importing and first using torch costs ~4 CPU-s; above, liblinear
+# grows to minutes (benchmarks/bench_heads.py).
+SVM_TORCH_MIN = 1_000_000
 
 
 @dataclass
@@ -310,16 +315,22 @@ def _check_same_provenance(fs: FeatureSet, val_fs: FeatureSet) -> None:
 
 
 def _backend(kind: str, n: int, d: int, s: FitSettings) -> tuple:
-    """(backend, device) for this head. svm and mlp default to torch (CUDA when present); logistic stays in sklearn
-    on the CPU (its lbfgs is as fast there) and moves to torch for CUDA or large sets. Importing torch is skipped
-    for the sklearn-only heads."""
+    """(backend, device) for this head. mlp runs in torch (CUDA when present); svm too from SVM_TORCH_MIN (n x d);
+    logistic stays in sklearn on the CPU (its lbfgs is as fast there) and moves to torch for CUDA or large sets;
+    svm-rbf solves on a precomputed kernel up to PRECOMPUTED_MAX_ROWS rows. Importing torch is skipped for the
+    sklearn-only heads."""
     from .torch_logistic import resolve_device
 
+    if kind == "svm-rbf":
+        # its n x n kernel in float64 must fit in memory: 6,000 rows are 288 MB
+        return ("precomputed" if n <= PRECOMPUTED_MAX_ROWS and s.backend != "sklearn" else "sklearn"), "cpu"
     if kind not in TORCH_KINDS or (s.backend == "sklearn" and kind != "mlp"):
         return "sklearn", "cpu"
     dev = str(s.device or "auto").lower()
-    if kind in ("svm", "mlp") or s.backend == "torch" or dev.startswith("cuda"):
+    if kind == "mlp" or s.backend == "torch" or dev.startswith("cuda"):
         return "torch", resolve_device(dev)
+    if kind == "svm":
+        return ("torch", resolve_device(dev)) if n * d >= SVM_TORCH_MIN else ("sklearn", "cpu")
     if dev == "auto" and n * d > s.torch_auto_threshold:
         resolved = resolve_device("auto")
         if resolved.startswith("cuda"):
@@ -396,7 +407,7 @@ def _fit_one(kind: str, plan: _Plan, s: FitSettings) -> FitResult:
     scores, train_acc = _score(pipeline, plan, s.seed)
     training = {"n": int(n), "n_features": int(d), "fit_seconds": round(fit_seconds, 4), "backend": backend,
                 "device": device,
-                # For diagnosing over-fitting only (on <= 5000 of the rows the head was fitted on): never a score.
+                # For diagnosing over-fitting only (on <= 1000 of the rows the head was fitted on): never a score.
                 "training_data_accuracy": train_acc}
     meta = _head_meta(kind, value, cv_res, scores, training, plan, s, classes=[str(c) for c in pipeline.classes_])
     return FitResult(head=Head(pipeline, meta), scores=scores, cv=cv_res, training=training, validation=plan.how)
@@ -407,8 +418,9 @@ def _score(pipeline, plan: _Plan, seed: int) -> tuple:
     scores = {name: classification_metrics(e.labels, pipeline.predict(e.features), classes)
               for name, e in plan.evals.items()}
     X, y = plan.train.features, plan.train.labels
-    # A diagnostic only, so a sample will do: predicting every training row costs O(n^2) for knn and svm-rbf.
-    sample = np.random.default_rng(seed).choice(len(y), size=min(len(y), 5000), replace=False)
+    # A diagnostic only, so a sample will do: predicting training rows costs O(n) each for knn and svm-rbf (libsvm
+    # evaluates the kernel against every support vector): 4,000 rows took longer than svm-rbf's whole CV search.
+    sample = np.random.default_rng(seed).choice(len(y), size=min(len(y), 1000), replace=False)
     return scores, float(np.mean(pipeline.predict(X[sample]).astype(str) == y[sample]))
 
 
