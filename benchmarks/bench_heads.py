@@ -5,6 +5,8 @@
     python benchmarks/bench_heads.py --seed-features /tmp/heads-hym.npz --before /tmp/featx-before
     # real features (their own train/val split), e.g. ants/bees
     python benchmarks/bench_heads.py --data /tmp/heads-hym.npz --before /tmp/featx-before
+    # calibration: expected calibration error on val before / after temperature scaling (after: cross-fitted too)
+    python benchmarks/bench_heads.py --data /tmp/heads-hym.npz --calibrate
 
 (The torch-vs-sklearn logistic comparison on large sets, the GPU figure, is benchmarks/bench_logistic_backends.py.)
 
@@ -87,10 +89,15 @@ def run_heads(args) -> list:
     rows = []
     for kind in args.heads:
         w0, c0 = time.perf_counter(), _cpu()
-        res = fit_head(fs, kind, cv=5, seed=0)
+        res = fit_head(fs, kind, cv=5, seed=0, **({"calibrate": True} if args.calibrate else {}))
         rows.append({"head": kind, "wall_s": round(time.perf_counter() - w0, 2), "cpu_s": round(_cpu() - c0, 2),
                      "accuracy": res.scores["val"]["accuracy"], "params": res.head.meta.get("params"),
                      "n_train": res.training["n"], "n_val": res.scores["val"]["n"]})
+        if kind == "all":
+            rows[-1]["params"] = {"best": res.kind, **rows[-1]["params"]}
+        if args.calibrate:
+            cal = res.head.calibration
+            rows[-1]["calibration"] = {"temperature": cal["temperature"], "how": cal["before"], **cal["ece"]["val"]}
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -122,9 +129,20 @@ def print_table(after: list, before: list | None) -> None:
         b = by.get(r["head"])
         left = f"{b['wall_s']:>9.1f} {b['cpu_s']:>7.1f} {b['accuracy']:>6.3f}" if b else f"{'-':>9} {'-':>7} {'-':>6}"
         print(f"{r['head']:<9} | {left} | {r['wall_s']:>8.1f} {r['cpu_s']:>7.1f} {r['accuracy']:>6.3f} | {r['params']}")
-    total = sum(r["wall_s"] for r in after)
-    btotal = sum(r["wall_s"] for r in (before or []))
-    print(f"{'sum':<9} | {btotal:>9.1f} {'':>7} {'':>6} | {total:>8.1f}")
+    one = [r for r in after if r["head"] != "all"]
+    total, ctotal = sum(r["wall_s"] for r in one), sum(r["cpu_s"] for r in one)
+    bone = [r for r in (before or []) if r["head"] != "all"]
+    btotal, bctotal = sum(r["wall_s"] for r in bone), sum(r["cpu_s"] for r in bone)
+    print(f"{'sum':<9} | {btotal:>9.1f} {bctotal:>7.1f} {'':>6} | {total:>8.1f} {ctotal:>7.1f}")
+
+
+def print_calibration(rows: list) -> None:
+    print(f"\n{'head':<9} | {'T':>6} | {'ECE before':>10} {'after':>7} {'after, cross-fitted':>20} | before: probabilities from")
+    for r in rows:
+        c = r["calibration"]
+        cross = c.get("after_cross_fitted")
+        print(f"{r['head']:<9} | {c['temperature']:>6.3g} | {c['before']:>10.3f} {c['after']:>7.3f} "
+              f"{(f'{cross:.3f}' if cross is not None else '-'):>20} | {c['how']}")
 
 
 def main(argv=None) -> int:
@@ -133,8 +151,10 @@ def main(argv=None) -> int:
     src.add_argument("--seed-features", type=Path, default=Path("/tmp/heads-hym.npz"),
                      help="real features the 8-class mixture is seeded from (default /tmp/heads-hym.npz)")
     src.add_argument("--data", type=Path, default=None, help="fit on these labelled features instead")
-    ap.add_argument("--heads", default=",".join(HEADS), help="comma-separated head kinds (default: all six)")
+    ap.add_argument("--heads", default=",".join(HEADS),
+                    help="comma-separated head kinds, 'all' for `--head all` in one call (default: the six heads)")
     ap.add_argument("--before", type=Path, default=None, help="folder holding an older featx package to compare")
+    ap.add_argument("--calibrate", action="store_true", help="fit with --calibrate; print ECE before/after on val")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -144,7 +164,7 @@ def main(argv=None) -> int:
     if args.child:  # the --before process: only the heads that code knows
         import featx.heads as fh
 
-        args.heads = [h for h in args.heads if h in fh.HEADS]
+        args.heads = [h for h in args.heads if h in fh.HEADS or h == "all"]
         print(json.dumps(run_heads(args)))
         return 0
 
@@ -155,6 +175,8 @@ def main(argv=None) -> int:
     print(f"data: {args.data or f'8-class mixture seeded from {args.seed_features}'}: {n['n_train']} training rows, "
           f"{n['n_val']} validation rows")
     print_table(after, before)
+    if args.calibrate:
+        print_calibration(after)
     if args.json_out:
         args.json_out.write_text(json.dumps({"machine": machine_line(), "before": before, "after": after}, indent=2))
     return 0

@@ -1,4 +1,5 @@
-"""fit_head on small real features (sklearn digits): every head kind, validation rules, CV search, torch logistic head."""
+"""fit_head on small real features (sklearn digits): every head kind, validation rules, CV search, torch heads,
+calibration, and the outputs it claims."""
 from __future__ import annotations
 
 import logging
@@ -424,7 +425,8 @@ def test_torch_svm_reaches_linearsvc_optimum(classes, class_weight):
     scaler, svc = res.head.pipeline[0], res.head.pipeline[-1]
     assert type(svc) is LinearSVC
     X, y = res_train(fs, seed=0)
-    ref = LinearSVC(C=0.05, class_weight=class_weight, dual=False, tol=1e-8, max_iter=100_000).fit(scaler.transform(X), y)
+    ref = LinearSVC(C=0.05, class_weight=class_weight, dual=False, tol=1e-8, max_iter=100_000)
+    ref.fit(scaler.transform(X), y)
     np.testing.assert_allclose(svc.coef_, ref.coef_, atol=2e-3)
     np.testing.assert_allclose(svc.intercept_, ref.intercept_, atol=2e-3)
     liblinear = fit_head(fs, "svm", C=0.05, cv=0, class_weight=class_weight, backend="sklearn")
@@ -583,3 +585,13 @@ def test_svm_rbf_on_a_precomputed_kernel_is_the_direct_fit(small):
     plain = fit_head(small, "svm-rbf", C=10.0, cv=0, backend="sklearn")
     assert plain.training["backend"] == "sklearn"
     assert plain.scores["val"]["confusion"] == res.scores["val"]["confusion"]
+
+
+@pytest.mark.gpu
+def test_gpu_svm_and_mlp_heads_match_the_cpu():
+    fs = digits(n=900)
+    for kind, kw in (("svm", {"C": 0.01, "backend": "torch"}), ("mlp", {})):
+        cpu = fit_head(fs, kind, cv=0, device="cpu", **kw)
+        gpu = fit_head(fs, kind, cv=0, device="cuda", **kw)
+        assert gpu.training["device"].startswith("cuda") and gpu.training["backend"] == "torch"
+        assert abs(cpu.scores["val"]["accuracy"] - gpu.scores["val"]["accuracy"]) <= 0.02, kind

@@ -148,9 +148,10 @@ def fit_head(features, head: str = "logistic", *, output=None, C: Optional[float
             features' own val split; else ``val`` features if given; else a stratified seeded ``val_split`` hold-out
             of train. A ``test`` split is only scored, never used to choose anything.
         cv: folds of the stratified CV search (lowered to the smallest class count; < 2 turns CV off).
-        device, backend: the svm and mlp heads run in torch (CUDA when present); the logistic head runs in torch
-            with ``backend="torch"``, with ``device="cuda"``, or automatically for large sets when CUDA is present.
-            Every head is saved as an ordinary sklearn pipeline.
+        device, backend: the mlp runs in torch (CUDA when present), the svm too from n x d >= 1M (liblinear below,
+            or with ``backend="sklearn"``); the logistic head runs in torch with ``backend="torch"``, with
+            ``device="cuda"``, or automatically for large sets when CUDA is present. Every head is saved as an
+            ordinary sklearn pipeline.
         report_dir: where ``<stem>.report.json`` and the PNGs go (default: beside the head).
         calibrate: fit a temperature on the validation split: every head then gives probabilities; ECE before and
             after goes in the report, a reliability diagram beside the confusion matrices.
@@ -465,8 +466,9 @@ def _calibrate(res: FitResult, plan: _Plan, s: FitSettings) -> None:
     per_split = {}
     for name, e in plan.evals.items():
         before, how = cal.uncalibrated(pipe, e.features)
+        after = cal.probabilities(pipe, e.features, temperature)
         per_split[name] = {"before": cal.reliability(before, e.labels, classes),
-                           "after": cal.reliability(cal.probabilities(pipe, e.features, temperature), e.labels, classes)}
+                           "after": cal.reliability(after, e.labels, classes)}
     oof, y_oof = cal.cross_fitted(pipe, val.features, val.labels, seed=s.seed)
     if oof is not None:
         per_split["val"]["after_cross_fitted"] = cal.reliability(oof, y_oof, classes)

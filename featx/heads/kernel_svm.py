@@ -1,4 +1,4 @@
-"""RBF-kernel SVM through a precomputed kernel matrix: the same model as Pipeline(StandardScaler, SVC(rbf)), ~20x faster.
+"""RBF-kernel SVM through a precomputed kernel matrix: the model Pipeline(StandardScaler, SVC(rbf)) gives, ~20x faster.
 
 libsvm spends its time evaluating kernel entries, each a 1,280-long dot product, again and again across SMO
 iterations. Computing the whole training kernel once with one BLAS product and handing libsvm

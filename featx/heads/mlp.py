@@ -1,4 +1,4 @@
-"""The mlp head: one hidden layer on standardised features, trained in torch (AdamW, dropout, early stopping), stored as sklearn.
+"""The mlp head: one hidden layer on standardised features, trained in torch, stored as sklearn's MLPClassifier.
 
 Training: inputs standardised; ``Linear(D, H) -> ReLU -> Dropout(p) -> Linear(H, K)``; cross-entropy (class-weighted
 with ``class_weight="balanced"``); AdamW with decoupled ``weight_decay``; mini-batches; early stopping on a stratified

@@ -1,4 +1,4 @@
-"""Model selection: scikit-learn's GridSearchCV on stratified folds, widening the grid while the best value sits at its edge.
+"""Model selection: sklearn's GridSearchCV on stratified folds, widening the grid while the best value is at its edge.
 
 GridSearchCV scores every candidate on the same seeded StratifiedKFold splits the hand-written search used (so the
 same folds give the same per-value scores; tests/test_heads.py checks it against a plain fit-and-score loop). What

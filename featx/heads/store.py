@@ -222,7 +222,7 @@ def _read_schema(path: Path, data: bytes):
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             check_zip_sizes(zf, path, "head file")
             if zf.getinfo("schema.json").file_size > _SCHEMA_MAX:
-                raise ArtifactError(f"{path} is not a featx head file (its schema is larger than {_SCHEMA_MAX:,} bytes)")
+                raise ArtifactError(f"{path} is not a featx head file (schema larger than {_SCHEMA_MAX:,} bytes)")
             return json.loads(zf.read("schema.json"))
     except (KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not a featx head file (zip without a valid skops schema: {exc})") from exc

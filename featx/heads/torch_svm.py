@@ -1,12 +1,13 @@
-"""Linear SVM (one-vs-rest squared hinge, LinearSVC's objective) fitted with full-batch L-BFGS in torch, stored as sklearn.
+"""Linear SVM (one-vs-rest squared hinge, LinearSVC's objective) by full-batch L-BFGS in torch, stored as sklearn.
 
-Why not liblinear: on standardised 1,280-d CNN features liblinear needs 10-60 s per fit at C >= 0.001 (issue 15
-measured 1,349 s for the 25 CV fits of `featx fit --head svm`); this solver reaches the same optimum (coefficients within
-1e-4 of LinearSVC(tol=1e-8), tests/test_heads.py) in ~1 s on the CPU and in milliseconds on a GPU, because every step is
+Why not liblinear: on standardised 1,280-d CNN features liblinear is slow where C grows (issue 15: 34-66 s per fit at
+C = 0.1, 1,349 s for the CV search of `featx fit --head svm`; here 9.7-13.7 CPU-s per fit at C = 0.001 on 3,200 x 1,280
+lite0-like features, against 1.2 s for this solver). This solver reaches the same optimum (coefficients within 1e-4 of
+LinearSVC(tol=1e-5) there, within 2e-3 of LinearSVC(tol=1e-8) in tests/test_heads.py). It is fast because every step is
 two dense products with the whole training matrix (both kept contiguous: a transposed view made the gradient product
-~8x slower on the CPU). The CV search fits a fold's C values in ascending order one after the other
+~8x slower on the CPU); the same code runs on a GPU. The CV search fits a fold's C values in ascending order one after the other
 (featx.heads.search.cv_scores), so each fit starts from the previous C's solution on the same rows (kept in a
-small cache keyed by a hash of the rows): 20% fewer L-BFGS iterations, measured on lite0-like features.
+small cache keyed by a hash of the rows): ~20% fewer L-BFGS iterations, measured on lite0-like features.
 
 Objective, exactly scikit-learn's ``LinearSVC(C, loss="squared_hinge", fit_intercept=True, intercept_scaling=1)``
 (liblinear appends a constant feature, so the intercept is penalised like a weight), for each class k against the rest:
