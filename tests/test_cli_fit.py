@@ -17,13 +17,18 @@ META = {"backbone": "efficientnet_lite0", "weights_sha256": "cd" * 32, "preproce
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Tiny fits on a shared 2-core box: OpenMP/BLAS threads spinning against other processes make them ~50x slower."""
+    """Tiny fits on a shared 2-core box: OpenMP/BLAS threads spinning against other processes make them ~50x slower
+    (torch's pool too, for the svm and mlp heads)."""
+    import torch
     from threadpoolctl import threadpool_limits
 
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
     with threadpool_limits(1):
         yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +98,8 @@ def test_fit_all_prints_a_sorted_comparison(feats, tmp_path):
     (["{feats}/f.npz", "--head", "svn"], 2, "did you mean 'svm'"),
     (["{feats}/f.npz", "--head", "knn", "--C", "1"], 2, "--k"),
     (["{feats}/f.npz", "--val-split", "0"], 2, "val-split"),
+    (["{feats}/f.npz", "--jobs", "0"], 2, "--jobs must be a number of parallel CV fits"),  # was a joblib traceback
+    (["{feats}/f.npz", "--head", "mlp", "--C", "1"], 2, "--C does not apply to the mlp head"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(feats, tmp_path, monkeypatch, args, code, needle):
     monkeypatch.chdir(tmp_path)
@@ -109,5 +116,44 @@ def test_help_lists_the_options():
     r = runner.invoke(app, ["fit", "--help"])
     assert r.exit_code == 0
     for opt in ("--head", "--output", "--C", "--k", "--class-weight", "--val-split", "--val", "--cv", "--seed",
-                "--device", "--json"):
+                "--device", "--json", "--calibrate", "--overwrite", "mlp"):
         assert opt in r.stdout
+
+
+def test_head_names_are_case_insensitive(feats, tmp_path):
+    r = runner.invoke(app, ["fit", str(feats / "f.npz"), "--head", "SVM", "--C", "0.01", "--cv", "0", "-o",
+                            str(tmp_path / "s.skops"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["head"] == "svm"
+
+
+def test_calibrate_gives_svm_probabilities_ece_and_a_reliability_diagram(feats, tmp_path):
+    out = tmp_path / "c.skops"
+    r = runner.invoke(app, ["fit", str(feats / "f.npz"), "--head", "svm", "--C", "0.01", "--cv", "0", "--calibrate",
+                            "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "calibrated (temperature" in r.stdout and "expected calibration error val" in r.stdout
+    for name in ("c.reliability-val.png", "c.reliability-test.png", "c.confusion-val.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    head = load_head(out)
+    assert head.score_kind == "probability"
+    p, kind = head.predict_scores(np.eye(64)[:5])
+    assert kind == "probability" and np.allclose(p.sum(1), 1.0)
+    rep = json.loads((tmp_path / "c.report.json").read_text())
+    assert set(rep["calibration"]["splits"]) == {"val", "test"}
+    assert rep["files"]["reliability-test"].endswith("c.reliability-test.png")
+
+
+def test_user_files_beside_the_head_are_refused_unless_overwrite(feats, tmp_path):
+    """Issue 11.2: fit replaced an existing h2.report.json it had not written."""
+    mine = tmp_path / "h2.report.json"
+    mine.write_text('{"my": "notes"}')
+    args = ["fit", str(feats / "f.npz"), "--head", "linear", "--cv", "0", "-o", str(tmp_path / "h2.skops")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "h2.report.json exists and was not written by featx" in " ".join(r.stderr.split())
+    assert mine.read_text() == '{"my": "notes"}' and not (tmp_path / "h2.skops").exists()
+    r = runner.invoke(app, [*args, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(mine.read_text())["head"] == "linear"
+    r = runner.invoke(app, args)  # now featx's own: replaced without --overwrite
+    assert r.exit_code == 0, r.output

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from featx.errors import ArtifactError, StrictModeError
+from featx.errors import ArtifactError, DataError, StrictModeError
 from featx.features.store import FeatureSet
 from featx.heads import DEFAULT_HEAD_PATH, Head, fit_head, load_head, save_head
 from featx.heads.store import TRUSTED_TYPES
@@ -19,13 +19,18 @@ META = {"backbone": "efficientnet_lite0", "weights_sha256": "e1" * 32, "weights_
         "feature_dim": 64, "versions": {"torch": "2.x", "pillow": "13"}}
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Tiny fits on a shared 2-core box: OpenMP/BLAS threads spinning against other processes make them ~50x slower."""
+    """Tiny fits on a shared 2-core box: OpenMP/BLAS threads spinning against other processes make them ~50x slower
+    (torch's pool too, for the mlp head)."""
+    import torch
     from threadpoolctl import threadpool_limits
 
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
     with threadpool_limits(1):
         yield
+    torch.set_num_threads(old)
 
 
 def features(meta=META, n=400) -> FeatureSet:
@@ -199,3 +204,49 @@ def test_two_class_decision_scores_have_one_column_per_class(tmp_path):
     scores, kind = head.predict_scores(two.features)
     assert kind == "decision" and scores.shape == (len(two), 2)
     np.testing.assert_array_equal(np.asarray(head.classes)[scores.argmax(1)], head.predict(two))
+
+
+def test_a_small_file_declaring_a_huge_member_is_refused_without_inflating(tmp_path, fitted, monkeypatch):
+    """Issue 11.12: a 1 MB head declaring a 1 GiB member was refused only after 2.75 GB of memory and 22 s."""
+    _, path = fitted
+    bomb = tmp_path / "bomb.skops"
+    bomb.write_bytes(path.read_bytes())
+    # ~100 MB of zeros behind one name, deflated to ~100 kB: a real bomb, not just a lying header
+    with zipfile.ZipFile(bomb, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("huge.npy", "w", force_zip64=True) as fh:
+            for _ in range(100):
+                fh.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 1 << 20
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", lambda *a, **k: pytest.fail("a member was inflated"))
+    with pytest.raises(ArtifactError, match="'huge.npy' declares 104,857,600 bytes"):
+        load_head(bomb)
+
+
+def test_featx_recognises_its_own_head_files(tmp_path, fitted):
+    from featx.heads.store import is_head_file
+
+    _, path = fitted
+    assert is_head_file(path)
+    import skops.io as sio
+
+    sio.dump({"a": 1}, tmp_path / "other.skops")
+    (tmp_path / "x.skops").write_bytes(b"PK\x03\x04 not really")
+    assert not is_head_file(tmp_path / "other.skops") and not is_head_file(tmp_path / "x.skops")
+    assert not is_head_file(tmp_path / "missing.skops")
+
+
+def test_mlp_heads_load_through_the_trusted_type_check(tmp_path):
+    assert "sklearn.neural_network._multilayer_perceptron.MLPClassifier" in TRUSTED_TYPES
+    fs = features(n=300)
+    res = fit_head(fs, "mlp", cv=0, output=tmp_path / "m.skops")
+    head = load_head(res.path)
+    assert head.kind == "mlp" and head.score_kind == "probability"
+    np.testing.assert_array_equal(head.predict(fs), res.head.predict(fs))
+
+
+def test_nan_features_are_refused_at_predict(fitted):
+    _, path = fitted
+    fs = features(n=10)
+    fs.features[2, 0] = np.nan
+    with pytest.raises(DataError, match=r"1 of 10 rows of the features hold NaN or Inf values \(2.png\)"):
+        load_head(path).predict(fs)

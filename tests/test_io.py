@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import errno
+import io
+import json
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -71,6 +74,58 @@ def test_store_with_pickled_object_arrays_is_refused(tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         featx.load_features(tmp_path / "missing.npz")
 
+
+def _npz_with(path, **members):
+    """A zip laid out like a store, each member's raw bytes given (lets a test plant a pickle or odd arrays)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, value in members.items():
+            if isinstance(value, np.ndarray):
+                buf = io.BytesIO()
+                np.save(buf, value)
+                value = buf.getvalue()
+            zf.writestr(f"{name}.npy", value)
+    return path
+
+
+GOOD = {"features": np.zeros((1, 2), np.float32), "paths": np.array(["a.jpg"]), "meta": np.asarray(json.dumps({}))}
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"paths": b"\x80\x04]\x94X\x01\x00\x00\x00a\x94a."}, "'paths' is not a numpy array"),  # a raw pickle member
+    ({"features": b"cos\nsystem\n(S'touch x'\ntR."}, "'features' is not a numpy array"),
+    ({"meta": np.asarray(json.dumps([1, 2]))}, "metadata is a JSON list"),
+    ({"meta": np.asarray("{not json")}, "unreadable metadata"),
+    ({"features": np.array(["a", "b"])}, "'features' holds a 1-d"),
+    ({"paths": np.zeros((1, 2))}, "'paths' holds a 2-d float64"),
+    ({"labels": np.array([1.5])}, "'labels' holds"),
+])
+def test_store_layout_is_validated_on_load(tmp_path, change, needle):
+    """Raw pickles as members and meta that is not a JSON object gave TypeError/AttributeError tracebacks (issue 11)."""
+    bad = _npz_with(tmp_path / "bad.npz", **{**GOOD, **change})
+    with pytest.raises(ArtifactError, match=needle):
+        featx.load_features(bad)
+    assert not (tmp_path / "x").exists()  # nothing in a pickle ran
+
+
+def test_store_declaring_a_huge_member_is_refused_before_inflating(tmp_path, monkeypatch):
+    path = _npz_with(tmp_path / "bomb.npz", **GOOD)
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("labels.npy", "w", force_zip64=True) as fh:  # ~100 MB of zeros deflate to ~100 kB
+            chunk = bytes(1 << 20)
+            for _ in range(100):
+                fh.write(chunk)
+    assert path.stat().st_size < 1 << 20
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", lambda *a, **k: pytest.fail("a member was inflated"))
+    with pytest.raises(ArtifactError, match="declares 104,857,600 bytes"):
+        featx.load_features(path)
+
+
+def test_nonfinite_rows_are_found_not_dropped(tmp_path):
+    fs = _fs(4)
+    fs.features[1, 2] = np.nan
+    fs.features[3, 0] = np.inf
+    back = featx.load_features(save_features(fs, tmp_path / "f.npz"))
+    assert len(back) == 4 and back.nonfinite_rows().tolist() == [1, 3]
 
 # -- permissions, ownership, writability, locks ------------------------------------------------------------
 import json

@@ -19,7 +19,7 @@ DEFAULT_HEAD = Path("featx-out") / "head.skops"
 @run_boundary
 def fit_cmd(
     features: Path = typer.Argument(DEFAULT_FEATURES, help="Features file from `featx extract` (labelled)."),
-    head: str = typer.Option("logistic", "--head", help="logistic | svm | svm-rbf | linear | knn | all."),
+    head: str = typer.Option("logistic", "--head", help="logistic | svm | svm-rbf | linear | knn | mlp | all (any case)."),
     output: Path = typer.Option(DEFAULT_HEAD, "-o", "--output", help="Head file to write (.skops); reports go beside it."),
     C: Optional[float] = typer.Option(None, "--C", help="Fix the regularisation strength (ridge: alpha=1/(2C)) instead of a CV search."),
     k: Optional[int] = typer.Option(None, "--k", help="Fix k for the knn head instead of a CV search."),
@@ -28,17 +28,20 @@ def fit_cmd(
     val: Optional[Path] = typer.Option(None, "--val", help="Validate on these features instead (same backbone)."),
     cv: int = typer.Option(5, "--cv", help="Folds of the CV search (0 = off)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the hold-out, the CV folds and the SVMs."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: where the logistic head may run (cuda = torch L-BFGS)."),
-    backend: str = typer.Option("auto", "--backend", help="auto | sklearn | torch (logistic head only)."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel CV fits (-1 = all cores)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: where the torch heads run (svm, mlp; logistic for large sets)."),
+    backend: str = typer.Option("auto", "--backend", help="auto | sklearn | torch (logistic, svm; mlp is always torch)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel CV fits (1 or more; -1 = all cores)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Temperature-scale on the validation split: probabilities for every head, ECE and a reliability diagram in the report."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs (head, reports, PNGs) that featx did not write."),
     json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):
-    """Fit a head (logistic, SVM, ridge, k-NN) on features; report val/test scores, per-class table, confusion matrix."""
+    """Fit a head (logistic, SVM, ridge, k-NN, MLP) on features; report val/test scores, per-class table, confusion matrix."""
     from ..heads import fit_head
 
     with library_warnings():
         res = fit_head(features, head=head, output=output, C=C, k=k, class_weight=class_weight, val_split=val_split,
-                       val=val, cv=cv, seed=seed, device=device, backend=backend, n_jobs=jobs)
+                       val=val, cv=cv, seed=seed, device=device, backend=backend, n_jobs=jobs, calibrate=calibrate,
+                       overwrite=overwrite)
     if json_:
         print_json(res.to_dict())
         return
@@ -62,6 +65,8 @@ def _print_one(res) -> None:
                      f"{t['fit_seconds']:.2f}"))
     out.print(f"validated on {res.validation}")
     out.print(cv_line(res.cv))
+    if res.head.calibration:
+        out.print(_calibration_line(res.head.calibration))
     out.print(metrics_table(res.scores, title="Scores (held-out data)"))
     for name, m in res.scores.items():
         out.print(per_class_table(m, title=f"Per class, {name}"))
@@ -70,7 +75,20 @@ def _print_one(res) -> None:
     if res.path:
         out.print(styled("head -> [bold]{}[/bold]", res.path))
     if res.report_path:
-        out.print(f"report -> {res.report_path} (+ confusion PNGs)")
+        pngs = "confusion and reliability PNGs" if res.head.calibration else "confusion PNGs"
+        out.print(f"report -> {res.report_path} (+ {pngs})")
+
+
+def _calibration_line(cal: dict) -> str:
+    """``calibrated (temperature 1.84, fitted on val): ECE val 0.081 -> 0.023 (0.031 cross-fitted), test ...``."""
+    parts = []
+    for split, e in cal.get("ece", {}).items():
+        text = f"{split} {fmt(e.get('before'))} -> {fmt(e.get('after'))}"
+        if e.get("after_cross_fitted") is not None:
+            text += f" ({fmt(e['after_cross_fitted'])} cross-fitted)"
+        parts.append(text)
+    return (f"calibrated (temperature {cal['temperature']:.3g}, fitted on {cal.get('fitted_on', 'val')}): "
+            f"expected calibration error {', '.join(parts)}")
 
 
 def _print_comparison(res) -> None:

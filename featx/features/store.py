@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from .._io import atomic_write, fingerprint
-from ..errors import ArtifactError
+from ..errors import ArtifactError, DataError
 
 FORMAT = "featx.features"
 FORMAT_VERSION = 1
@@ -98,8 +98,27 @@ class FeatureSet:
     def split_names(self) -> list:
         return [] if self.splits is None else sorted(set(self.splits.tolist()), key=_split_order)
 
+    def nonfinite_rows(self) -> np.ndarray:
+        """Indices of rows holding NaN or Inf (a broken extraction or an edited file): no head can use them."""
+        return np.flatnonzero(~np.isfinite(self.features).all(axis=1))
+
     def save(self, path) -> Path:
         return save_features(self, path)
+
+
+def check_finite(fs: FeatureSet, what: str = "features") -> None:
+    """Refuse rows holding NaN/Inf (DataError with their count and first paths): no head can fit or score them.
+
+    Refused rather than dropped: such a row means a broken extraction or an edited file, and quietly training on
+    fewer images than the store lists would hide that.
+    """
+    bad = fs.nonfinite_rows()
+    if not len(bad):
+        return
+    first = ", ".join(str(fs.paths[i]) for i in bad[:3]) + (", ..." if len(bad) > 3 else "")
+    raise DataError(f"{len(bad)} of {len(fs)} rows of the {what} hold NaN or Inf values ({first}); re-extract "
+                    f"those images (featx extract ... --overwrite), or drop the rows in Python with "
+                    f"fs.subset(np.setdiff1d(np.arange(len(fs)), fs.nonfinite_rows()))")
 
 
 def _split_order(name: str):
@@ -132,8 +151,77 @@ def save_features(fs: FeatureSet, path) -> Path:
     return path
 
 
+# A zip member may declare at most this many bytes per byte it occupies in the file, once it is larger than
+# _BOMB_FLOOR: featx writes stored (uncompressed) members, and np.savez_compressed of real features shrinks them ~2-5x,
+# while a 1 MB file declaring a 1 GiB member (ratio 1000) would otherwise be inflated into memory before any check.
+_BOMB_RATIO = 100
+_BOMB_FLOOR = 64 << 20
+
+
+def check_zip_sizes(zf: zipfile.ZipFile, path, what: str) -> None:
+    """Refuse a zip (features store, head file) whose members declare sizes out of proportion to the file.
+
+    Only the central directory is read: no member is decompressed. zipfile enforces the declared size when a
+    member is read later (a member longer than it declares fails its CRC check), so checking it here is enough.
+    """
+    for info in zf.infolist():
+        declared = int(info.file_size)
+        if declared > _BOMB_FLOOR and declared > _BOMB_RATIO * max(int(info.compress_size), 1):
+            raise ArtifactError(
+                f"refusing {path}: its member {info.filename!r} declares {declared:,} bytes from "
+                f"{info.compress_size:,} compressed bytes (a zip bomb or a damaged file); it is not a {what} "
+                f"featx would write. Re-create it")
+
+
+# What each member of a store must be: (required, array kind letters allowed, number of dimensions).
+_LAYOUT = {
+    "features": (True, "fiu", 2),
+    "paths": (True, "U", 1),
+    "meta": (True, "U", 0),
+    "labels": (False, "U", 1),
+    "splits": (False, "U", 1),
+    "classes": (False, "U", 1),
+}
+
+
+def _member(z, key: str, path) -> Optional[np.ndarray]:
+    """The array stored under ``key``, checked against the layout; None for an absent optional member."""
+    required, kinds, ndim = _LAYOUT[key]
+    if key not in z.files:
+        if required:
+            raise ArtifactError(f"{path} is not a featx features file (missing {key!r}); re-extract it with "
+                                f"`featx extract`")
+        return None
+    value = z[key]
+    if not isinstance(value, np.ndarray):  # numpy hands back raw bytes for a member that is not a .npy array
+        raise ArtifactError(f"{path} is not a safe featx features file: member {key!r} is not a numpy array "
+                            f"(raw bytes, e.g. a pickle); nothing in it was run. Re-extract it with `featx extract`")
+    if value.dtype.kind not in kinds or value.ndim != ndim:
+        want = {"fiu": "numbers", "U": "text"}[kinds]
+        raise ArtifactError(f"{path} is not a featx features file: {key!r} holds a {value.ndim}-d {value.dtype} "
+                            f"array where featx writes {ndim}-d {want}. Re-extract it with `featx extract`")
+    return value
+
+
+def _meta(raw: np.ndarray, path) -> dict:
+    try:
+        meta = json.loads(str(raw[()]))
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} has unreadable metadata ({exc}); re-extract it with `featx extract`") from exc
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path} is not a featx features file: its metadata is a JSON {type(meta).__name__}, "
+                            f"not an object. Re-extract it with `featx extract`")
+    return meta
+
+
 def load_features(path) -> FeatureSet:
-    """Read a feature store written by ``featx extract`` (refuses pickled content)."""
+    """Read a feature store written by ``featx extract``.
+
+    The layout is checked before anything is used: a zip whose members declare absurd sizes, a member that is not
+    a plain numpy array (raw bytes such as a pickle), pickled object arrays, arrays of the wrong kind or shape, and
+    metadata that is not a JSON object are refused with ArtifactError. Rows of NaN/Inf are kept (see
+    :meth:`FeatureSet.nonfinite_rows`); ``fit_head`` refuses them.
+    """
     path = Path(path)
     if path.suffix.lower() == ".parquet":  # hook: the Parquet layout lives in featx.export.parquet (featx[parquet])
         from ..export.parquet import read_features
@@ -141,24 +229,25 @@ def load_features(path) -> FeatureSet:
         return read_features(path)
     if not path.exists():
         raise ArtifactError(f"features file {path} does not exist; run `featx extract IMAGES -o {path}` first")
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a folder, not a features file")
     try:
+        with zipfile.ZipFile(path) as zf:
+            check_zip_sizes(zf, path, "features file")
         with np.load(path, allow_pickle=False) as z:
-            keys = set(z.files)
-            missing = {"features", "paths", "meta"} - keys
-            if missing:
-                raise ArtifactError(f"{path} is not a featx features file (missing {', '.join(sorted(missing))})")
-            meta = json.loads(str(z["meta"][()]))
-            return FeatureSet(
-                features=z["features"],
-                paths=z["paths"].tolist(),
-                labels=z["labels"] if "labels" in keys else None,
-                splits=z["splits"] if "splits" in keys else None,
-                classes=z["classes"].tolist() if "classes" in keys else [],
-                meta=meta,
-            )
+            arrays = {key: _member(z, key, path) for key in _LAYOUT}
+        meta = _meta(arrays["meta"], path)
+        return FeatureSet(
+            features=arrays["features"],
+            paths=arrays["paths"].tolist(),
+            labels=arrays["labels"],
+            splits=arrays["splits"],
+            classes=[] if arrays["classes"] is None else arrays["classes"].tolist(),
+            meta=meta,
+        )
     except ArtifactError:
         raise
     except ValueError as exc:  # includes "Object arrays cannot be loaded when allow_pickle=False"
         raise ArtifactError(f"{path} is not a safe featx features file: {exc}") from exc
-    except (OSError, zipfile.BadZipFile, json.JSONDecodeError, KeyError, EOFError) as exc:
+    except (OSError, zipfile.BadZipFile, KeyError, EOFError) as exc:
         raise ArtifactError(f"{path} is not a readable featx features file ({type(exc).__name__}: {exc})") from exc

@@ -1,4 +1,4 @@
-"""Heads on frozen features: scikit-learn pipelines, CV search, a torch/GPU logistic head, and the safe head file."""
+"""Heads on frozen features: sklearn pipelines, CV search, torch solvers, calibration, the safe head file."""
 from __future__ import annotations
 
 from .fit import FitResult, FitSettings, fit_head

@@ -1,6 +1,7 @@
-"""fit_head: choose an honest validation set, tune one hyper-parameter by CV, fit the head, score it, save it."""
+"""fit_head: split by featx's one rule, tune by CV, fit the head, score it, optionally calibrate it, save it."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -13,16 +14,22 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..data.split import VAL_NAMES, plan_split
 from ..errors import ArtifactError, DataError, UsageError
-from ..features.store import FeatureSet, load_features, provenance_fingerprint, provenance_key
+from ..features.store import FeatureSet, check_finite, load_features, provenance_fingerprint, provenance_key
 from ..report import classification_metrics, summary
-from .pipelines import HEADS, SPECS, c_to_param, check_head_name, make_estimator
+from .pipelines import HEADS, SPECS, c_to_param, check_head_name, estimator_params, make_estimator, value_label
 from .search import cross_validate_one, grid_search, resolve_folds
-from .store import Head, feature_provenance, library_versions
+from .store import Head, feature_provenance, is_head_file, library_versions
 
 log = logging.getLogger(__name__)
 
-VAL_NAMES = ("val", "valid", "validation")  # split names a features file may use for its validation rows
+TORCH_KINDS = ("logistic", "svm", "mlp")  # heads with a torch solver (mlp has no other)
+PRECOMPUTED_MAX_ROWS = 6000  # svm-rbf: precomputed kernel up to here (n^2 float64 = 288 MB), libsvm's own beyond
+# svm: n * d from which the torch solver replaces liblinear. Below, liblinear's whole CV search takes about a second
+# (0.8 CPU-s on 245 x 1,280 ants/bees features) while importing and first using torch costs ~4 CPU-s; above, liblinear
+# grows to minutes (benchmarks/bench_heads.py).
+SVM_TORCH_MIN = 1_000_000
 
 
 @dataclass
@@ -33,17 +40,19 @@ class FitSettings:
     C: Optional[float] = None  # fixed regularisation (ridge gets alpha = 1/(2C)); None = CV grid search
     k: Optional[int] = None  # fixed k for knn; None = CV grid search
     class_weight: Optional[str] = None  # "balanced" reweights classes inversely to their frequency
-    val_split: float = 0.2  # held-out fraction when the features carry no val split and no --val is given
+    val_split: float = 0.2  # held-out fraction of train when the features carry no val split and no --val is given
     cv: int = 5  # folds for the search; lowered to the smallest class count; < 2 switches CV off
-    seed: int = 0  # seeds the hold-out split, CV folds and the SVMs
-    device: str = "auto"  # where the logistic head may run: auto picks CUDA only for large sets
-    backend: str = "auto"  # "sklearn", "torch" (logistic only; also runs on CPU), or auto
+    seed: int = 0  # seeds the hold-out (featx.data.split: the same images as finetune), CV folds, SVMs and the mlp
+    device: str = "auto"  # torch heads (svm, mlp; logistic for large sets): auto = CUDA when present
+    backend: str = "auto"  # "sklearn", "torch" (logistic, svm, mlp), or auto (see _backend)
     n_jobs: Optional[int] = None  # CV fits in parallel (joblib); None = 1, -1 = all cores
     # n * d above which "auto" fits the logistic head in torch on CUDA: ~20M (e.g. 16k x 1280) is where sklearn's
     # lbfgs starts taking tens of seconds while a GPU full-batch solve stays around a second.
     torch_auto_threshold: int = 20_000_000
     max_widen: int = 3  # extra grid values tried beyond an edge before giving up (warns if still at the edge)
     grid: Optional[Sequence] = None  # override the default grid of the tuned parameter (tests use short ones)
+    calibrate: bool = False  # temperature scaling on the validation split -> probabilities for every head
+    overwrite: bool = False  # replace outputs featx did not write
 
 
 @dataclass
@@ -59,6 +68,7 @@ class FitResult:
     validation: str = ""  # how the validation rows were chosen, in words
     results: list = field(default_factory=list)  # head="all": every head's FitResult, best first
     report_path: Optional[Path] = None
+    calibration: Optional[dict] = None  # --calibrate: temperature, ECE before/after per split with reliability bins
 
     @property
     def kind(self) -> str:
@@ -91,6 +101,7 @@ class FitResult:
             "head": self.head.kind,
             "params": dict(self.head.meta.get("params", {})),
             "class_weight": self.head.meta.get("class_weight"),
+            "score_kind": self.head.score_kind,
             "backend": self.training.get("backend"),
             "device": self.training.get("device"),
             "cv": cv,
@@ -98,6 +109,7 @@ class FitResult:
             "scores": {name: summary(m) for name, m in self.scores.items()},
             "selection_split": self.selection_split,
             "training": dict(self.training),
+            "calibration": self.head.calibration,
             "classes": self.head.classes,
             "features": {"backbone": self.head.feature_meta.get("backbone"),
                          "fingerprint": self.head.feature_meta.get("fingerprint")},
@@ -122,50 +134,65 @@ class _Plan:
 def fit_head(features, head: str = "logistic", *, output=None, C: Optional[float] = None, k: Optional[int] = None,
              class_weight: Optional[str] = None, val_split: float = 0.2, val=None, cv: int = 5, seed: int = 0,
              device: str = "auto", backend: str = "auto", n_jobs: Optional[int] = None, report_dir=None,
-             grid: Optional[Sequence] = None) -> FitResult:
+             grid: Optional[Sequence] = None, calibrate: bool = False, overwrite: bool = False) -> FitResult:
     """Fit a classification head on extracted features and score it on data it did not see.
 
     Args:
         features: a FeatureSet or the path of a features file (``featx extract`` output). Must be labelled.
-        head: one of ``HEADS`` or ``"all"`` (fit each; the result lists them in ``.results``, best first, and the
-            best is saved at ``output``, each one also as ``<stem>-<kind>.skops`` beside it).
+        head: one of ``HEADS`` (any case) or ``"all"`` (fit each; the result lists them in ``.results``, best first,
+            and the best is saved at ``output``, each one also as ``<stem>-<kind>.skops`` beside it).
         output: head file to write (skops). ``None`` writes nothing (the CLI passes ``featx-out/head.skops``).
         C, k: fix the regularisation strength / number of neighbours instead of searching a CV grid.
         class_weight: ``"balanced"`` for imbalanced classes (CV then ranks by balanced accuracy).
-        val_split, val: when the features carry splits the head trains on ``train`` and is scored on ``val``
-            (and ``test``); otherwise on ``val`` features if given, else on a stratified seeded ``val_split`` hold-out.
+        val_split, val: validation rows follow featx.data.split (the same images ``featx finetune`` holds out): the
+            features' own val split; else ``val`` features if given; else a stratified seeded ``val_split`` hold-out
+            of train. A ``test`` split is only scored, never used to choose anything.
         cv: folds of the stratified CV search (lowered to the smallest class count; < 2 turns CV off).
-        device, backend: the logistic head runs in torch (L-BFGS) with ``backend="torch"``, with ``device="cuda"``,
-            or automatically for large sets when CUDA is present; it is saved as an ordinary sklearn pipeline.
-        report_dir: where ``<stem>.report.json`` and ``<stem>.confusion-<split>.png`` go (default: beside the head).
+        device, backend: the mlp runs in torch (CUDA when present), the svm too from n x d >= 1M (liblinear below,
+            or with ``backend="sklearn"``); the logistic head runs in torch with ``backend="torch"``, with
+            ``device="cuda"``, or automatically for large sets when CUDA is present. Every head is saved as an
+            ordinary sklearn pipeline.
+        report_dir: where ``<stem>.report.json`` and the PNGs go (default: beside the head).
+        calibrate: fit a temperature on the validation split: every head then gives probabilities; ECE before and
+            after goes in the report, a reliability diagram beside the confusion matrices.
+        overwrite: replace outputs that exist and were not written by featx.
 
     Raises:
-        UsageError for bad options, DataError for unusable labels, ArtifactError for unreadable or mismatched files.
+        UsageError for bad options, DataError for unusable labels, ArtifactError for unreadable or mismatched files,
+        OutputError when an output cannot be written or another featx run is writing it.
     """
     s = FitSettings(head=head, C=C, k=k, class_weight=class_weight, val_split=val_split, cv=cv, seed=seed,
-                    device=device, backend=backend, n_jobs=n_jobs, grid=grid)
+                    device=device, backend=backend, n_jobs=n_jobs, grid=grid, calibrate=calibrate,
+                    overwrite=overwrite)
     _validate(s)
     fs = _as_features(features, "features")
     val_fs = _as_features(val, "validation features") if val is not None else None
     plan = _plan(fs, val_fs, s)
-    output = _resolve_output(output)
+    output = _resolve_output(output, s.overwrite)
+    rdir = Path(report_dir) if report_dir is not None else (output.parent if output is not None else None)
+    files = _output_files(output, rdir, plan, s)
 
-    kinds = HEADS if s.head == "all" else (s.head,)
-    results = []
-    for kind in kinds:
-        log.info("fitting %s head on %d samples", kind, len(plan.train))
-        results.append(_fit_one(kind, plan, s))
+    with _claimed(files, output, s.overwrite):
+        kinds = HEADS if s.head == "all" else (s.head,)
+        results = []
+        for kind in kinds:
+            log.info("fitting %s head on %d samples", kind, len(plan.train))
+            res = _fit_one(kind, plan, s)
+            if s.calibrate:
+                _calibrate(res, plan, s)
+            results.append(res)
+        best = _best_of(results) if s.head == "all" else results[0]
+        if files:
+            _save(best, output, rdir, every=s.head == "all")
+    return best
 
-    if s.head == "all":
-        results.sort(key=FitResult._rank_key)
-        best = copy.copy(results[0])
-        # Its own Head object: the best is saved twice (<stem>.skops and <stem>-<kind>.skops), each records its path.
-        best.head = Head(results[0].head.pipeline, dict(results[0].head.meta))
-        best.results = results
-    else:
-        best = results[0]
-    if output is not None or report_dir is not None:
-        _save(best, output, Path(report_dir) if report_dir is not None else None, every=s.head == "all")
+
+def _best_of(results: list) -> FitResult:
+    results.sort(key=FitResult._rank_key)
+    best = copy.copy(results[0])
+    # Its own Head object: the best is saved twice (<stem>.skops and <stem>-<kind>.skops), each records its path.
+    best.head = Head(results[0].head.pipeline, dict(results[0].head.meta))
+    best.results = results
     return best
 
 
@@ -173,7 +200,7 @@ def fit_head(features, head: str = "logistic", *, output=None, C: Optional[float
 
 
 def _validate(s: FitSettings) -> None:
-    check_head_name(s.head)
+    s.head = check_head_name(s.head)
     if isinstance(s.class_weight, str) and s.class_weight.lower() in ("none", ""):
         s.class_weight = None
     if s.class_weight not in (None, "balanced"):
@@ -186,23 +213,32 @@ def _validate(s: FitSettings) -> None:
         raise UsageError(f"--k must be a positive integer, got {s.k}")
     if s.cv is None or int(s.cv) < 0:
         raise UsageError(f"--cv must be 0 (off) or a number of folds >= 2, got {s.cv}")
-    if s.head == "knn" and s.C is not None:
-        raise UsageError("--C does not apply to the knn head; use --k")
+    if s.n_jobs is not None and (int(s.n_jobs) != s.n_jobs or int(s.n_jobs) == 0):
+        raise UsageError(f"--jobs must be a number of parallel CV fits (1 or more, or -1 for all cores), "
+                         f"got {s.n_jobs}")
+    if s.head in ("knn", "mlp") and s.C is not None:
+        raise UsageError(f"--C does not apply to the {s.head} head" + ("; use --k" if s.head == "knn" else ""))
     if s.head not in ("knn", "all") and s.k is not None:
         raise UsageError(f"--k only applies to the knn head, not {s.head!r}; use --C")
+    _validate_backend(s)
+
+
+def _validate_backend(s: FitSettings) -> None:
     if s.backend not in ("auto", "sklearn", "torch"):
         raise UsageError(f"unknown backend {s.backend!r}; use auto, sklearn or torch")
-    if s.backend == "torch" and s.head not in ("logistic", "all"):
-        raise UsageError(f"the torch backend exists for the logistic head only, not {s.head!r}")
-    dev = str(s.device or "auto")
+    if s.backend == "torch" and s.head not in (*TORCH_KINDS, "all"):
+        raise UsageError(f"the torch backend exists for the {', '.join(TORCH_KINDS)} heads, not {s.head!r}")
+    if s.backend == "sklearn" and s.head == "mlp":
+        raise UsageError("the mlp head is trained in torch; drop --backend sklearn")
+    dev = str(s.device or "auto").lower()
     if not (dev in ("auto", "cpu") or dev.startswith("cuda")):
         raise UsageError(f"unknown device {s.device!r}; use auto, cpu or cuda")
     if dev.startswith("cuda"):
         from .torch_logistic import resolve_device
 
         resolve_device(dev)  # raises UsageError when CUDA is absent
-        if s.head not in ("logistic", "all"):
-            log.warning("only the logistic head runs on the GPU; the %s head runs on the CPU", s.head)
+        if s.head not in (*TORCH_KINDS, "all"):
+            log.warning("only the %s heads run on the GPU; the %s head runs on the CPU", "/".join(TORCH_KINDS), s.head)
         if s.backend == "sklearn":
             raise UsageError("--device cuda needs the torch backend; drop --backend sklearn")
 
@@ -223,192 +259,184 @@ def _as_features(obj, what: str) -> FeatureSet:
         fs = fs.subset(~unlabeled)
     if len(fs) == 0:
         raise DataError(f"the {what} are empty")
+    check_finite(fs, what)
     return fs
 
 
 def _plan(fs: FeatureSet, val_fs: Optional[FeatureSet], s: FitSettings) -> _Plan:
-    """Decide train rows and evaluation sets; training rows never appear in an evaluation set."""
-    evals: dict = {}
-    if fs.splits is not None:
-        names = set(fs.split_names)
-        if "train" not in names:
-            raise DataError(f"the features carry splits ({', '.join(sorted(names))}) but no 'train' split to fit on")
-        train = fs.split("train")
-        val_name = next((n for n in VAL_NAMES if n in names), None)
-        unknown = names - {"train", "test", *VAL_NAMES}
-        if unknown:
-            log.warning("ignoring rows of unknown split(s): %s", ", ".join(sorted(unknown)))
-        if val_fs is not None:
-            if val_name:
-                log.warning("--val given: the features' own %r rows are not used", val_name)
-            evals["val"], how = val_fs, "the --val features"
-        elif val_name:
-            evals["val"], how = fs.split(val_name), f"the features' {val_name!r} split"
-        else:
-            train, evals["val"] = _hold_out(train, s)
-            how = f"a stratified {s.val_split:.0%} hold-out of the 'train' split (seed {s.seed})"
-        if "test" in names:
-            evals["test"] = fs.split("test")
-    elif val_fs is not None:
-        train, how = fs, "the --val features"
-        evals["val"] = val_fs
-    else:
-        train, evals["val"] = _hold_out(fs, s)
-        how = f"a stratified {s.val_split:.0%} hold-out (seed {s.seed})"
-
+    """Train rows and evaluation sets by featx.data.split's rule; training rows never appear in an evaluation set."""
     if val_fs is not None:
-        if provenance_key(val_fs.meta) != provenance_key(fs.meta):
-            raise ArtifactError(
-                f"the --val features come from another backbone/weights/preprocessing "
-                f"({val_fs.meta.get('backbone')!r}, fingerprint {provenance_fingerprint(val_fs.meta)}) than the "
-                f"training features ({fs.meta.get('backbone')!r}, fingerprint {provenance_fingerprint(fs.meta)}); "
-                f"extract both with the same backbone")
-        if val_fs.dim != fs.dim:
-            raise ArtifactError(f"the --val features have {val_fs.dim} columns, the training features {fs.dim}")
-
-    classes = sorted(set(train.labels.tolist()))
-    if len(classes) < 2:
-        raise DataError(f"the training rows hold a single class ({classes[0] if classes else 'none'}); "
+        _check_same_provenance(fs, val_fs)
+    names = set(fs.split_names)
+    if fs.splits is not None and "train" not in names:
+        raise DataError(f"the features carry splits ({', '.join(sorted(names))}) but no 'train' split to fit on")
+    pool = fs.labels if fs.splits is None else fs.labels[fs.splits == "train"]
+    if len(set(pool.tolist())) < 2:
+        raise DataError(f"the training rows hold a single class ({pool[0] if len(pool) else 'none'}); "
                         f"a classifier needs at least two")
+    sp = plan_split(fs.paths, fs.labels.tolist(), None if fs.splits is None else fs.splits.tolist(),
+                    val_fraction=float(s.val_split), seed=s.seed, has_val=False if val_fs is not None else None)
+    for w in sp.warnings:
+        log.warning("%s", w)
+    val_name = next((n for n in VAL_NAMES if n in names), None)
+    if val_fs is not None:
+        if val_name:
+            log.warning("--val given: the features' own %r rows are not used", val_name)
+        evals, how = {"val": val_fs}, "the --val features"
+    else:
+        evals = {"val": fs.subset(sp.val)}
+        how = f"the features' {val_name!r} split" if val_name else sp.how
+    if len(sp.test):
+        evals["test"] = fs.subset(sp.test)
+    train = fs.subset(sp.train)
+    classes = set(train.labels.tolist())
     for name, e in evals.items():
-        unseen = sorted(set(e.labels.tolist()) - set(classes))
+        unseen = sorted(set(e.labels.tolist()) - classes)
         if unseen:
             log.warning("%s rows have classes absent from training (%s); they always count as errors",
                         name, ", ".join(unseen))
     evals = {n: e for n, e in evals.items() if len(e)}
     if not evals:
-        raise DataError("no rows are left to validate on; add images or lower --val-split")
+        raise DataError("no rows are left to validate on; add images or raise --val-split")
     return _Plan(train=train, evals=evals, how=how)
 
 
-def _hold_out(fs: FeatureSet, s: FitSettings):
-    from collections import Counter
-
-    from sklearn.model_selection import train_test_split
-
-    counts = Counter(fs.labels.tolist())
-    few = sorted(c for c, n in counts.items() if n < 2)
-    if few:
-        raise DataError(f"class(es) {', '.join(map(repr, few))} have a single labelled sample; a stratified "
-                        f"hold-out needs at least 2 per class (add images or pass --val OTHER_FEATURES)")
-    idx = np.arange(len(fs))
-    try:
-        tr, va = train_test_split(idx, test_size=float(s.val_split), stratify=fs.labels, random_state=s.seed)
-    except ValueError as exc:
-        raise DataError(f"cannot hold out {s.val_split:.0%} of {len(fs)} samples with {len(counts)} classes "
-                        f"stratified ({exc}); raise --val-split or add images") from exc
-    return fs.subset(np.sort(tr)), fs.subset(np.sort(va))
+def _check_same_provenance(fs: FeatureSet, val_fs: FeatureSet) -> None:
+    if provenance_key(val_fs.meta) != provenance_key(fs.meta):
+        raise ArtifactError(
+            f"the --val features come from another backbone/weights/preprocessing "
+            f"({val_fs.meta.get('backbone')!r}, fingerprint {provenance_fingerprint(val_fs.meta)}) than the "
+            f"training features ({fs.meta.get('backbone')!r}, fingerprint {provenance_fingerprint(fs.meta)}); "
+            f"extract both with the same backbone")
+    if val_fs.dim != fs.dim:
+        raise ArtifactError(f"the --val features have {val_fs.dim} columns, the training features {fs.dim}")
 
 
 # ------------------------------------------------------------------------------------------------ fitting
 
 
-def _use_torch(kind: str, n: int, d: int, s: FitSettings) -> tuple:
-    """(use torch?, device) for this head. Importing torch is skipped for small sets on ``auto``."""
-    if kind != "logistic" or s.backend == "sklearn":
-        return False, "cpu"
+def _backend(kind: str, n: int, d: int, s: FitSettings) -> tuple:
+    """(backend, device) for this head. mlp runs in torch (CUDA when present); svm too from SVM_TORCH_MIN (n x d);
+    logistic stays in sklearn on the CPU (its lbfgs is as fast there) and moves to torch for CUDA or large sets;
+    svm-rbf solves on a precomputed kernel up to PRECOMPUTED_MAX_ROWS rows. Importing torch is skipped for the
+    sklearn-only heads."""
     from .torch_logistic import resolve_device
 
-    dev = str(s.device or "auto")
-    if s.backend == "torch" or dev.startswith("cuda"):
-        return True, resolve_device(dev)
+    if kind == "svm-rbf":
+        # its n x n kernel in float64 must fit in memory: 6,000 rows are 288 MB
+        return ("precomputed" if n <= PRECOMPUTED_MAX_ROWS and s.backend != "sklearn" else "sklearn"), "cpu"
+    if kind not in TORCH_KINDS or (s.backend == "sklearn" and kind != "mlp"):
+        return "sklearn", "cpu"
+    dev = str(s.device or "auto").lower()
+    if kind == "mlp" or s.backend == "torch" or dev.startswith("cuda"):
+        return "torch", resolve_device(dev)
+    if kind == "svm":
+        return ("torch", resolve_device(dev)) if n * d >= SVM_TORCH_MIN else ("sklearn", "cpu")
     if dev == "auto" and n * d > s.torch_auto_threshold:
         resolved = resolve_device("auto")
         if resolved.startswith("cuda"):
             log.info("large set (%d x %d) and CUDA present: fitting the logistic head on the GPU", n, d)
-            return True, resolved
-    return False, "cpu"
+            return "torch", resolved
+    return "sklearn", "cpu"
 
 
-def _fit_one(kind: str, plan: _Plan, s: FitSettings) -> FitResult:
-    spec = SPECS[kind]
-    X = plan.train.features
-    y = plan.train.labels
-    n, d = X.shape
-    use_torch, device = _use_torch(kind, n, d, s)
-
-    if use_torch:
-        from .torch_logistic import TorchLogisticRegression
-
-        def make(v):  # standardises on the device itself; becomes Pipeline(StandardScaler, LogisticRegression)
-            return TorchLogisticRegression(C=float(v), class_weight=s.class_weight, device=device)
-    else:
-        def make(v):
-            return make_estimator(kind, v, class_weight=s.class_weight, seed=s.seed)
-
+def _fixed_value(kind: str, s: FitSettings):
     if kind == "knn":
-        fixed = s.k
         if s.class_weight:
             log.warning("the knn head has no class weights; --class-weight is ignored for it")
-    else:
-        fixed = c_to_param(kind, s.C) if s.C is not None else None
-    if kind == "svm-rbf" and n > 20000:
-        log.warning("svm-rbf scales quadratically: %d training samples may take a long time", n)
+        return s.k
+    if kind == "mlp":
+        return None
+    return c_to_param(kind, s.C) if s.C is not None else None
 
+
+def _choose_value(kind: str, est, X, y, s: FitSettings, cv_jobs) -> tuple:
+    """(value, cv summary or None): the CV search, the CV score of a fixed value, or the default without CV."""
+    spec = SPECS[kind]
+    n = len(y)
+    fixed = _fixed_value(kind, s)
     metric = "balanced_accuracy" if s.class_weight == "balanced" else "accuracy"
     folds = resolve_folds(y, int(s.cv)) if int(s.cv) >= 2 else 0
-    # knn needs k <= the rows it is fitted on: the smallest CV training fold, or all rows without CV
     upper = None
-    if kind == "knn":
+    if kind == "knn":  # k <= the rows it is fitted on: the smallest CV training fold, or all rows without CV
         upper = n - math.ceil(n / folds) if folds else n
         if fixed is not None and fixed > upper:
             raise DataError(f"--k {fixed} is more than the {upper} training samples available to each fit")
-    cv_jobs = 1 if use_torch else s.n_jobs  # one GPU: folds run one after another
+    prefix = "clf__" if hasattr(est, "steps") else ""
 
-    cv_res = None
+    def to_params(v):
+        return {prefix + name: val for name, val in estimator_params(kind, v).items()}
+
+    def label(v):
+        return value_label(kind, v)
+
     if folds and fixed is None:
-        cv_res = grid_search(make, X, y, param=spec.param, grid=s.grid or spec.grid, folds=folds, seed=s.seed,
-                             log_scale=spec.log_scale, stronger=spec.stronger, lower=1 if kind == "knn" else None,
-                             upper=upper, max_widen=s.max_widen, metric=metric, n_jobs=cv_jobs)
-        value = cv_res["best"]
-    elif folds:
-        cv_res = cross_validate_one(make, fixed, X, y, param=spec.param, folds=folds, seed=s.seed, metric=metric,
-                                    n_jobs=cv_jobs)
-        value = fixed
-    else:
-        value = fixed if fixed is not None else spec.default
-        if kind == "knn":
-            value = min(int(value), n)
-    value = int(value) if kind == "knn" else float(value)
+        grid = [tuple(v) for v in s.grid] if (kind == "mlp" and s.grid) else (s.grid or spec.grid)
+        return grid_search(est, to_params, X, y, param=spec.param, grid=grid, folds=folds, seed=s.seed,
+                                 log_scale=spec.log_scale, stronger=spec.stronger, lower=1 if kind == "knn" else None,
+                                 upper=upper, max_widen=s.max_widen, metric=metric, n_jobs=cv_jobs,
+                                 widen=spec.widen, label=label)
+    if folds:
+        return fixed, cross_validate_one(est, to_params, fixed, X, y, param=spec.param, folds=folds, seed=s.seed,
+                                         metric=metric, n_jobs=cv_jobs, label=label)
+    value = fixed if fixed is not None else spec.default
+    return (min(int(value), n) if kind == "knn" else value), None
+
+
+def _fit_one(kind: str, plan: _Plan, s: FitSettings) -> FitResult:
+    X, y = plan.train.features, plan.train.labels
+    n, d = X.shape
+    backend, device = _backend(kind, n, d, s)
+    est = make_estimator(kind, SPECS[kind].default, class_weight=s.class_weight, seed=s.seed, device=device,
+                         backend=backend)
+    if kind == "svm-rbf" and n > 20000:
+        log.warning("svm-rbf scales quadratically: %d training samples may take a long time", n)
+    cv_jobs = 1 if str(device).startswith("cuda") else s.n_jobs  # one GPU: folds run one after another
+    value, cv_res = _choose_value(kind, est, X, y, s, cv_jobs)
 
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        est = make(value).fit(X, y)
+        final = make_estimator(kind, value, class_weight=s.class_weight, seed=s.seed, device=device,
+                               backend=backend).fit(X, y)
     fit_seconds = time.perf_counter() - t0
     for w in {str(w.message).split("\n")[0] for w in caught if "Converg" in type(w.message).__name__}:
         log.warning("%s head: %s", kind, w)
+    pipeline = final.to_sklearn_pipeline() if hasattr(final, "to_sklearn_pipeline") else final
+    del final  # frees a device copy's last references before scoring on the CPU
 
-    if use_torch:
-        pipeline = est.to_sklearn_pipeline()
-        del est  # frees the device copy's last references before scoring on the CPU
-    else:
-        pipeline = est
+    scores, train_acc = _score(pipeline, plan, s.seed)
+    training = {"n": int(n), "n_features": int(d), "fit_seconds": round(fit_seconds, 4), "backend": backend,
+                "device": device,
+                # For diagnosing over-fitting only (on <= 1000 of the rows the head was fitted on): never a score.
+                "training_data_accuracy": train_acc}
+    meta = _head_meta(kind, value, cv_res, scores, training, plan, s, classes=[str(c) for c in pipeline.classes_])
+    return FitResult(head=Head(pipeline, meta), scores=scores, cv=cv_res, training=training, validation=plan.how)
+
+
+def _score(pipeline, plan: _Plan, seed: int) -> tuple:
     classes = [str(c) for c in pipeline.classes_]
-
     scores = {name: classification_metrics(e.labels, pipeline.predict(e.features), classes)
               for name, e in plan.evals.items()}
-    # A diagnostic only, so a sample will do: predicting every training row costs O(n^2) for knn and svm-rbf.
-    sample = np.random.default_rng(s.seed).choice(n, size=min(n, 5000), replace=False)
-    train_acc = float(np.mean(pipeline.predict(X[sample]).astype(str) == y[sample]))
-    training = {
-        "n": int(n),
-        "n_features": int(d),
-        "fit_seconds": round(fit_seconds, 4),
-        "backend": "torch" if use_torch else "sklearn",
-        "device": device if use_torch else "cpu",
-        # For diagnosing over-fitting only (on <= 5000 of the rows the head was fitted on): never a score.
-        "training_data_accuracy": train_acc,
-    }
+    X, y = plan.train.features, plan.train.labels
+    # A diagnostic only, so a sample will do: predicting training rows costs O(n) each for knn and svm-rbf (libsvm
+    # evaluates the kernel against every support vector): 4,000 rows took longer than svm-rbf's whole CV search.
+    sample = np.random.default_rng(seed).choice(len(y), size=min(len(y), 1000), replace=False)
+    return scores, float(np.mean(pipeline.predict(X[sample]).astype(str) == y[sample]))
+
+
+def _head_meta(kind: str, value, cv_res, scores: dict, training: dict, plan: _Plan, s: FitSettings, *,
+               classes: list) -> dict:
+    spec = SPECS[kind]
     versions = library_versions()
-    if use_torch:
+    if training["backend"] == "torch":
         import torch
 
         versions["torch"] = torch.__version__
-    meta = {
+    return {
         "kind": kind,
         "description": spec.description,
-        "params": {spec.param: value},
+        "params": estimator_params(kind, value),
         "class_weight": s.class_weight,
         "classes": classes,
         "score_kind": spec.score_kind,
@@ -419,17 +447,43 @@ def _fit_one(kind: str, plan: _Plan, s: FitSettings) -> FitResult:
         "validation": plan.how,
         "scores": {name: summary(m) for name, m in scores.items()},
         "training": {k: training[k] for k in ("n", "n_features", "training_data_accuracy")},
-        "features": feature_provenance(plan.train.meta, dim=d),
+        "features": feature_provenance(plan.train.meta, dim=training["n_features"]),
         "versions": versions,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return FitResult(head=Head(pipeline, meta), scores=scores, cv=cv_res, training=training, validation=plan.how)
+
+
+def _calibrate(res: FitResult, plan: _Plan, s: FitSettings) -> None:
+    """Temperature scaling on the validation rows; ECE before/after on every evaluated split (val also cross-fitted,
+    since the temperature was fitted on it). Stores the temperature in the head's meta."""
+    from . import calibration as cal
+
+    val = plan.evals.get("val")
+    if val is None:
+        raise DataError("--calibrate needs validation rows (a val split, --val, or a --val-split hold-out)")
+    pipe, classes = res.head.pipeline, res.head.classes
+    temperature = cal.fit_temperature(pipe, val.features, val.labels)
+    per_split = {}
+    for name, e in plan.evals.items():
+        before, how = cal.uncalibrated(pipe, e.features)
+        after = cal.probabilities(pipe, e.features, temperature)
+        per_split[name] = {"before": cal.reliability(before, e.labels, classes),
+                           "after": cal.reliability(after, e.labels, classes)}
+    oof, y_oof = cal.cross_fitted(pipe, val.features, val.labels, seed=s.seed)
+    if oof is not None:
+        per_split["val"]["after_cross_fitted"] = cal.reliability(oof, y_oof, classes)
+    res.calibration = {"method": "temperature", "temperature": temperature, "fitted_on": "val", "before": how,
+                       "bins": cal.N_BINS, "splits": per_split}
+    res.head.meta["calibration"] = {
+        "method": "temperature", "temperature": temperature, "fitted_on": "val", "before": how,
+        "ece": {name: {k: v["ece"] for k, v in d.items()} for name, d in per_split.items()}}
+    res.head.meta["score_kind"] = "probability"
 
 
 # ------------------------------------------------------------------------------------------------ saving
 
 
-def _resolve_output(output) -> Optional[Path]:
+def _resolve_output(output, overwrite: bool = False) -> Optional[Path]:
     if output is None:
         return None
     out = Path(output)
@@ -439,29 +493,49 @@ def _resolve_output(output) -> Optional[Path]:
         out = out / DEFAULT_HEAD_PATH.name
     if not out.suffix:
         out = out.with_suffix(".skops")
-    if out.exists() and not _is_skops_file(out):
+    if out.exists() and not overwrite and not is_head_file(out):
         # A typo like `-o features.npz` must not replace the user's data with a head.
-        raise UsageError(f"refusing to overwrite {out}: it exists and is not a featx head file; choose another -o")
+        raise UsageError(f"refusing to overwrite {out}: it exists and is not a featx head file; choose another -o "
+                         f"(or pass --overwrite)")
     return out
 
 
-def _is_skops_file(path: Path) -> bool:
-    import zipfile
+def _output_files(output: Optional[Path], rdir: Optional[Path], plan: _Plan, s: FitSettings) -> dict:
+    """Every file this run will write -> how to recognise featx's own version of it (None: by suffix)."""
+    if output is None and rdir is None:
+        return {}
+    stem = output.stem if output is not None else "head"
+    files: dict = {}
+    if output is not None:
+        files[output] = is_head_file
+    if s.head == "all":
+        for kind in HEADS:
+            if output is not None:
+                files[output.with_name(f"{stem}-{kind}{output.suffix}")] = is_head_file
+            files[rdir / f"{stem}-{kind}.report.json"] = None
+        files[rdir / f"{stem}.comparison.png"] = None
+    files[rdir / f"{stem}.report.json"] = None
+    for name in plan.evals:
+        files[rdir / f"{stem}.confusion-{name}.png"] = None
+        if s.calibrate:
+            files[rdir / f"{stem}.reliability-{name}.png"] = None
+    return files
 
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return "schema.json" in zf.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
+
+def _claimed(files: dict, output: Optional[Path], overwrite: bool):
+    """claim_outputs over every file (checked before any work, locked for the run), or nothing when none are written."""
+    if not files:
+        return contextlib.nullcontext()
+    from .._io import claim_outputs
+
+    return claim_outputs(files, overwrite=overwrite, lock=output if output is not None else next(iter(files)))
 
 
-def _save(best: FitResult, output: Optional[Path], report_dir: Optional[Path], every: bool) -> None:
-    from ..report import save_bar_chart_png, save_confusion_png
+def _save(best: FitResult, output: Optional[Path], rdir: Path, every: bool) -> None:
     from .._io import write_json
+    from ..report import save_bar_chart_png
 
     stem = output.stem if output is not None else "head"
-    rdir = report_dir if report_dir is not None else output.parent
-
     if every:  # each head beside the best one, with its own JSON report
         for r in best.results:
             if output is not None:
@@ -477,23 +551,42 @@ def _save(best: FitResult, output: Optional[Path], report_dir: Optional[Path], e
     best.report_dir = rdir
     best.report_path = rdir / f"{stem}.report.json"
     report = _report(best)
-    for name, m in best.scores.items():
-        png = rdir / f"{stem}.confusion-{name}.png"
-        save_confusion_png(m, png, title=f"{best.kind} head, {name} (accuracy {m['accuracy']:.3f}, n={m['n']})")
-        report.setdefault("files", {})[f"confusion-{name}"] = str(png)
+    report["files"] = _save_pngs(best, rdir, stem)
     if every:
         split = best.selection_split or "val"
         rows = [{"name": r.kind, "accuracy": r.scores.get(split, {}).get("accuracy")} for r in best.results]
         png = rdir / f"{stem}.comparison.png"
         save_bar_chart_png(rows, png, key="accuracy", label_key="name", title=f"head comparison ({split} accuracy)")
-        report.setdefault("files", {})["comparison"] = str(png)
+        report["files"]["comparison"] = str(png)
     write_json(best.report_path, report)
+
+
+def _save_pngs(best: FitResult, rdir: Path, stem: str) -> dict:
+    """Confusion matrix per evaluated split, and the reliability diagram per split of a calibrated head."""
+    from ..report import save_confusion_png
+    from .calibration import save_reliability_png
+
+    files = {}
+    for name, m in best.scores.items():
+        png = rdir / f"{stem}.confusion-{name}.png"
+        save_confusion_png(m, png, title=f"{best.kind} head, {name} (accuracy {m['accuracy']:.3f}, n={m['n']})")
+        files[f"confusion-{name}"] = str(png)
+        if best.calibration:
+            rel = best.calibration["splits"][name]
+            png = rdir / f"{stem}.reliability-{name}.png"
+            t = best.calibration["temperature"]
+            save_reliability_png(rel["before"], rel["after"], png,
+                                 title=f"{best.kind} head, {name}: temperature {t:.3g} fitted on val")
+            files[f"reliability-{name}"] = str(png)
+    return files
 
 
 def _report(r: FitResult) -> dict:
     d = r.to_dict()
     d.pop("results", None)
     d["metrics"] = r.scores  # full per-class tables and confusion matrices
+    if r.calibration:
+        d["calibration"] = r.calibration  # with the reliability bins per split
     if r.results:
         d["comparison"] = [{"head": x.kind, "params": x.head.meta.get("params"),
                             "scores": {n: summary(m) for n, m in x.scores.items()},

@@ -1,10 +1,17 @@
-"""Stratified k-fold grid search over one hyper-parameter, widening the grid while the best value sits at its edge."""
+"""Model selection: sklearn's GridSearchCV on stratified folds, widening the grid while the best value is at its edge.
+
+GridSearchCV scores every candidate on the same seeded StratifiedKFold splits the hand-written search used (so the
+same folds give the same per-value scores; tests/test_heads.py checks it against a plain fit-and-score loop). What
+scikit-learn cannot express is kept here: when the best value is at an end of the grid, one more value beyond that end
+is searched (up to ``max_widen`` times), and ties go to the more regularised value rather than to the first listed.
+The final refit on all training rows is the caller's (GridSearchCV's ``refit`` only sees one batch of the grid).
+"""
 from __future__ import annotations
 
 import logging
 import warnings
 from collections import Counter
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -32,23 +39,35 @@ def resolve_folds(y: np.ndarray, cv: int) -> int:
     return smallest
 
 
-def _fold_score(make, value, X, y, train_idx, test_idx, metric: str) -> float:
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+def fold_splits(X, y, folds: int, seed: int) -> list:
+    from sklearn.model_selection import StratifiedKFold
 
-    est = make(value)
-    with warnings.catch_warnings():
-        # Non-converged folds are reported once by the caller's final fit; per-fold warnings would flood the terminal.
-        warnings.simplefilter("ignore", category=UserWarning)
-        try:
-            from sklearn.exceptions import ConvergenceWarning
+    return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y))
 
+
+def cv_scores(estimator, to_params: Callable, values: Sequence, X, y, splits: list, metric: str, n_jobs) -> dict:
+    """``{value: [score per fold]}`` for each candidate, through GridSearchCV (no refit).
+
+    One GridSearchCV per fold, so that every value of a fold is fitted one after the other on the same rows: an
+    estimator can then reuse its per-fold work across values (svm-rbf reuses the fold's kernel matrix, which took
+    three quarters of its CV time). The scores are those of a single GridSearchCV over all folds.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import GridSearchCV
+
+    grid = [{k: [v] for k, v in to_params(value).items()} for value in values]  # one candidate per value, in order
+    scores: dict = {value: [] for value in values}
+    for split in splits:
+        search = GridSearchCV(estimator, grid, scoring=metric, cv=[split], refit=False, n_jobs=n_jobs,
+                              error_score="raise")
+        with warnings.catch_warnings():
+            # Non-converged folds are reported once by the final fit; per-fold warnings would flood the terminal.
             warnings.simplefilter("ignore", category=ConvergenceWarning)
-        except ImportError:  # pragma: no cover
-            pass
-        est.fit(X[train_idx], y[train_idx])
-    pred = est.predict(X[test_idx])
-    fn = balanced_accuracy_score if metric == "balanced_accuracy" else accuracy_score
-    return float(fn(y[test_idx], pred))
+            warnings.simplefilter("ignore", category=UserWarning)
+            search.fit(X, y)
+        for i, value in enumerate(values):
+            scores[value].append(float(search.cv_results_["split0_test_score"][i]))
+    return scores
 
 
 def _widen(value, direction: int, log_scale: bool, lower, upper):
@@ -66,90 +85,68 @@ def _widen(value, direction: int, log_scale: bool, lower, upper):
     return new
 
 
-def grid_search(make: Callable, X: np.ndarray, y: np.ndarray, *, param: str, grid: Sequence, folds: int,
-                seed: int = 0, log_scale: bool = True, stronger: str = "low", lower=None, upper=None,
-                max_widen: int = 3, metric: str = "accuracy", n_jobs=None) -> dict:
-    """Evaluate ``make(value)`` on stratified ``folds``-fold splits for every value of ``grid``.
+def grid_search(estimator, to_params: Callable, X: np.ndarray, y: np.ndarray, *, param: str, grid: Sequence,
+                folds: int, seed: int = 0, log_scale: bool = True, stronger: str = "low", lower=None, upper=None,
+                max_widen: int = 3, metric: str = "accuracy", n_jobs=None, widen: bool = True,
+                label: Optional[Callable] = None) -> tuple:
+    """Cross-validate ``estimator.set_params(**to_params(value))`` for every value of ``grid``.
 
-    While the best mean score sits at an end of the grid (and a bound allows it), one more value is tried beyond
-    that end, up to ``max_widen`` times in all. Ties go to the more regularised value (``stronger`` says which end
-    that is). Returns ``{param, metric, folds, grid, best, mean, std, widened, per_value: [{value, mean, std}]}``.
+    Scalar grids are searched in ascending order and widened while the best mean score sits at an end (and a bound
+    allows it), one value at a time, up to ``max_widen`` times. ``widen=False`` keeps a fixed list of configurations
+    in the order given (most regularised first). Ties go to the more regularised value (``stronger``: which end).
+    Returns ``(best_value, summary)``; the summary is ``{param, metric, folds, grid, best, mean, std, widened,
+    at_edge, per_value: [{value, mean, std}]}`` with values shown through ``label``.
     """
-    from joblib import Parallel, delayed
-    from sklearn.model_selection import StratifiedKFold
-
-    splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y))
-    results: dict = {}
-
-    def evaluate(values):
-        values = [v for v in values if v not in results]
-        if not values:
-            return
-        jobs = [(v, tr, te) for v in values for tr, te in splits]
-        scores = Parallel(n_jobs=n_jobs)(delayed(_fold_score)(make, v, X, y, tr, te, metric) for v, tr, te in jobs)
-        for (v, _, _), s in zip(jobs, scores):
-            results.setdefault(v, []).append(s)
-
-    grid = sorted({(float(v) if log_scale else int(v)) for v in grid
-                   if (lower is None or v >= lower) and (upper is None or v <= upper)})
+    label = label or (lambda v: v)
+    splits = fold_splits(X, y, folds, seed)
+    if widen:
+        grid = sorted({(float(v) if log_scale else int(v)) for v in grid
+                       if (lower is None or v >= lower) and (upper is None or v <= upper)})
+    else:
+        grid = list(grid)
     if not grid:
         raise DataError(f"no {param} value of the grid is usable with this little data")
-    evaluate(grid)
-    widened = 0
+    results = cv_scores(estimator, to_params, grid, X, y, splits, metric, n_jobs)
+    order = (lambda vs: sorted(vs)) if widen else (lambda vs: [v for v in grid if v in vs])
 
     def pick():
-        values = sorted(results)
+        values = order(list(results))
         means = np.array([np.mean(results[v]) for v in values])
-        best_mean = means.max()
-        tied = [v for v, m in zip(values, means) if m >= best_mean - 1e-12]
-        return values, (min(tied) if stronger == "low" else max(tied))
+        tied = [i for i, m in enumerate(means) if m >= means.max() - 1e-12]
+        return values, values[min(tied) if stronger == "low" else max(tied)]
 
-    while True:
-        values, best = pick()
-        if widened >= max_widen:
-            break
-        if best == values[0]:
-            new = _widen(best, -1, log_scale, lower, upper)
-        elif best == values[-1]:
-            new = _widen(best, +1, log_scale, lower, upper)
-        else:
-            break
+    widened = 0
+    values, best = pick()
+    while widen and widened < max_widen:
+        direction = -1 if best == values[0] else (+1 if best == values[-1] else 0)
+        new = _widen(best, direction, log_scale, lower, upper) if direction else None
         if new is None or new in results:
             break
         log.info("best %s=%s is at the edge of the grid; also trying %s", param, best, new)
-        evaluate([new])
+        results.update(cv_scores(estimator, to_params, [new], X, y, splits, metric, n_jobs))
         widened += 1
+        values, best = pick()
 
-    per_value = [{"value": v, "mean": float(np.mean(results[v])), "std": float(np.std(results[v]))}
-                 for v in sorted(results)]
-    best_row = next(r for r in per_value if r["value"] == best)
     # Only an edge that could have moved counts: k=1 for knn is a floor, not a sign of a too-narrow grid.
-    at_edge = len(values) > 1 and (
+    at_edge = widen and len(values) > 1 and (
         (best == values[0] and _widen(best, -1, log_scale, lower, upper) is not None)
         or (best == values[-1] and _widen(best, +1, log_scale, lower, upper) is not None))
     if at_edge:
         log.warning("best %s=%s is still at the edge of the searched range %s..%s", param, best, values[0], values[-1])
-    return {
-        "param": param,
-        "metric": metric,
-        "folds": folds,
-        "grid": [r["value"] for r in per_value],
-        "best": best,
-        "mean": best_row["mean"],
-        "std": best_row["std"],
-        "widened": widened,
-        "at_edge": bool(at_edge),
-        "per_value": per_value,
-    }
+    per_value = [{"value": label(v), "mean": float(np.mean(results[v])), "std": float(np.std(results[v]))}
+                 for v in values]
+    best_row = per_value[values.index(best)]
+    summary = {"param": param, "metric": metric, "folds": folds, "grid": [r["value"] for r in per_value],
+               "best": label(best), "mean": best_row["mean"], "std": best_row["std"], "widened": widened,
+               "at_edge": bool(at_edge), "per_value": per_value}
+    return best, summary
 
 
-def cross_validate_one(make: Callable, value, X, y, *, param: str, folds: int, seed: int = 0,
-                       metric: str = "accuracy", n_jobs=None) -> dict:
-    """CV score of one fixed value (the user chose it): same dict shape as :func:`grid_search`, ``fixed: True``."""
-    res = grid_search(make, X, y, param=param, grid=[value], folds=folds, seed=seed,
-                      log_scale=param != "n_neighbors",
-                      max_widen=0, metric=metric, n_jobs=n_jobs)
-    res["fixed"] = True
-    res["at_edge"] = False
-    return res
-
+def cross_validate_one(estimator, to_params: Callable, value, X, y, *, param: str, folds: int, seed: int = 0,
+                       metric: str = "accuracy", n_jobs=None, label: Optional[Callable] = None) -> dict:
+    """CV score of one fixed value (the user chose it): same summary shape as :func:`grid_search`, ``fixed: True``."""
+    _, summary = grid_search(estimator, to_params, X, y, param=param, grid=[value], folds=folds, seed=seed,
+                             max_widen=0, metric=metric, n_jobs=n_jobs, widen=False, label=label)
+    summary["fixed"] = True
+    summary["at_edge"] = False
+    return summary

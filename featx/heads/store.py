@@ -7,7 +7,12 @@ of sklearn/numpy types featx heads are made of (skops would trust many more skle
 
 ``meta`` records: format, head kind, tuned parameters, classes, scores, CV summary, score kind, the provenance of the
 features the head was fitted on (backbone, weights hash, preprocessing, layer, feature size, their versions) and the
-library versions at fitting time.
+library versions at fitting time, and for a calibrated head ``calibration`` (``temperature`` T: its probabilities are
+``softmax(logits / T)``, see featx/heads/calibration.py). Such heads are written as format version 2 so that an older
+featx, which would ignore the temperature, refuses them instead of printing uncalibrated scores.
+
+Before anything is read, the zip's declared member sizes are checked (a small file declaring a huge member is refused
+without inflating it).
 """
 from __future__ import annotations
 
@@ -22,12 +27,13 @@ import numpy as np
 
 from .._io import atomic_write
 from ..errors import ArtifactError, StrictModeError
-from ..features.store import PROVENANCE_KEYS, provenance_fingerprint, provenance_key
+from ..features.store import PROVENANCE_KEYS, check_finite, check_zip_sizes, provenance_fingerprint, provenance_key
 
 log = logging.getLogger(__name__)
 
 FORMAT = "featx.head"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this featx reads; plain heads are still written as 1
+PLAIN_FORMAT_VERSION = 1
 DEFAULT_HEAD_PATH = Path("featx-out") / "head.skops"
 SUFFIX = ".skops"
 
@@ -47,7 +53,9 @@ TRUSTED_TYPES = frozenset({
     "sklearn.svm._classes.LinearSVC",
     "sklearn.svm._classes.SVC",
     "sklearn.neighbors._classification.KNeighborsClassifier",
+    "sklearn.neural_network._multilayer_perceptron.MLPClassifier",
 })
+_SCHEMA_MAX = 64 << 20  # bytes of schema.json we are willing to parse (real heads: a few kB)
 
 # Provenance keys shown to users when features and head disagree (PROVENANCE_KEYS decide; these explain).
 _SHOWN = ("backbone", "weights_sha256", "preprocess", "layer")
@@ -97,7 +105,14 @@ class Head:
 
     @property
     def score_kind(self) -> str:
+        if self.calibration:
+            return "probability"
         return self.meta.get("score_kind", "probability" if hasattr(self.pipeline, "predict_proba") else "decision")
+
+    @property
+    def calibration(self) -> Optional[dict]:
+        """``{"method": "temperature", "temperature": T, ...}`` for a calibrated head, else None."""
+        return self.meta.get("calibration") or None
 
     @property
     def feature_meta(self) -> dict:
@@ -136,9 +151,14 @@ class Head:
 
     # -- use
     def predict_scores(self, X) -> tuple:
-        """``(scores N x C, score_kind)``: probabilities (logistic, knn) or decision scores (svm, svm-rbf, linear),
-        columns in ``self.classes`` order. Two-class decision scores come back as ``[-s, s]`` so argmax agrees."""
+        """``(scores N x C, score_kind)``: probabilities (logistic, knn, mlp, and every calibrated head) or decision
+        scores (svm, svm-rbf, linear), columns in ``self.classes`` order. Two-class decision scores come back as
+        ``[-s, s]`` so argmax agrees."""
         X = np.asarray(X, dtype=np.float32)
+        if self.calibration:
+            from .calibration import probabilities
+
+            return probabilities(self.pipeline, X, float(self.calibration["temperature"])), "probability"
         if self.score_kind == "probability":
             return np.asarray(self.pipeline.predict_proba(X)), "probability"
         s = np.asarray(self.pipeline.decision_function(X), dtype=np.float64)
@@ -149,6 +169,7 @@ class Head:
     def predict(self, feature_set) -> np.ndarray:
         """Class names for every row of a loaded FeatureSet (after checking it is compatible)."""
         self.check_compatible(feature_set.meta, dim=feature_set.dim)
+        check_finite(feature_set, "features")
         if len(feature_set) == 0:
             return np.zeros((0,), dtype=str)
         return np.asarray(self.pipeline.predict(feature_set.features)).astype(str)
@@ -162,7 +183,8 @@ def save_head(head: Head, path) -> Path:
     import skops.io as sio
 
     path = Path(path)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **head.meta}
+    version = FORMAT_VERSION if head.meta.get("calibration") else PLAIN_FORMAT_VERSION
+    meta = {**head.meta, "format": FORMAT, "format_version": version}
     data = sio.dumps({"pipeline": head.pipeline, "meta": json.dumps(meta, default=str)})
     with atomic_write(path, "wb") as fh:
         fh.write(data)
@@ -190,6 +212,34 @@ def _refuse_not_skops(path: Path, data: bytes) -> None:
                         f"arbitrary code. Re-fit the head with `featx fit`")
 
 
+def _read_schema(path: Path, data: bytes):
+    """The parsed schema.json of a skops zip, after the declared member sizes passed the zip-bomb check."""
+    import io
+
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        _refuse_not_skops(path, data)
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            check_zip_sizes(zf, path, "head file")
+            if zf.getinfo("schema.json").file_size > _SCHEMA_MAX:
+                raise ArtifactError(f"{path} is not a featx head file (schema larger than {_SCHEMA_MAX:,} bytes)")
+            return json.loads(zf.read("schema.json"))
+    except (KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not a featx head file (zip without a valid skops schema: {exc})") from exc
+
+
+def is_head_file(path) -> bool:
+    """True for a head file featx wrote (a skops zip whose schema carries featx's head format): featx may replace it."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo("schema.json")
+            if info.file_size > _SCHEMA_MAX:
+                return False
+            return FORMAT.encode() in zf.read(info)
+    except (OSError, KeyError, zipfile.BadZipFile, RuntimeError, ValueError):
+        return False
+
+
 def load_head(path, *, trusted: Optional[Iterable[str]] = None, strict: bool = False) -> Head:
     """Load a head file safely.
 
@@ -206,15 +256,7 @@ def load_head(path, *, trusted: Optional[Iterable[str]] = None, strict: bool = F
     if path.is_dir():
         raise ArtifactError(f"{path} is a folder, not a head file")
     data = path.read_bytes()
-    import io
-
-    if not zipfile.is_zipfile(io.BytesIO(data)):
-        _refuse_not_skops(path, data)
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            schema = json.loads(zf.read("schema.json"))
-    except (KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} is not a featx head file (zip without a valid skops schema: {exc})") from exc
+    schema = _read_schema(path, data)
 
     allowed = TRUSTED_TYPES | set(trusted or ())
     found: set = set()

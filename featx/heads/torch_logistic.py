@@ -148,18 +148,24 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
         """The fitted ``Pipeline(StandardScaler, LogisticRegression)`` with the same numbers (CPU-only, no torch)."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import Pipeline
-        from sklearn.preprocessing import StandardScaler
 
-        scaler = StandardScaler()
-        scaler.mean_ = np.asarray(self.mean_, dtype=np.float64)
-        scaler.var_ = np.asarray(self.var_, dtype=np.float64)
-        scaler.scale_ = np.asarray(self.scale_, dtype=np.float64)
-        scaler.n_samples_seen_ = np.int64(self.n_samples_seen_)
-        scaler.n_features_in_ = self.n_features_in_
         lr = LogisticRegression(C=float(self.C), class_weight=self.class_weight, max_iter=self.max_iter, tol=self.tol)
         lr.classes_ = np.asarray(self.classes_)
         lr.coef_ = np.asarray(self.coef_, dtype=np.float64)
         lr.intercept_ = np.asarray(self.intercept_, dtype=np.float64)
         lr.n_features_in_ = self.n_features_in_
         lr.n_iter_ = np.asarray(self.n_iter_, dtype=np.int32)
-        return Pipeline([("scale", scaler), ("clf", lr)])
+        return Pipeline([("scale", fitted_scaler(self)), ("clf", lr)])
+
+
+def fitted_scaler(est):
+    """A fitted StandardScaler holding ``est.mean_/var_/scale_`` (what the torch estimators standardised with)."""
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler()
+    scaler.mean_ = np.asarray(est.mean_, dtype=np.float64)
+    scaler.var_ = np.asarray(est.var_, dtype=np.float64)
+    scaler.scale_ = np.asarray(est.scale_, dtype=np.float64)
+    scaler.n_samples_seen_ = np.int64(est.n_samples_seen_)
+    scaler.n_features_in_ = est.n_features_in_
+    return scaler

@@ -1,0 +1,139 @@
+"""Calibrated probabilities for any head: temperature scaling fitted on the validation split, its ECE, its plot.
+
+The temperature is fitted by scikit-learn (``CalibratedClassifierCV(FrozenEstimator(head), method="temperature")``)
+and stored as one number in the head's metadata, so the stored pipeline stays the plain one (an exporter folds the
+temperature as a division of the logits). The logits are what scikit-learn calibrates: ``decision_function`` when the
+head has one (two classes: ``(-s, s)``), else ``log(predict_proba + 1e-12)``; probabilities are
+``softmax(logits / T)``. One temperature keeps every prediction's class (argmax) unchanged: only confidences move.
+
+Expected calibration error (top-label, 15 equal-width confidence bins) is written here because scikit-learn has none
+for more than two classes (``calibration_curve`` is binary only).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import DataError
+
+N_BINS = 15
+_EPS = 1e-12  # as sklearn.calibration._convert_to_logits
+
+
+def logits(pipeline, X) -> np.ndarray:
+    """The head's scores as the logits scikit-learn's temperature scaling uses (N x C, columns in classes_ order)."""
+    if hasattr(pipeline, "decision_function"):
+        s = np.asarray(pipeline.decision_function(X), dtype=np.float64)
+        if s.ndim == 1 or s.shape[1] == 1:
+            s = s.reshape(-1, 1)
+            return np.hstack([-s, s])
+        return s
+    return np.log(np.asarray(pipeline.predict_proba(X), dtype=np.float64) + _EPS)
+
+
+def softmax_t(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    from scipy.special import softmax
+
+    return softmax(np.asarray(z, dtype=np.float64) / float(temperature), axis=1)
+
+
+def probabilities(pipeline, X, temperature: float) -> np.ndarray:
+    """Calibrated probabilities (what a calibrated head's ``predict_scores`` returns)."""
+    return softmax_t(logits(pipeline, X), temperature)
+
+
+def uncalibrated(pipeline, X) -> tuple:
+    """(probabilities, how) before calibration: the head's own, or a softmax of its raw decision scores."""
+    if hasattr(pipeline, "predict_proba"):  # False for SVMs and ridge (sklearn's available_if)
+        return np.asarray(pipeline.predict_proba(X), dtype=np.float64), "the head's own probabilities"
+    return softmax_t(logits(pipeline, X)), "softmax of the raw decision scores (temperature 1)"
+
+
+def _calibrator(pipeline):
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.frozen import FrozenEstimator
+
+    return CalibratedClassifierCV(FrozenEstimator(pipeline), method="temperature", ensemble=False)
+
+
+def fit_temperature(pipeline, X, y) -> float:
+    """The temperature T (> 0) that minimises the log-loss of ``softmax(logits / T)`` on (X, y)."""
+    X, y = _known(pipeline, X, y)
+    cal = _calibrator(pipeline).fit(X, y)
+    beta = float(cal.calibrated_classifiers_[0].calibrators[0].beta_)
+    return 1.0 / beta
+
+
+def cross_fitted(pipeline, X, y, seed: int = 0, folds: int = 5):
+    """Calibrated probabilities of each validation row from a temperature fitted on the other rows (an honest ECE on
+    the rows the temperature comes from); None when a class has too few rows for two folds."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    X, y = _known(pipeline, X, y)
+    counts = np.unique(y, return_counts=True)[1]
+    k = min(folds, int(counts.min()))
+    if k < 2:
+        return None, y
+    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return cross_val_predict(_calibrator(pipeline), X, y, cv=cv, method="predict_proba"), y
+
+
+def _known(pipeline, X, y):
+    """Rows whose class the head knows (a class absent from training cannot be calibrated for)."""
+    y = np.asarray(y).astype(str)
+    keep = np.isin(y, np.asarray(pipeline.classes_).astype(str))
+    if keep.sum() < 2 or len(np.unique(y[keep])) < 2:
+        raise DataError("--calibrate needs validation rows of at least two of the trained classes")
+    return np.asarray(X)[keep], y[keep]
+
+
+def reliability(proba: np.ndarray, y_true, classes, n_bins: int = N_BINS) -> dict:
+    """Top-label expected calibration error and the per-bin table a reliability diagram draws.
+
+    ``{"ece", "n", "bins": [{"lo", "hi", "n", "confidence", "accuracy"}]}``; empty bins have n = 0 and None values.
+    """
+    proba = np.asarray(proba, dtype=np.float64)
+    y_true = np.asarray(y_true).astype(str)
+    conf = proba.max(axis=1)
+    correct = np.asarray(classes).astype(str)[proba.argmax(axis=1)] == y_true
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        m = which == b
+        nb = int(m.sum())
+        row = {"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": nb, "confidence": None, "accuracy": None}
+        if nb:
+            row["confidence"], row["accuracy"] = float(conf[m].mean()), float(correct[m].mean())
+            ece += nb / len(conf) * abs(row["accuracy"] - row["confidence"])
+        bins.append(row)
+    return {"ece": float(ece) if len(conf) else math.nan, "n": int(len(conf)), "bins": bins}
+
+
+def save_reliability_png(before: dict, after: dict, path, title: str = "") -> "Path":  # noqa: F821
+    """Reliability diagram: accuracy against confidence per bin, before and after calibration, with the diagonal.
+
+    Lives here until featx/report.py (owned elsewhere) takes it; it uses report's PNG writer so the file carries
+    featx's stamp and is written atomically like every other featx PNG.
+    """
+    from ..report import _plt, _save
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 4.6), dpi=110)
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect calibration")
+    for res, name, colour in ((before, "before", "tab:red"), (after, "after", "tab:blue")):
+        pts = [(b["confidence"], b["accuracy"], b["n"]) for b in res["bins"] if b["n"]]
+        if pts:
+            xs, ys, ns = zip(*pts)
+            # area ~ images in the bin: a bin of 2 images says little, one of 200 a lot
+            sizes = [12 + 180 * n / max(ns) for n in ns]
+            ax.plot(xs, ys, color=colour, lw=0.8, alpha=0.5)
+            ax.scatter(xs, ys, s=sizes, color=colour, alpha=0.8, label=f"{name} (ECE {res['ece']:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top class probability); point area = images in the bin")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or "reliability", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
