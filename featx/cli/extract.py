@@ -53,6 +53,9 @@ def extract_cmd(
         warn(f"... and {len(res.skipped) - 20} more skipped files, all listed in the store's meta['skipped']")
     for g in res.leakage:
         warn(f"train/val leakage: identical files {', '.join(g['paths'])}")
+    if res.leakage:
+        warn("these are byte-identical copies only; run `featx audit` on the features to also find resized, "
+             "re-encoded or cropped copies across splits")
     if json_:
         print_json(res.to_dict())
         return
