@@ -37,9 +37,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -116,6 +116,7 @@ class Ctx:
     photos: Path
     out_dir: Path
     deadline: float  # time.time() by which the current row must be done
+    row_out: Optional[Path] = None  # in a row's own process: where its record goes (also a partial one)
 
     @property
     def jpegs(self) -> Path:
@@ -123,6 +124,13 @@ class Ctx:
 
     def left(self) -> float:
         return self.deadline - time.time()
+
+    def save_partial(self, key: str, lines: list, figures: dict, note: str) -> None:
+        """What a row has measured so far, kept if the row is killed at its timeout during a later, riskier part."""
+        if self.row_out is not None:
+            note = f"{note}; cut short at the row's timeout".strip("; ")
+            write_json(self.row_out, {**_record(key), "lines": lines, "figures": figures,
+                                      "status": verdict(lines, figures), "note": note})
 
     def store(self, name: str) -> Path:
         return self.work / "stores" / f"{name}.npz"
@@ -156,11 +164,17 @@ def _n(x: Optional[float], digits: int = 0) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
-# -- inputs made on the device from the carried photos -------------------------------------------------------------
+# -- inputs made on the device from the carried photos -----------------------------------------------------------------
 def source_photos(photos: Path) -> list:
-    """(path, class) of the photos to crop from: class = the photo's folder name."""
+    """(path, class) of the photos to crop from, class = the photo's folder name, classes taking turns (so the first
+    few photos, all a smoke run uses, hold every class)."""
     exts = (".jpg", ".jpeg", ".png")
-    return [(p, p.parent.name) for p in sorted(photos.rglob("*")) if p.suffix.lower() in exts and p.is_file()]
+    found = [(p, p.parent.name) for p in sorted(photos.rglob("*")) if p.suffix.lower() in exts and p.is_file()]
+    by_class: dict = {}
+    for item in found:
+        by_class.setdefault(item[1], []).append(item)
+    turns = [by_class[c][i:i + 1] for i in range(max(map(len, by_class.values()), default=0)) for c in sorted(by_class)]
+    return [item for turn in turns for item in turn]
 
 
 def synth_photos(dst: Path, n: int = 12, seed: int = 0) -> list:
@@ -184,7 +198,8 @@ def synth_photos(dst: Path, n: int = 12, seed: int = 0) -> list:
 
 def _render(job) -> int:
     """One source photo -> its share of the JPEGs: a random crop (35-100% of the area, aspect 3:4-4:3), resized so
-    the longer side is 500 (most ImageNet photos) or, one in five, 300-800, re-encoded at quality 70-95 (3% progressive)."""
+    the longer side is 500 (most ImageNet photos) or, one in five, 300-800, re-encoded at quality 70-95 (3%
+    progressive)."""
     import numpy as np
     from PIL import Image
 
@@ -213,7 +228,8 @@ def _render(job) -> int:
     return len(indices)
 
 
-def make_images(sources: list, dst: Path, n: int, *, seed: int = 0, tiny: int = 0, procs: Optional[int] = None) -> float:
+def make_images(sources: list, dst: Path, n: int, *, seed: int = 0, tiny: int = 0,
+                procs: Optional[int] = None) -> float:
     """n files under dst from the sources (seeded, one process per core; each source decoded once). -> seconds."""
     import multiprocessing as mp
 
@@ -251,7 +267,7 @@ def prepare_photos(src: Path = SHARED_PHOTOS, dst: Path = PHOTOS, max_side: int 
     return len(files)
 
 
-# -- shared helpers for the rows -----------------------------------------------------------------------------------
+# -- shared helpers for the rows ---------------------------------------------------------------------------------------
 def cuda() -> bool:
     import torch
 
@@ -336,7 +352,7 @@ def run_cli(cmd: list, timeout: float, **env) -> dict:
             "summary": summary, "stderr_tail": p.stderr[-1500:]}
 
 
-# -- row 0: the machine ----------------------------------------------------------------------------------------------
+# -- row 0: the machine ------------------------------------------------------------------------------------------------
 def nvidia_smi() -> Optional[str]:
     try:
         p = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
@@ -375,7 +391,7 @@ def row_env(ctx: Ctx):
     return lines, figures, ""
 
 
-# -- row 1: pytest -m gpu --------------------------------------------------------------------------------------------
+# -- row 1: pytest -m gpu ----------------------------------------------------------------------------------------------
 def pytest_command(junit: Path) -> list:
     """The tests marked gpu, with CUDA visible (tests/conftest.py hides it only when `-m gpu` is not asked for)."""
     return [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
@@ -411,7 +427,7 @@ def row_pytest(ctx: Ctx):
                  f"skipped in {res['wall_s']:.0f} s", target="all pass, none skipped", ok=ok)], {**c, **res}, note
 
 
-# -- row 2: extraction ----------------------------------------------------------------------------------------------
+# -- row 2: extraction -------------------------------------------------------------------------------------------------
 def network_alone(bb, size: int, batch: int, steps: int) -> float:
     """The ceiling: lite0's features on random tensors already on the device, featx's precision (bf16 on CUDA)."""
     import torch
@@ -544,7 +560,8 @@ def row_extract(ctx: Ctx):
         if table:
             (ctx.out_dir / "gpu-profile.txt").write_text(table)
             f["profile"] = "gpu-profile.txt"
-    if ctx.left() > 90 or ctx.smoke:
+    if ctx.left() > 120 or ctx.smoke:  # compiling can take minutes: keep what is measured if the row is cut short
+        ctx.save_partial("extract", extraction_lines(f, runs, s, ctx.smoke), f, _extract_note(f))
         f["compile"] = _part(f, "compile", _compile_runs, ctx, bb)
     return extraction_lines(f, runs, s, ctx.smoke), f, _extract_note(f)
 
@@ -582,7 +599,8 @@ def extraction_lines(f: dict, runs: dict, s: Sizes, smoke: bool) -> list:
     L = [line(f"extract {s.crop} px, --decoder torchvision (default on CUDA), batch {s.batch}", _ips_text(runs, "tv"),
               base, f">= {TARGET_EXTRACT:,} img/s" + (" (GPU only)" if smoke else ""), target),
          line(f"extract {s.crop} px, --decoder pil", _ips_text(runs, "pil"),
-              f"H100 earlier: PIL draft + uint8 + bf16 {H100['pil_draft_bf16']:,}; naive nvJPEG {H100['naive_nvjpeg']:,}"),
+              f"H100 earlier: PIL draft + uint8 + bf16 {H100['pil_draft_bf16']:,}; naive nvJPEG "
+              f"{H100['naive_nvjpeg']:,}"),
          line(f"extract {f['default_size']} px (lite0 default), torchvision / pil",
               f"{_n(ips('tv-default'))} / {_n(ips('pil-default'))} img/s"),
          line("peak GPU memory, tv / pil at {0}, tv / pil at {1}".format(s.crop, f["default_size"]),
@@ -593,10 +611,10 @@ def extraction_lines(f: dict, runs: dict, s: Sizes, smoke: bool) -> list:
          line("tutorial loop (ImageFolder + transforms, all cores, fp32)", f"{_n(tut)} img/s",
               f"H100 earlier: {H100['tutorial']}")]
     for key, size in (("decoders_at_crop", s.crop), ("decoders_at_default", f["default_size"])):
-        d = f[key]
+        d = {"max_abs": math.nan, "mean_abs": math.nan, "min_cos": math.nan, "mean_abs_feature": 0.0, **f[key]}
         L.append(line(f"largest feature difference pil vs torchvision at {size} px",
-                      f"largest abs difference {d.get('max_abs', float('nan')):.3g} (features: mean abs {d.get('mean_abs_feature', 0):.3g}), "
-                      f"mean abs difference {d.get('mean_abs', float('nan')):.3g}, min cosine {d.get('min_cos', float('nan')):.4f}",
+                      f"largest abs difference {d['max_abs']:.3g} (features: mean abs {d['mean_abs_feature']:.3g}), "
+                      f"mean abs difference {d['mean_abs']:.3g}, min cosine {d['min_cos']:.4f}",
                       target="same rows; mean cosine >= 0.99",
                       ok=bool(d["same_rows"] and d.get("mean_cos", 0) >= 0.99)))
     r = f.get("resume") or {"error": f"error: {f.get('errors', {}).get('resume')}"}
@@ -686,7 +704,7 @@ def row_predict(ctx: Ctx):
                  ">= 0.8x extract", ratio >= 0.8)], figures, ""
 
 
-# -- row 4: heads -----------------------------------------------------------------------------------------------------
+# -- row 4: heads ------------------------------------------------------------------------------------------------------
 def mixture(fs, n_rows: int, n_classes: int, noise: float, seed: int = 0):
     """n_rows realistic features: rows of `fs` (crops of the carried photos) plus Gaussian noise of `noise` times each
     feature's std. Classes are k-means clusters of the clean features (coherent groups of similar images, as real
@@ -750,7 +768,7 @@ def row_heads(ctx: Ctx):
                  target="accuracy +-0.5 pt", ok=same)], r, ""
 
 
-# -- row 5: fine-tuning -------------------------------------------------------------------------------------------------
+# -- row 5: fine-tuning ------------------------------------------------------------------------------------------------
 class ArrayDataset:
     """Decoded photos (uint8 HxWx3) + labels through a torchvision transform: the plain loop's dataset."""
 
@@ -901,7 +919,7 @@ def row_finetune(ctx: Ctx):
     return L, f, ""
 
 
-# -- row 6: scratch -------------------------------------------------------------------------------------------------------
+# -- row 6: scratch ----------------------------------------------------------------------------------------------------
 def row_scratch(ctx: Ctx):
     import featx
 
@@ -925,7 +943,8 @@ def row_scratch(ctx: Ctx):
     on_gpu = bool(resident) and resident[0].rstrip().endswith(("cuda", "cuda:0"))
     return [line(f"scratch resnet20, {res.n_train:,} train images 32x32, batch {s.scratch_batch}, {res.precision}: "
                  "seconds per epoch (training; with validation)",
-                 f"{steady:.2f} s ({statistics.median(epoch_s):.2f} s), best val acc {res.best.get('accuracy') or 0:.3f}",
+                 f"{steady:.2f} s ({statistics.median(epoch_s):.2f} s), best val acc "
+                 f"{res.best.get('accuracy') or 0:.3f}",
                  AIRBENCH, "context, not a target"),
             line("data resident on the device", resident[0] if resident else "not in memory",
                  target="uint8 tensor on cuda", ok=None if ctx.smoke else on_gpu)], f, f"device setting {dev}"
@@ -936,7 +955,7 @@ def _sources(ctx: Ctx) -> list:
     return src if src else source_photos(ctx.work / "photos")
 
 
-# -- row 7: torchrun --------------------------------------------------------------------------------------------------------
+# -- row 7: torchrun ---------------------------------------------------------------------------------------------------
 def torchrun_command(ctx: Ctx, output: Path) -> list:
     """`torchrun --nproc-per-node 1 -m featx extract` (torch.distributed.run is torchrun's module) with row 2's
     settings (decoder auto: torchvision on CUDA)."""
@@ -964,13 +983,14 @@ def row_torchrun(ctx: Ctx):
     ok = bool(cmp["same_rows"] and cmp.get("identical"))
     summary = multi["summary"] or {}
     return [line("torchrun --nproc-per-node 1 -m featx extract vs one process",
-                 f"{'identical store' if ok else 'DIFFERENT'} (largest abs difference {cmp.get('max_abs', float('nan')):.3g}); "
+                 f"{'identical store' if ok else 'DIFFERENT'} (largest abs difference "
+                 f"{cmp.get('max_abs', math.nan):.3g}); "
                  f"{_n(summary.get('images_per_s'))} vs {_n(single['images_per_s'])} img/s, device "
                  f"{summary.get('device')}", target="identical store", ok=ok)], \
         {"single": single, "torchrun": multi, "compare": cmp}, ""
 
 
-# -- running the rows ---------------------------------------------------------------------------------------------------
+# -- running the rows --------------------------------------------------------------------------------------------------
 ROWS = [  # key, row number in issue 14, function, seconds it may take on the GPU machine at most
     ("env", "0", row_env, 30),
     ("extract", "2", row_extract, 240),
@@ -994,11 +1014,15 @@ def verdict(lines: list, figures: dict) -> str:
     return "pass" if oks else "done"
 
 
+def _record(key: str, status: str = "error", note: str = "") -> dict:
+    return {"row": BY_KEY[key][1], "key": key, "status": status, "lines": [], "figures": {}, "note": note}
+
+
 def run_row(ctx: Ctx, key: str) -> dict:
     """One row in this process; any exception becomes the row's error (the run goes on)."""
-    _, number, fn, _ = BY_KEY[key]
+    fn = BY_KEY[key][2]
     t0 = time.time()
-    rec = {"row": number, "key": key, "status": "error", "lines": [], "figures": {}, "note": ""}
+    rec = _record(key)
     try:
         with _smoke_threads(ctx.smoke and key not in ("env", "pytest")):  # those two import no torch
             lines, figures, note = fn(ctx)
@@ -1056,11 +1080,19 @@ def run_isolated(args, key: str, timeout: float, echo: Callable[[str], None]) ->
         proc.wait()
         rc = None
     reader.join(timeout=5)
-    if out.is_file():
+    return collect(key, out, rc, timeout, list(tail), time.time() - t0)
+
+
+def collect(key: str, out: Path, rc: Optional[int], timeout: float, tail: list, seconds: float) -> dict:
+    """A row process's record: the one it wrote, the partial one it saved before being killed, or an error."""
+    if out.is_file() and rc == 0:
         return json.loads(out.read_text())
-    why = f"timed out after {timeout:.0f} s" if rc is None else f"its process exited with {rc} and no result"
-    return {"row": BY_KEY[key][1], "key": key, "status": "error", "lines": [], "figures": {}, "note": why,
-            "output_tail": "\n".join(tail), "seconds": round(time.time() - t0, 1)}
+    why = f"timed out after {timeout:.0f} s" if rc is None else f"its process exited with {rc}"
+    rec = json.loads(out.read_text()) if out.is_file() else _record(key, note=why)
+    if out.is_file():
+        rec["note"] = f"{rec['note']} ({why})"
+    rec.update(output_tail="\n".join(tail), seconds=round(seconds, 1))
+    return rec
 
 
 def table(rows: list) -> str:
@@ -1151,6 +1183,7 @@ def main(argv=None) -> int:
         return 0
     if args.row:  # a child: one row, its record to --row-out
         ctx = make_ctx(args, args.deadline or time.time() + BY_KEY[args.row][3])
+        ctx.row_out = args.row_out
         write_json(args.row_out, run_row(ctx, args.row))
         return 0
     return run_all(args)
@@ -1198,12 +1231,10 @@ def _one(args, ctx: Ctx, key: str, deadline: float, echo, setup_ok: bool) -> dic
     left = deadline - time.time()
     cap = BY_KEY[key][3]
     if not setup_ok and key != "env":
-        return {"row": BY_KEY[key][1], "key": key, "status": "skip", "lines": [], "figures": {},
-                "note": "setup failed", "seconds": 0.0}
+        return {**_record(key, "skip", "setup failed"), "seconds": 0.0}
     if left < MIN_LEFT and not args.smoke:
-        return {"row": BY_KEY[key][1], "key": key, "status": "skip", "lines": [], "figures": {},
-                "note": f"out of time: {left:.0f} s left of the {args.budget:.0f} s budget; run it with --rows {key}",
-                "seconds": 0.0}
+        return {**_record(key, "skip", f"out of time: {left:.0f} s left of the {args.budget:.0f} s budget; run "
+                                        f"it with --rows {key}"), "seconds": 0.0}
     echo(f"-- row {BY_KEY[key][1]} {key} (up to {min(cap, left):.0f} s)")
     if args.isolate:
         return run_isolated(args, key, min(cap, left), echo)

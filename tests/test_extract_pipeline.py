@@ -118,6 +118,25 @@ def test_compiled_network_is_padded_to_one_batch_shape_and_compiled_once():
     assert len(compiles) <= 2  # one per memory layout at most, never one per batch size
 
 
+def test_out_of_memory_retries_in_halves_without_the_padding():
+    """Padding every half back to the full batch would never free memory: the retry runs the network uncompiled."""
+    from featx.features.engine import _run_halving
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    assert compile_forward(net, 8, backend="eager").eager is net
+    seen = []
+
+    def padded(x):  # stands for a compiled network: it always runs a full batch, so it is always out of memory
+        seen.append(("compiled", len(x)))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    padded.eager = lambda x: (seen.append(("eager", len(x))), net(x))[1]
+    x = torch.randn(8, 3, 10, 10)
+    with torch.inference_mode():
+        out = _run_halving(padded, x, torch.device("cpu"), "fp32")
+    assert seen == [("compiled", 8), ("eager", 4), ("eager", 4)] and torch.allclose(out, net(x), atol=1e-6)
+
+
 def test_bad_prefetch_is_a_usage_error(tmp_path):
     make_image(tmp_path / "i" / "x.jpg")
     with pytest.raises(UsageError, match="prefetch"):
@@ -131,7 +150,7 @@ def test_cli_documents_compile():
     assert r.exit_code == 0 and "--compile" in r.output
 
 
-# -- on a CUDA machine (`pytest -m gpu`) --------------------------------------------------------------------------------
+# -- on a CUDA machine (`pytest -m gpu`) -------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("decoder", ["pil", "torchvision"])
 def test_cuda_streams_and_events_change_no_pixel(files, decoder):

@@ -54,7 +54,8 @@ def test_smoke_extraction_row_measures_every_step(smoke):
     plan = [name for name, _ in G.extraction_plan(G.SMOKE, f["default_size"], os.cpu_count() or 1)]
     assert sorted(f["runs"]) == sorted(plan) and not f["skipped_runs"]
     assert all(r["n_images"] == G.SMOKE.images and r["images_per_s"] > 0 for r in f["runs"].values())
-    assert {"input_wait_s", "output_wait_s", "loader_wait_s", "to_device_s", "write_s"} <= set(f["runs"]["tv"]["timings"])
+    timings = set(f["runs"]["tv"]["timings"])
+    assert {"input_wait_s", "output_wait_s", "loader_wait_s", "to_device_s", "write_s"} <= timings
     assert f["decoders_at_crop"]["same_rows"] and f["decoders_at_crop"]["mean_cos"] > 0.99
     assert f["resume"]["identical"] and 0 < f["resume"]["resumed_images"] < G.SMOKE.images
     assert f["compile"]["same_as_eager"]["same_rows"] and f["tutorial"] > 0 and f["ceiling"] > 0
@@ -83,6 +84,18 @@ def test_a_row_runs_in_its_own_process_and_is_killed_at_its_timeout(tmp_path):
     assert rec["status"] == "pass" and rec["figures"]["cpus"] == os.cpu_count(), rec
     rec = G.run_isolated(args, "env", 0.05, said.append)
     assert rec["status"] == "error" and "timed out" in rec["note"]
+
+
+def test_a_row_killed_at_its_timeout_keeps_what_it_saved_before(tmp_path):
+    args = G.parse_args(["--work", str(tmp_path / "w"), "--out", str(tmp_path / "gpu.json")])
+    ctx = G.make_ctx(args, time.time() + 60)
+    ctx.row_out = tmp_path / "extract.json"
+    ctx.save_partial("extract", [G.line("extract", "9,999 img/s", ok=False)], {"runs": {}}, "")
+    rec = G.collect("extract", ctx.row_out, None, 240, ["last words"], 241.0)
+    assert rec["status"] == "fail" and rec["lines"][0]["figure"] == "9,999 img/s"
+    assert "cut short" in rec["note"] and "timed out after 240 s" in rec["note"] and rec["output_tail"] == "last words"
+    rec = G.collect("heads", tmp_path / "none.json", -11, 120, [], 3.0)
+    assert rec["status"] == "error" and "exited with -11" in rec["note"]
 
 
 def test_a_row_that_would_start_past_the_budget_is_skipped_with_a_note(tmp_path):
@@ -145,7 +158,7 @@ def test_head_mixture_splits_by_image_and_keeps_classes_coherent():
     assert not set(near[m.splits == "train"]) & set(near[m.splits == "val"])
 
 
-# -- the GPU paths, for `pytest -m gpu` on a CUDA machine (row 1) ----------------------------------------------------
+# -- the GPU paths, for `pytest -m gpu` on a CUDA machine (row 1) ------------------------------------------------------
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("gpu") / "imgs", classes=("a", "b"), n_per_class=12, splits=None,

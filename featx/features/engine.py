@@ -180,6 +180,7 @@ def _run_halving(fn, x, device, precision):
         if len(x) == 1:
             raise FeatxError("CUDA out of memory even at batch size 1; use --device cpu or a smaller --image-size") from None
         torch.cuda.empty_cache()
+        fn = getattr(fn, "eager", fn)  # a compiled network pads every batch back to full size: retry without it
         half = len(x) // 2
         return torch.cat([_run_halving(fn, x[:half], device, precision), _run_halving(fn, x[half:], device, precision)])
 
@@ -206,6 +207,7 @@ def compile_forward(fn: Callable, batch_size: int, backend: str = "inductor") ->
         full[:n].copy_(x)
         return compiled(full)[:n]
 
+    run.eager = fn  # what an out-of-memory retry in halves runs (`_run_halving`)
     return run
 
 
