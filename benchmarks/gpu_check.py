@@ -479,6 +479,51 @@ def tutorial_loop(ctx: Ctx, bb, size: int, workers: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def stage_ceilings(ctx: Ctx, pp, workers: Optional[int]) -> dict:
+    """Each stage of the torchvision path alone, images/s over all the JPEGs: the workers reading bytes (and, for
+    comparison, decoding with PIL), then the device's batched decode, and decode + resize + crop, from batches
+    already in memory. The slowest stage is what limits the end-to-end figure."""
+    import torch
+
+    from featx.data.datasets import JpegBytesDataset, PixelDataset, collate_pixels
+    from featx.data.jpeg_batch import DeviceJpegPipeline, _decode_list, collate_raw
+    from featx.data.loader import make_loader
+    from featx.devices import resolve_device
+
+    dev = resolve_device("auto")
+    paths = sorted(str(p) for p in ctx.jpegs.rglob("*.jpg"))
+    n, b = len(paths), ctx.sizes.batch
+    batches = [list(range(i, min(i + b, n))) for i in range(0, n, b)]
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    out: dict = {}
+    t0 = time.perf_counter()
+    raws = list(make_loader(JpegBytesDataset(paths, pp), workers=workers, batch_sampler=batches,
+                            collate_fn=collate_raw))
+    out["workers_read_bytes"] = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in make_loader(PixelDataset(paths, pp), workers=workers, batch_sampler=batches, collate_fn=collate_pixels):
+        pass
+    out["workers_decode_pil"] = n / (time.perf_counter() - t0)
+    pipe = DeviceJpegPipeline(pp, dev)
+    with torch.inference_mode():
+        pipe.assemble(raws[0], paths)  # warm-up: nvJPEG handles, kernels
+        for name, step in (("device_decode", lambda raw: _decode_list([torch.from_numpy(j) for j in raw.jpegs], dev)),
+                           ("device_decode_resize_crop", lambda raw: pipe.assemble(raw, paths))):
+            sync()
+            t0 = time.perf_counter()
+            for raw in raws:
+                step(raw)
+            sync()
+            out[name] = n / (time.perf_counter() - t0)
+    out["device_decoded_share"] = pipe.stats["device_decoded"] / max(1, sum(pipe.stats[k] for k in (
+        "device_decoded", "pil_in_workers", "pil_fallback")))
+    return out
+
+
 def interrupted_and_resumed(ctx: Ctx, bb, reference: Path, **kw) -> dict:
     """Stop a run (as Ctrl-C does) once half the images are in, re-run it, compare with the uninterrupted store."""
     half = ctx.sizes.images // 2
@@ -549,6 +594,7 @@ def row_extract(ctx: Ctx):
             continue
         f["runs"][name] = _part(f, name, featx_run, ctx, bb, name, **kw)
     runs = f["runs"] = {k: v for k, v in f["runs"].items() if v}
+    f["stages"] = _part(f, "stages", stage_ceilings, ctx, bb.preprocess.with_size(s.crop), s.workers)
     f["decoders_at_crop"] = compare_stores(ctx.store("pil"), ctx.store("tv"))
     f["decoders_at_default"] = compare_stores(ctx.store("pil-default"), ctx.store("tv-default"))
     f["resume"] = _part(f, "resume", interrupted_and_resumed, ctx, bb, ctx.store("tv"), decoder="torchvision",
@@ -660,6 +706,13 @@ def _step_lines(f: dict, runs: dict) -> list:
                       baseline=f"not compiled {_n(ips('tv'))} img/s",
                       target="same rows, mean cosine >= 0.99",
                       ok=bool(c["same_as_eager"]["same_rows"] and c["same_as_eager"].get("mean_cos", 0) >= 0.99)))
+    st = f.get("stages")
+    if st:
+        L.append(line("each stage alone, torchvision path (img/s): workers reading bytes / workers decoding with PIL "
+                      "/ device decode / device decode + resize + crop / network",
+                      f"{_n(st['workers_read_bytes'])} / {_n(st['workers_decode_pil'])} / {_n(st['device_decode'])} / "
+                      f"{_n(st['device_decode_resize_crop'])} / {_n(f.get('ceiling'))}",
+                      f"{st['device_decoded_share']:.0%} of the files decoded on the device"))
     t = runs.get("tv", {}).get("timings")
     if t:
         L.append(line("where the default torchvision run's time went (s)",
@@ -747,25 +800,46 @@ def features_store(ctx: Ctx) -> Path:
     return Path(featx_run(ctx, lite0(), "heads-features", image_size=ctx.sizes.crop)["path"])
 
 
+def fit_logistic(fs, backend: str, device: str, C: float = 0.1) -> dict:
+    """One full fit of featx's logistic head (scaler + classifier, no CV), as benchmarks/bench_heads.py times it."""
+    import numpy as np
+
+    from featx.heads import fit_head
+
+    kw = {"device": device} if backend == "torch" else {}
+    t0 = time.perf_counter()
+    res = fit_head(fs, "logistic", C=C, cv=0, backend=backend, **kw)
+    return {"fit_s": res.training["fit_seconds"], "total_s": round(time.perf_counter() - t0, 3),
+            "accuracy": res.scores["val"]["accuracy"], "device": res.training["device"],
+            "n_iter": int(np.asarray(res.head.pipeline[-1].n_iter_).max())}
+
+
 def row_heads(ctx: Ctx):
+    """The torch head first (seconds), saved, then scikit-learn (the slow one: if it outlasts the row, the torch
+    figure is kept)."""
     from featx.features.store import load_features
 
     s = ctx.sizes
-    bench_heads = _bench("bench_heads")
     fs = mixture(load_features(features_store(ctx)), s.heads_rows, s.heads_classes, s.heads_noise)
     device = "cuda" if cuda() else "cpu"
-    bench_heads.warm_up(device)
-    r = bench_heads.compare("lite0 features + noise", fs, 0.1, device)
-    sk, tc = r["sklearn"], r["torch"]
-    fast = r["speedup"] >= 10
-    same = abs(r["accuracy_diff_points"]) <= 0.5
-    return [line(f"logistic head, {r['shape']}, {r['classes']} classes, C=0.1: fit seconds (accuracy)",
+    _bench("bench_heads").warm_up(device)  # CUDA context and kernels, off the clock
+    shape = f"{fs.features.shape[0]:,} x {fs.features.shape[1]:,}, {len(fs.classes)} classes, C=0.1"
+    f = {"shape": list(fs.features.shape), "classes": len(fs.classes), "noise": s.heads_noise,
+         "torch": fit_logistic(fs, "torch", device)}
+    tc = f["torch"]
+    ctx.save_partial("heads", [line(f"logistic head, {shape}", f"torch on {tc['device']}: {tc['fit_s']:.2f} s "
+                                    f"({tc['accuracy']:.4f})", "scikit-learn: not finished")], f, "")
+    sk = f["sklearn"] = fit_logistic(fs, "sklearn", device)
+    f["speedup"] = sk["fit_s"] / max(tc["fit_s"], 1e-9)
+    f["accuracy_diff_points"] = 100 * (tc["accuracy"] - sk["accuracy"])
+    same = abs(f["accuracy_diff_points"]) <= 0.5
+    return [line(f"logistic head, {shape}: fit seconds (val accuracy)",
                  f"torch on {tc['device']}: {tc['fit_s']:.2f} s ({tc['accuracy']:.4f})",
                  f"scikit-learn lbfgs, {os.cpu_count()} cores: {sk['fit_s']:.2f} s ({sk['accuracy']:.4f})",
                  ">= 10x faster, accuracy +-0.5 pt" + (" (GPU only)" if device == "cpu" else ""),
-                 None if device == "cpu" else bool(fast and same)),
-            line("speed-up, accuracy difference", f"x{r['speedup']:.1f}, {r['accuracy_diff_points']:+.2f} pt",
-                 target="accuracy +-0.5 pt", ok=same)], r, ""
+                 None if device == "cpu" else bool(f["speedup"] >= 10 and same)),
+            line("speed-up, accuracy difference", f"x{f['speedup']:.1f}, {f['accuracy_diff_points']:+.2f} pt",
+                 target="accuracy +-0.5 pt", ok=same)], f, ""
 
 
 # -- row 5: fine-tuning ------------------------------------------------------------------------------------------------
@@ -886,6 +960,25 @@ def forced_fp16(ctx: Ctx) -> dict:
             "ok": r.precision == "fp16" and r.completed and math.isfinite(loss)}
 
 
+def fd_sharing() -> str:
+    """Do DataLoader workers hand tensors over through file descriptors here (torch's default strategy)? featx does
+    not rely on it (numpy through the pipe for extract and predict, `share_tensors_through_files` for training); the
+    answer says whether a plain loop meets "Bad file descriptor" on this machine."""
+    import torch
+    import torch.multiprocessing as mp
+
+    old = mp.get_sharing_strategy()
+    try:
+        mp.set_sharing_strategy("file_descriptor")
+        data = torch.utils.data.TensorDataset(torch.zeros(256, 4096))
+        n = sum(len(b[0]) for b in torch.utils.data.DataLoader(data, batch_size=8, num_workers=2))
+        return f"works ({n} tensors through 2 workers)"
+    except Exception as exc:
+        return f"fails: {type(exc).__name__}: {exc}"[:300]
+    finally:
+        mp.set_sharing_strategy(old)
+
+
 def row_finetune(ctx: Ctx):
     import featx
 
@@ -893,6 +986,7 @@ def row_finetune(ctx: Ctx):
 
     s = ctx.sizes
     workers = default_workers(s.workers)
+    fds = fd_sharing()
     res = featx.finetune("efficientnet_lite0", ctx.jpegs, image_size=s.crop, batch_size=s.ft_batch,
                          epochs=s.ft_epochs, head_epochs=0, runs_dir=str(ctx.work / "runs"), name="finetune",
                          exist_ok=True, verbose=False, workers=s.workers, seed=0)
@@ -902,12 +996,13 @@ def row_finetune(ctx: Ctx):
     ceiling = train_ceiling(s.crop, s.ft_batch, 3 if ctx.smoke else 20)
     ratio = ours / base["images_per_s"] if base["images_per_s"] else 0.0
     f = {"featx": {"images_per_s": ours, "rows": res.rows, "precision": res.precision, "n_train": res.n_train},
-         "timm_loop": base, "ceiling": ceiling, "ratio": ratio, "workers": workers}
+         "timm_loop": base, "ceiling": ceiling, "ratio": ratio, "workers": workers, "fd_sharing": fds}
     L = [line(f"fine-tune lite0 {s.crop} px, batch {s.ft_batch}, {res.precision}, {workers} workers: train img/s "
               f"(last of {s.ft_epochs} epochs)", f"{ours:,.0f} img/s (x{ratio:.2f})",
               f"timm + AdamW + autocast, same photos, augmentation and workers: {base['images_per_s']:,.0f} img/s",
               ">= 0.8x", None if ctx.smoke else ratio >= 0.8),
-         line("same step on a batch already on the device (no input pipeline)", f"{ceiling:,.0f} img/s")]
+         line("same step on a batch already on the device (no input pipeline)", f"{ceiling:,.0f} img/s"),
+         line("tensors from DataLoader workers through file descriptors (torch's default; featx avoids it)", fds)]
     try:
         fp = forced_fp16(ctx)
         f["fp16"] = fp

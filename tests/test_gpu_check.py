@@ -59,6 +59,8 @@ def test_smoke_extraction_row_measures_every_step(smoke):
     assert f["decoders_at_crop"]["same_rows"] and f["decoders_at_crop"]["mean_cos"] > 0.99
     assert f["resume"]["identical"] and 0 < f["resume"]["resumed_images"] < G.SMOKE.images
     assert f["compile"]["same_as_eager"]["same_rows"] and f["tutorial"] > 0 and f["ceiling"] > 0
+    assert min(f["stages"][k] for k in ("workers_read_bytes", "workers_decode_pil", "device_decode",
+                                        "device_decode_resize_crop")) > 0 and f["stages"]["device_decoded_share"] == 1
     # the switches change the speed, never the features
     for name in ("tv-sync", "tv-prefetch-only", "tv-defer-only"):
         assert G.compare_stores(Path(f["runs"]["tv"]["path"]), Path(f["runs"][name]["path"]))["identical"]
@@ -68,7 +70,8 @@ def test_smoke_rows_compare_against_their_baselines(smoke):
     _, doc, _ = smoke
     assert _row(doc, "torchrun")["figures"]["compare"]["identical"]
     heads = _row(doc, "heads")["figures"]
-    assert heads["shape"] == f"{G.SMOKE.heads_rows} x 1280" and heads["classes"] == G.SMOKE.heads_classes
+    assert heads["shape"] == [G.SMOKE.heads_rows, 1280] and heads["classes"] == G.SMOKE.heads_classes
+    assert heads["torch"]["accuracy"] > 0 and heads["sklearn"]["fit_s"] > 0
     ft = _row(doc, "finetune")["figures"]
     assert ft["featx"]["images_per_s"] > 0 and ft["timm_loop"]["images_per_s"] > 0 and ft["ceiling"] > 0
     sc = _row(doc, "scratch")["figures"]
