@@ -79,6 +79,23 @@ def test_smoke_rows_compare_against_their_baselines(smoke):
     assert _row(doc, "predict")["figures"]["predict_images_per_s"] > 0
 
 
+def test_the_rows_that_need_cuda_run_their_code_when_told_cuda_is_there(smoke, tmp_path, monkeypatch):
+    """The pytest row and the forced-fp16 part are skipped on the CPU: run their code anyway, so a typo there shows."""
+    _, _, out = smoke
+    args = G.parse_args(["--smoke", "--work", str(out.parent / "work"), "--out", str(tmp_path / "gpu.json")])
+    ctx = G.make_ctx(args, time.time() + 120)  # the smoke run's JPEGs, this test's output folder
+    monkeypatch.setattr(G, "cuda", lambda: True)
+    (tmp_path / "test_tiny.py").write_text("def test_ok():\n    pass\n\ndef test_bad():\n    assert False\n")
+    monkeypatch.setattr(G, "pytest_command", lambda junit: [sys.executable, "-m", "pytest", "-q", "-p",
+                                                            "no:cacheprovider", f"--junitxml={junit}",
+                                                            str(tmp_path / "test_tiny.py")])
+    lines, figures, note = G.row_pytest(ctx)
+    assert lines[0]["ok"] is False and figures["passed"] == 1 and "test_bad" in note
+    assert (tmp_path / "gpu-tests.xml").is_file()
+    fp = G.forced_fp16(ctx)  # on the CPU featx trains in fp32 whatever the variable says: not ok, but it ran
+    assert fp["precision"] == "fp32" and fp["completed"] and not fp["ok"]
+
+
 def test_a_row_runs_in_its_own_process_and_is_killed_at_its_timeout(tmp_path):
     args = G.parse_args(["--smoke", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o" / "gpu.json"),
                          "--photos", str(tmp_path / "none")])
