@@ -446,15 +446,30 @@ def row_pytest(ctx: Ctx):
 
 
 # -- row 2: extraction -------------------------------------------------------------------------------------------------
-def network_alone(bb, size: int, batch: int, steps: int) -> float:
-    """The ceiling: lite0's features on random tensors already on the device, featx's precision (bf16 on CUDA)."""
+def network_alone(bb, size: int, batch: int, steps: int, cudnn_benchmark: bool = False) -> float:
+    """The ceiling: lite0's features on random tensors already on the device, featx's precision (bf16 on CUDA).
+    ``cudnn_benchmark``: let cuDNN time its algorithms first (featx does not: the choice can differ between runs,
+    and a resumed run would then mix chunks computed by different algorithms)."""
     import torch
 
-    from featx.devices import autocast, resolve_device
+    from featx.devices import resolve_device
     from featx.features.engine import prepare_model
 
     dev = resolve_device("auto")
     prepare_model(bb.model, dev)
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    try:
+        return _time_network(bb, dev, size, batch, steps)
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _time_network(bb, dev, size: int, batch: int, steps: int) -> float:
+    import torch
+
+    from featx.devices import autocast
+
     x = torch.randn(batch, 3, size, size, device=dev)
     if dev.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -606,6 +621,8 @@ def row_extract(ctx: Ctx):
     f: dict = {"default_size": default_size, "default_workers": default_workers(s.workers), "cores": cores,
                "runs": {}, "skipped_runs": []}
     f["ceiling"] = _part(f, "ceiling", network_alone, bb, s.crop, s.batch, s.ceiling_steps)
+    f["ceiling_cudnn_benchmark"] = _part(f, "ceiling_cudnn_benchmark", network_alone, bb, s.crop, s.batch,
+                                         s.ceiling_steps, cudnn_benchmark=True)
     for name, kw in extraction_plan(s, default_size, cores):
         if ctx.left() < 30:
             f["skipped_runs"].append(name)
@@ -670,8 +687,8 @@ def extraction_lines(f: dict, runs: dict, s: Sizes, smoke: bool) -> list:
          line("peak GPU memory, tv / pil at {0}, tv / pil at {1}".format(s.crop, f["default_size"]),
               " / ".join(f"{_n(runs.get(k, {}).get('peak_gpu_mib'))}" for k in ("tv", "pil", "tv-default",
                                                                                   "pil-default")) + " MiB"),
-         line("network alone, random tensors on the device (ceiling)", f"{_n(ceil)} img/s",
-              f"H100 earlier: {H100['ceiling']:,}"),
+         line("network alone, random tensors on the device (ceiling); with cudnn.benchmark",
+              f"{_n(ceil)}; {_n(f.get('ceiling_cudnn_benchmark'))} img/s", f"H100 earlier: {H100['ceiling']:,}"),
          line("tutorial loop (ImageFolder + transforms, all cores, fp32)", f"{_n(tut)} img/s",
               f"H100 earlier: {H100['tutorial']}")]
     for key, size in (("decoders_at_crop", s.crop), ("decoders_at_default", f["default_size"])):
