@@ -869,7 +869,7 @@ def features_store(ctx: Ctx) -> Path:
 
 
 def fit_logistic(fs, backend: str, device: str, C: float = 0.1) -> dict:
-    """One full fit of featx's logistic head (scaler + classifier, no CV), as benchmarks/bench_heads.py times it."""
+    """One full fit of featx's logistic head (scaler + classifier, no CV), as benchmarks/bench_logistic_backends.py times it."""
     import numpy as np
 
     from featx.heads import fit_head
@@ -890,7 +890,7 @@ def row_heads(ctx: Ctx):
     s = ctx.sizes
     fs = mixture(load_features(features_store(ctx)), s.heads_rows, s.heads_classes, s.heads_noise)
     device = "cuda" if cuda() else "cpu"
-    _bench("bench_heads").warm_up(device)  # CUDA context and kernels, off the clock
+    _bench("bench_logistic_backends").warm_up(device)  # CUDA context and kernels, off the clock
     shape = f"{fs.features.shape[0]:,} x {fs.features.shape[1]:,}, {len(fs.classes)} classes, C=0.1"
     f = {"shape": list(fs.features.shape), "classes": len(fs.classes), "noise": s.heads_noise,
          "torch": fit_logistic(fs, "torch", device)}
