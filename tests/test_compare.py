@@ -64,29 +64,6 @@ def test_compare_quick_writes_table_json_and_report(tmp_path):
     assert (runs / "compare" / "exp2" / "report.md").is_file()
 
 
-def test_best_in_family_is_one_row_per_family_and_the_table_marks_it(tmp_path):
-    """Issue 12 (7): every scratch row was "best_in_family"; the terminal table did not mark the best head."""
-    data = make_folder(tmp_path / "data", classes=("a", "b"), n_per_class=5, size=32, splits=None)
-    runs = tmp_path / "runs"
-    r = CliRunner().invoke(app, ["compare", str(data), "--quick", "--backbone", TINY, "--no-pretrained",
-                                 "--image-size", "32", "--skip-finetune", "--arch", "lenet5", "--arch", "resnet20",
-                                 "--scratch-epochs", "1", "--workers", "0", "--device", "cpu",
-                                 "--runs-dir", str(runs)])
-    assert r.exit_code == 0, r.output
-    rows = json.loads((runs / "compare" / "exp" / "results.json").read_text())["methods"]
-    for family in ("heads", "scratch"):
-        fam = [e for e in rows if e["family"] == family]
-        assert len(fam) >= 2
-        best = [e for e in fam if e["best_in_family"]]
-        assert len(best) == 1 and best[0]["accuracy"] == max(e["accuracy"] for e in fam)
-        line = next(ln for ln in r.stdout.splitlines() if f" {best[0]['method']} " in ln)
-        assert f"{best[0]['method']} *" in line  # the mark, on the best row's own line
-        for e in fam:
-            if not e["best_in_family"]:
-                assert f"{e['method']} *" not in r.stdout
-    assert "heads:" in (runs / "compare" / "exp" / "report.md").read_text()
-
-
 def test_offline_missing_weights_exit_4_once_and_leave_no_run_folder(tmp_path, monkeypatch):
     """Issue 12 (7): `compare -b resnet18 --skip-scratch --quick` offline exited 1, said it twice, left folders."""
     monkeypatch.setenv("FEATX_OFFLINE", "1")
