@@ -191,12 +191,16 @@ def test_sentence_is_read_off_the_numbers():
     assert sentence(pts("heads:l", "heads", "frozen features", {None: 0.9}), 240, 2) == ""  # no sizes ran
 
 
-def test_budget_skips_runs_with_a_note_never_silently(tmp_path):
+def test_budget_skips_runs_with_a_note_never_silently(tmp_path, monkeypatch):
+    import featx.comparison.methods as methods
+
+    ticks = iter(range(0, 10_000, 100))  # every look at the budget's clock: 100 s later
+    monkeypatch.setattr(methods, "_clock", lambda: next(ticks))
     data = make_folder(tmp_path / "data", classes=("a", "b"), n_per_class=5, size=32, splits=None)
     runs = tmp_path / "runs"
     r = CliRunner().invoke(app, ["compare", str(data), "--quick", "--backbone", TINY, "--no-pretrained",
                                  "--image-size", "32", "--skip-finetune", "--arch", "lenet5", "--workers", "0",
-                                 "--device", "cpu", "--runs-dir", str(runs), "--shots", "1", "--budget", "0.5"])
+                                 "--device", "cpu", "--runs-dir", str(runs), "--shots", "1", "--budget", "150"])
     assert r.exit_code == 0, r.output
     doc = json.loads((runs / "compare" / "exp" / "results.json").read_text())
     rows = {e["method"]: e for e in doc["methods"]}
@@ -243,3 +247,19 @@ def test_fit_head_holds_out_the_images_split_records_holds_out(tmp_path, layout)
     for seed in (0, 1):
         plan = _plan(fs, None, FitSettings(seed=seed))
         assert sorted(plan.evals["val"].paths) == sorted(str(x.relpath) for x in _split(data, seed).val)
+
+
+def test_budget_starts_a_run_only_when_its_last_duration_fits(monkeypatch):
+    import featx.comparison.methods as methods
+
+    now = [0.0]
+    monkeypatch.setattr(methods, "_clock", lambda: now[0])
+    b = methods.Budget(100.0)
+    assert b.allows("finetune:x", "first run")  # nothing known yet, time left: it starts
+    b.spent("finetune:x", 30.0)
+    now[0] = 50.0
+    assert b.allows("finetune:x", "second run") and b.allows("scratch:y", "other method")
+    now[0] = 80.0
+    assert not b.allows("finetune:x", "third run")
+    assert b.notes == ["skipped third run: 20 s of the 100 s budget left, its last run took 30 s"]
+    assert methods.Budget(None).allows("a", "b")

@@ -114,6 +114,7 @@ def compare(images: str | os.PathLike, *, settings: Optional[CompareSettings] = 
     from . import methods, render, shots
 
     t0 = time.perf_counter()
+    started = methods._clock()  # --budget counts from here
     s = _settings(settings, kw)
     log = log or (lambda m: None)
     images = _check_input(images, s)
@@ -126,7 +127,7 @@ def compare(images: str | os.PathLike, *, settings: Optional[CompareSettings] = 
     failed = True
     try:
         ctx = methods.Context(s=s, images=images, split=split, run_dir=claim.path, log=log, on_epoch=on_epoch,
-                              budget=methods.Budget(s.budget, t0))
+                              budget=methods.Budget(s.budget, started))
         log(f"comparing on {len(split.train)} train / {len(split.val)} val images ({split.source}); "
             f"run folder {claim.path}")
         rows = methods.run_all(ctx, bb)

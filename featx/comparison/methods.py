@@ -18,6 +18,10 @@ from ..errors import DataError, FeatxError, Interrupted
 from .core import QUICK, CompareSettings, MethodResult
 
 
+def _clock() -> float:
+    return time.perf_counter()  # the budget's clock (a test replaces it to spend the budget deterministically)
+
+
 @dataclass
 class Budget:
     """``--budget SECONDS`` for the whole comparison. A run starts only when the time left covers the last run of
@@ -25,14 +29,14 @@ class Budget:
     can pass the budget by at most one run whose cost was not known yet (a method's first)."""
 
     seconds: Optional[float]
-    t0: float = field(default_factory=time.perf_counter)
+    t0: float = field(default_factory=lambda: _clock())
     last: dict = field(default_factory=dict)  # method -> seconds of its latest run
     notes: list = field(default_factory=list)  # what was skipped, for the report
 
     def allows(self, key: str, what: str) -> bool:
         if self.seconds is None:
             return True
-        left = self.seconds - (time.perf_counter() - self.t0)
+        left = self.seconds - (_clock() - self.t0)
         need = self.last.get(key, 0.0)
         if left > 0 and need <= left:
             return True

@@ -183,12 +183,29 @@ def run(ctx: "M.Context", shot_plan: ShotPlan, rows: list) -> Curve:
         r = by[m.method]
         curve.runs.append(ShotRun(m.method, m.family, None, 0, len(ctx.split.train), r.accuracy,
                                   r.balanced_accuracy, r.seconds, artifact=r.artifact))
+    _announce(ctx, ms, shot_plan)
     for k in shot_plan.ks:  # small sizes first: a --budget that runs out leaves the cheap end of every curve
         for m in ms:
             for d in range(shot_plan.draws(m.family, k)):
                 curve.runs.append(_one(ctx, m, draw(pool, k, d, ctx.s.seed), k, d, shot_plan.draws(m.family, k)))
     curve.sentence = sentence(curve.points(), curve.n_train, curve.n_classes)
     return curve
+
+
+def _announce(ctx, ms: list, shot_plan: ShotPlan) -> None:
+    """Say up front what the curve will cost: a fine-tuning or scratch run per size costs about its full run."""
+    parts, total = [], 0.0
+    for m in ms:
+        n = sum(shot_plan.draws(m.family, k) for k in shot_plan.ks)
+        each = ctx.budget.last.get(m.method)
+        if m.family == "heads" or not each:
+            parts.append(f"{m.method} {n} refits" if m.family == "heads" else f"{m.method} {n} runs")
+            continue
+        total += n * each
+        parts.append(f"{m.method} {n} x ~{each:.0f} s")
+    ctx.log(f"learning curve at {', '.join(map(str, shot_plan.ks))} and all images per class: {'; '.join(parts)}"
+            + (f"; about {total / 60:.0f} min" if total else "")
+            + ("" if ctx.s.budget is None else f" (--budget {ctx.s.budget:g} s skips what does not fit)"))
 
 
 def _pool(ctx) -> dict:
