@@ -19,6 +19,7 @@ The rule:
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -268,8 +269,14 @@ def _head_at(ctx, subset: list, k: int, d: int) -> tuple:
 
     fs = ctx.features
     rows = np.array([ctx.row_of[p] for p in subset], dtype=np.int64)
-    r = fit_head(fs.subset(rows), head=ctx.best_head, val=fs.subset(ctx.val_rows), seed=ctx.s.seed,
-                 device=ctx.s.device, **head_params_at(ctx.best_head, k, ctx.cv))
+    heads_log = logging.getLogger("featx.heads")
+    level = heads_log.level
+    heads_log.setLevel(logging.ERROR)  # "best C at the edge of the grid" for every draw of a few images: noise here
+    try:
+        r = fit_head(fs.subset(rows), head=ctx.best_head, val=fs.subset(ctx.val_rows), seed=ctx.s.seed,
+                     device=ctx.s.device, **head_params_at(ctx.best_head, k, ctx.cv))
+    finally:
+        heads_log.setLevel(level)
     val = r.scores["val"]
     return M._num(val.get("accuracy")), M._num(val.get("balanced_accuracy")), None
 
