@@ -225,13 +225,7 @@ def test_restrict_train_refuses_anything_outside_the_training_split(tmp_path):
         restrict_train(split, [train[0], str(split.val[0].relpath)])
 
 
-OLD_HOLD_OUT = pytest.mark.xfail(
-    hasattr(featx.heads.fit, "_hold_out"), strict=True,
-    reason="this fit_head holds a flat folder out with train_test_split, not featx.data.split (the heads branch "
-           "moves it to plan_split); compare passes fit_head its rows explicitly meanwhile")
-
-
-@pytest.mark.parametrize("layout", ["folders", pytest.param("flat", marks=OLD_HOLD_OUT)])
+@pytest.mark.parametrize("layout", ["folders", "flat"])
 def test_fit_head_holds_out_the_images_split_records_holds_out(tmp_path, layout):
     """Issue 13: the same seed holds out the same images in `featx fit` as in finetune/scratch/compare."""
     from featx.features.engine import extract_features
