@@ -855,9 +855,12 @@ def mixture(fs, n_rows: int, n_classes: int, noise: float, seed: int = 0):
 
 
 def _bench(name: str):
+    """A sibling benchmark script as a module (benchmarks/ is not a package)."""
+    import importlib
+
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    return __import__(name)
+    return importlib.import_module(name)
 
 
 def features_store(ctx: Ctx) -> Path:
