@@ -94,7 +94,22 @@ def fit_logistic_lbfgs(X, y_idx: np.ndarray, n_classes: int, *, C: float = 1.0, 
     return coef, intercept, n_iter
 
 
-class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
+class StandardisedLinear:
+    """Scores of a linear model fitted on standardised features (``mean_``, ``scale_``, ``coef_``, ``intercept_``),
+    as sklearn's linear classifiers give them: one column for two classes, argmax or sign for the label."""
+
+    def decision_function(self, X):
+        Xs = (np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_
+        z = Xs @ self.coef_.T + self.intercept_
+        return z[:, 0] if z.shape[1] == 1 else z
+
+    def predict(self, X):
+        z = self.decision_function(X)
+        idx = (z > 0).astype(int) if z.ndim == 1 else z.argmax(axis=1)
+        return self.classes_[idx]
+
+
+class TorchLogisticRegression(StandardisedLinear, ClassifierMixin, BaseEstimator):
     """Standardise + multinomial logistic regression on ``device``, as one sklearn-compatible estimator.
 
     Standardising on the device too keeps the large-set path free of CPU passes over the data (the copy to the
@@ -133,16 +148,6 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = int(X.shape[1])
         self.n_samples_seen_ = int(X.shape[0])
         return self
-
-    def decision_function(self, X):
-        Xs = (np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_
-        z = Xs @ self.coef_.T + self.intercept_
-        return z[:, 0] if z.shape[1] == 1 else z
-
-    def predict(self, X):
-        z = self.decision_function(X)
-        idx = (z > 0).astype(int) if z.ndim == 1 else z.argmax(axis=1)
-        return self.classes_[idx]
 
     def to_sklearn_pipeline(self):
         """The fitted ``Pipeline(StandardScaler, LogisticRegression)`` with the same numbers (CPU-only, no torch)."""

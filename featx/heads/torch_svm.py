@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from .kernel_svm import _key
-from .torch_logistic import _as_device_tensor, standardize
+from .torch_logistic import StandardisedLinear, _as_device_tensor, standardize
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def fit_squared_hinge(Xs, y_idx: np.ndarray, n_classes: int, *, C: float = 1.0, 
     return Wn[:-1].T.copy(), Wn[-1].copy(), n_iter
 
 
-class TorchLinearSVC(ClassifierMixin, BaseEstimator):
+class TorchLinearSVC(StandardisedLinear, ClassifierMixin, BaseEstimator):
     """Standardise + one-vs-rest squared-hinge linear SVM on ``device``, as one sklearn-compatible estimator.
 
     :meth:`to_sklearn_pipeline` returns the equivalent fitted ``Pipeline(StandardScaler, LinearSVC)`` that the head
@@ -135,16 +135,6 @@ class TorchLinearSVC(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = int(X.shape[1])
         self.n_samples_seen_ = int(X.shape[0])
         return self
-
-    def decision_function(self, X):
-        Xs = (np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_
-        z = Xs @ self.coef_.T + self.intercept_
-        return z[:, 0] if z.shape[1] == 1 else z
-
-    def predict(self, X):
-        z = self.decision_function(X)
-        idx = (z > 0).astype(int) if z.ndim == 1 else z.argmax(axis=1)
-        return self.classes_[idx]
 
     def to_sklearn_pipeline(self):
         """The fitted ``Pipeline(StandardScaler, LinearSVC)`` with the same numbers (CPU-only, no torch)."""
