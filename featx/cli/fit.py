@@ -33,6 +33,7 @@ def fit_cmd(
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel CV fits (1 or more; -1 = all cores)."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Temperature-scale on the validation split: probabilities for every head, ECE and a reliability diagram in the report."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs (head, reports, PNGs) that featx did not write."),
+    exclude: Optional[Path] = typer.Option(None, "--exclude", help="Leave out the images a `featx audit` CSV (duplicates: all but one per group) or a file of paths lists."),
     json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):
     """Fit a head (logistic, SVM, ridge, k-NN, MLP) on features; report val/test scores, per-class table, confusion matrix."""
@@ -41,7 +42,7 @@ def fit_cmd(
     with library_warnings():
         res = fit_head(features, head=head, output=output, C=C, k=k, class_weight=class_weight, val_split=val_split,
                        val=val, cv=cv, seed=seed, device=device, backend=backend, n_jobs=jobs, calibrate=calibrate,
-                       overwrite=overwrite)
+                       overwrite=overwrite, exclude=exclude)
     if json_:
         print_json(res.to_dict())
         return
@@ -64,6 +65,10 @@ def _print_one(res) -> None:
                      res.kind, params, t['n'], t['n_features'], backbone, t['backend'], t['device'],
                      f"{t['fit_seconds']:.2f}"))
     out.print(f"validated on {res.validation}")
+    if t.get("excluded"):
+        x = t["excluded"]
+        out.print(f"left out {x['excluded']} image(s) listed in {x['file']} "
+                  f"({', '.join(f'{k} {v}' for k, v in x['by_split'].items())})")
     out.print(cv_line(res.cv))
     if res.head.calibration:
         out.print(_calibration_line(res.head.calibration))

@@ -53,6 +53,7 @@ class FitSettings:
     grid: Optional[Sequence] = None  # override the default grid of the tuned parameter (tests use short ones)
     calibrate: bool = False  # temperature scaling on the validation split -> probabilities for every head
     overwrite: bool = False  # replace outputs featx did not write
+    exclude: Optional[str] = None  # a featx audit CSV or a list of paths to leave out (featx.heads.exclude)
 
 
 @dataclass
@@ -126,6 +127,7 @@ class _Plan:
     train: FeatureSet
     evals: dict  # name -> FeatureSet (labelled)
     how: str
+    excluded: Optional[dict] = None  # --exclude: what was left out (featx.heads.exclude.apply_exclusions)
 
 
 # ------------------------------------------------------------------------------------------------ public entry
@@ -134,7 +136,8 @@ class _Plan:
 def fit_head(features, head: str = "logistic", *, output=None, C: Optional[float] = None, k: Optional[int] = None,
              class_weight: Optional[str] = None, val_split: float = 0.2, val=None, cv: int = 5, seed: int = 0,
              device: str = "auto", backend: str = "auto", n_jobs: Optional[int] = None, report_dir=None,
-             grid: Optional[Sequence] = None, calibrate: bool = False, overwrite: bool = False) -> FitResult:
+             grid: Optional[Sequence] = None, calibrate: bool = False, overwrite: bool = False,
+             exclude=None) -> FitResult:
     """Fit a classification head on extracted features and score it on data it did not see.
 
     Args:
@@ -156,6 +159,9 @@ def fit_head(features, head: str = "logistic", *, output=None, C: Optional[float
         calibrate: fit a temperature on the validation split: every head then gives probabilities; ECE before and
             after goes in the report, a reliability diagram beside the confusion matrices.
         overwrite: replace outputs that exist and were not written by featx.
+        exclude: a `featx audit` CSV or a text file of paths (relative to the extracted folder): those images are
+            left out of training and validation (duplicates.csv: all but the first of each group; see
+            featx.heads.exclude). The report records how many, per split.
 
     Raises:
         UsageError for bad options, DataError for unusable labels, ArtifactError for unreadable or mismatched files,
@@ -163,11 +169,19 @@ def fit_head(features, head: str = "logistic", *, output=None, C: Optional[float
     """
     s = FitSettings(head=head, C=C, k=k, class_weight=class_weight, val_split=val_split, cv=cv, seed=seed,
                     device=device, backend=backend, n_jobs=n_jobs, grid=grid, calibrate=calibrate,
-                    overwrite=overwrite)
+                    overwrite=overwrite, exclude=exclude)
     _validate(s)
     fs = _as_features(features, "features")
+    excluded = None
+    if s.exclude is not None:
+        from .exclude import apply_exclusions
+
+        fs, excluded = apply_exclusions(fs, s.exclude)
+        if len(fs) == 0:
+            raise DataError(f"--exclude {s.exclude} leaves no images to fit on")
     val_fs = _as_features(val, "validation features") if val is not None else None
     plan = _plan(fs, val_fs, s)
+    plan.excluded = excluded
     output = _resolve_output(output, s.overwrite)
     rdir = Path(report_dir) if report_dir is not None else (output.parent if output is not None else None)
     files = _output_files(output, rdir, plan, s)
@@ -410,6 +424,8 @@ def _fit_one(kind: str, plan: _Plan, s: FitSettings) -> FitResult:
                 "device": device,
                 # For diagnosing over-fitting only (on <= 1000 of the rows the head was fitted on): never a score.
                 "training_data_accuracy": train_acc}
+    if plan.excluded:
+        training["excluded"] = plan.excluded
     meta = _head_meta(kind, value, cv_res, scores, training, plan, s, classes=[str(c) for c in pipeline.classes_])
     return FitResult(head=Head(pipeline, meta), scores=scores, cv=cv_res, training=training, validation=plan.how)
 
@@ -446,7 +462,7 @@ def _head_meta(kind: str, value, cv_res, scores: dict, training: dict, plan: _Pl
         "cv": None if cv_res is None else {k: v for k, v in cv_res.items() if k != "per_value"},
         "validation": plan.how,
         "scores": {name: summary(m) for name, m in scores.items()},
-        "training": {k: training[k] for k in ("n", "n_features", "training_data_accuracy")},
+        "training": {k: training[k] for k in ("n", "n_features", "training_data_accuracy", "excluded") if k in training},
         "features": feature_provenance(plan.train.meta, dim=training["n_features"]),
         "versions": versions,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
