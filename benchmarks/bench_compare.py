@@ -1,9 +1,12 @@
-"""Benchmark for issue 6: `featx compare` on hymenoptera (heads vs fine-tuning vs scratch), plus LeNet-5 on digits.
+"""Benchmark for issues 6 and 18: `featx compare` on hymenoptera (heads vs fine-tuning vs scratch), optionally as a
+learning curve (--shots), plus LeNet-5 on digits.
 
-    python benchmarks/bench_compare.py [--data ../shared/data/hymenoptera] [--quick] [--device auto] [--out bench-compare.json]
+    python benchmarks/bench_compare.py [--data ../shared/data/hymenoptera] [--quick] [--device auto]
+        [--shots 1,2,5,10,20,all] [--budget SECONDS] [--out bench-compare.json]
 
-Prints the comparison table as Markdown (for the README) and the JSON entries; the report and bar chart are
-in the printed run folder. The digits line times a scratch run on scikit-learn's 8x8 digits (exported to PNGs).
+Prints the comparison table as Markdown (for the README), with --shots the curve table and its sentence, and the
+JSON document; the report and charts are in the printed run folder. The digits line times a scratch run on
+scikit-learn's 8x8 digits (exported to PNGs).
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--arch", action="append", default=None, help="scratch architecture(s) (default lenet5, resnet20)")
+    ap.add_argument("--shots", default=None, help="e.g. 1,2,5,10,20,all or auto: also draw the learning curve")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=None)
     ap.add_argument("--skip-digits", action="store_true")
     ap.add_argument("--runs-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
@@ -50,9 +56,9 @@ def main() -> None:
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     kw = {"archs": tuple(args.arch)} if args.arch else {}
     res = featx.compare(args.data, backbone=args.backbone, quick=args.quick, device=args.device,
-                        runs_dir=str(runs), log=log, **kw)
+                        runs_dir=str(runs), log=log, shots=args.shots, repeats=args.repeats, budget=args.budget, **kw)
     out = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu",
-           "run_dir": str(res.run_dir), "n_train": res.n_train, "n_val": res.n_val, "methods": res.to_json()}
+           **res.to_dict()}
     print("| method | val accuracy | balanced accuracy | seconds | trainable params |")
     print("|---|---|---|---|---|")
     for r in res.rows:
@@ -60,6 +66,10 @@ def main() -> None:
         bal = "" if r.error else f"{r.balanced_accuracy:.4f}"
         tp = "-" if r.trainable_params is None else f"{r.trainable_params:,}"
         print(f"| {r.method} | {acc} | {bal} | {r.seconds:.1f} | {tp} |")
+    if res.curve is not None:
+        from featx.comparison.render import render_curve
+
+        print("\n".join(render_curve(res)))
     if not args.skip_digits:
         digits = digits_folder(Path(tempfile.mkdtemp(prefix="featx-digits-")) / "digits")
         t0 = time.perf_counter()

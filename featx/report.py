@@ -302,6 +302,43 @@ def save_bar_chart_png(rows: Sequence[Mapping], path, key: str = "accuracy", lab
     return _save(fig, path)
 
 
+@_plain_text
+def save_shots_curve_png(points: Sequence[Mapping], path, *, all_label: str = "all", title: str | None = None) -> Path:
+    """Accuracy against training images per class (log x), one line per method, min-max bars where there were
+    several draws. ``points``: ``{label, k (None = all), images_per_class, mean, min, max, n}`` (``featx compare
+    --shots``)."""
+    plt = _plt()
+    series: dict = {}
+    for p in points:
+        series.setdefault(_label(p.get("label", p.get("method", "?"))), []).append(p)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=100)
+    ticks: dict = {}
+    for i, (label, pts) in enumerate(series.items()):
+        pts = sorted(pts, key=lambda p: float(p["images_per_class"]))
+        x = np.array([float(p["images_per_class"]) for p in pts])
+        y = np.array([float(p["mean"]) for p in pts])
+        lo = np.array([float(p.get("min", p["mean"])) for p in pts])
+        hi = np.array([float(p.get("max", p["mean"])) for p in pts])
+        ax.errorbar(x * (1 + 0.015 * i), y, yerr=[y - lo, hi - y], fmt="-o", markersize=4, capsize=3, label=label)
+        for p in pts:
+            ticks[float(p["images_per_class"])] = all_label if p.get("k") is None else f"{int(p['k'])}"
+    ax.set_xscale("log")
+    if ticks:
+        ax.set_xticks(sorted(ticks), [ticks[t] for t in sorted(ticks)])
+        ax.minorticks_off()
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("training images per class (log scale)")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(True, alpha=0.3)
+    if series:
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(_label(title or "accuracy vs training images per class"), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------------------------------- evaluation
 EVALUATION_FILES = {"confusion": "confusion.png", "gallery": "misclassified.png", "metrics": "metrics.json"}
 GALLERY_SIZE = 24  # most confidently misclassified images shown in the gallery PNG
@@ -353,3 +390,29 @@ def _printable(obj):
     if isinstance(obj, (list, tuple)):
         return [_printable(v) for v in obj]
     return obj
+
+
+def save_reliability_png(before: dict, after: dict, path, title: str = "") -> Path:
+    """Reliability diagram: accuracy against confidence per bin, before and after calibration, with the diagonal.
+
+    ``before`` / ``after``: ``{"ece": float, "bins": [{"confidence", "accuracy", "n"}, ...]}`` as
+    featx.heads.calibration computes them.
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 4.6), dpi=110)
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect calibration")
+    for res, name, colour in ((before, "before", "tab:red"), (after, "after", "tab:blue")):
+        pts = [(b["confidence"], b["accuracy"], b["n"]) for b in res["bins"] if b["n"]]
+        if pts:
+            xs, ys, ns = zip(*pts)
+            # area ~ images in the bin: a bin of 2 images says little, one of 200 a lot
+            sizes = [12 + 180 * n / max(ns) for n in ns]
+            ax.plot(xs, ys, color=colour, lw=0.8, alpha=0.5)
+            ax.scatter(xs, ys, s=sizes, color=colour, alpha=0.8, label=f"{name} (ECE {res['ece']:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top class probability); point area = images in the bin")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or "reliability", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests run on the CPU even on a GPU machine, unless marked gpu
 os.environ.setdefault("FEATX_NO_PROGRESS", "1")
 os.environ.setdefault("FEATX_OFFLINE", "1")  # never try the network from tests
 
@@ -18,6 +18,18 @@ def hymenoptera() -> Path:
     if not (HYMENOPTERA / "train").is_dir():
         pytest.skip("../shared/data/hymenoptera is not present")
     return HYMENOPTERA
+
+
+def selects_gpu(markexpr: str) -> bool:
+    """Does ``-m EXPR`` ask for the tests marked gpu (``-m gpu``, ``-m "gpu and not slow"``), not exclude them?"""
+    return bool(re.search(r"(?<!not )\bgpu\b", " ".join((markexpr or "").split())))
+
+
+def pytest_configure(config):
+    # Tests run on the CPU even on a GPU machine; `pytest -m gpu` runs only the GPU tests, and they get the GPU.
+    # (Hiding it unconditionally, as before, made `pytest -m gpu` skip every GPU test on a GPU machine.)
+    if not selects_gpu(config.getoption("markexpr", "") or ""):
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -132,3 +132,14 @@ def test_unwritable_output_is_one_line_with_exit_7(tmp_path, monkeypatch):
     r = _run("extract", folder, "-o", tmp_path / "out" / "f.npz", "--workers", "0")
     assert r.exit_code == 7, r.output
     assert "Permission denied" in r.output and "Traceback" not in r.output
+
+
+def test_extract_leakage_warning_points_at_audit(tmp_path):
+    import shutil
+
+    folder = make_folder(tmp_path / "imgs", classes=("a", "b"), n_per_class=2, splits=("train", "val"), size=24)
+    src = next((folder / "train" / "a").iterdir())
+    shutil.copy(src, folder / "val" / "a" / "copy.png")
+    r = _run("extract", folder, "-o", tmp_path / "f.npz", "--workers", "0", "--image-size", "32")
+    assert r.exit_code == 0, r.output
+    assert "leakage" in r.output and "featx audit" in r.output

@@ -1,4 +1,5 @@
-"""`featx compare IMAGES`: frozen-feature heads vs fine-tuning vs scratch CNNs on one split, as a table and report."""
+"""`featx compare IMAGES`: frozen-feature heads vs fine-tuning vs scratch CNNs on one split, as a table and report;
+with --shots, also as a curve of accuracy against training images per class."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import app, run_boundary
-from .common import out, print_json, styled
+from .common import out, print_json, styled, warn
 from .finetune import epoch_line, log_message
 
 
@@ -18,23 +19,26 @@ def compare_cmd(
     images: Path = typer.Argument(..., help="Labelled image folder: class subfolders, optionally inside train/ and val/."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="Backbone for the heads and for fine-tuning."),
     arch: Optional[List[str]] = typer.Option(None, "--arch", help="Scratch architecture(s); repeat for several (default: lenet5 and resnet20)."),
-    quick: bool = typer.Option(False, "--quick", help="Small budget: 4 fine-tuning epochs, 8 scratch epochs, 3-fold CV."),
+    quick: bool = typer.Option(False, "--quick", help="Small budget: 4 fine-tuning epochs, 8 scratch epochs, 3-fold CV; --shots auto stops at 20 per class."),
     skip_heads: bool = typer.Option(False, "--skip-heads", help="Do not fit heads on frozen features."),
     skip_finetune: bool = typer.Option(False, "--skip-finetune", help="Do not fine-tune."),
     skip_scratch: bool = typer.Option(False, "--skip-scratch", help="Do not train CNNs from scratch."),
+    shots: Optional[str] = typer.Option(None, "--shots", metavar="K,K,...|auto", help="Also train every method on K images per class drawn from the training split (e.g. 1,2,5,10,20,all; auto = 1,2,5,10,20,50,... below the smallest class) and draw learning_curve.png."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="With --shots: draws of the smallest K (of every K for the heads)."),
+    budget: Optional[float] = typer.Option(None, "--budget", metavar="SECONDS", help="Cap the total time: runs that would not fit are skipped and listed."),
     finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", min=1, help="Fine-tuning epochs (default 15, or 4 with --quick)."),
     scratch_epochs: Optional[int] = typer.Option(None, "--scratch-epochs", min=1, help="Scratch epochs (default 30, or 8 with --quick)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size for extraction and fine-tuning (default: the backbone's)."),
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random-init backbone (a sanity check, not a real comparison)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file for the backbone."),
     val_split: float = typer.Option(0.2, "--val-split", help="Held-out fraction (stratified, seeded) when there is no val/ folder."),
-    seed: int = typer.Option(0, "--seed", help="One seed for the split and every method."),
+    seed: int = typer.Option(0, "--seed", help="One seed for the split, the draws and every method."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="The report goes to RUNS_DIR/compare/NAME."),
     name: Optional[str] = typer.Option(None, "--name", help="Run folder name (default: exp, exp2, ...)."),
     exist_ok: bool = typer.Option(False, "--exist-ok", help="Allow overwriting an existing --name folder."),
-    json_: bool = typer.Option(False, "--json", help="Print one entry per method (method, accuracy, balanced_accuracy, seconds, trainable_params)."),
+    json_: bool = typer.Option(False, "--json", help="Print one entry per method (with --shots: the whole results.json document)."),
 ):
     """Is transfer learning worth it here? Heads on frozen features vs fine-tuning vs small CNNs from scratch."""
     from ..comparison import compare
@@ -45,20 +49,52 @@ def compare_cmd(
         skip_scratch=skip_scratch, finetune_epochs=finetune_epochs, scratch_epochs=scratch_epochs,
         image_size=image_size, pretrained=not no_pretrained, weights=str(weights) if weights else None,
         val_split=val_split, seed=seed, device=device, workers=workers, runs_dir=str(runs_dir), name=name,
-        exist_ok=exist_ok, log=log_message, on_epoch=None if json_ else epoch_line, **kw,
+        exist_ok=exist_ok, shots=shots, repeats=repeats, budget=budget, log=log_message,
+        on_epoch=None if json_ else epoch_line, **kw,
     )
     if json_:
-        print_json(res.to_json())
+        print_json(res.to_dict() if res.curve is not None else res.methods())
         return
+    out.print(_table(res))
+    out.print("* best head kind / best scratch architecture")
+    if res.curve is not None:
+        out.print(_curve_table(res.curve))
+        if res.curve.sentence:
+            out.print(res.curve.sentence)
+    for note in [*res.notes, *(res.curve.notes if res.curve is not None else [])]:
+        warn(note)
+    charts = [str(p) for p in (res.chart_path, res.curve_path) if p]
+    out.print(styled("report: [bold]{}[/]{}", res.report_path, f", charts: {', '.join(charts)}" if charts else ""))
+
+
+def _table(res) -> Table:
+    from ..comparison.render import method_label
+
     t = Table(title=f"validation: {res.n_val} images ({res.split})")
-    for col in ("method", "val accuracy", "balanced accuracy", "seconds", "trainable params"):
-        t.add_column(col, justify="left" if col == "method" else "right")
+    t.add_column("method", justify="left", no_wrap=True)
+    for col in ("val accuracy", "balanced accuracy", "seconds", "trainable params"):
+        t.add_column(col, justify="right")
     for r in res.rows:
-        if r.error:
-            t.add_row(r.method, styled("[red]failed[/]"), "", f"{r.seconds:.1f}", "")
+        if r.skipped or r.error:
+            t.add_row(r.method, styled("[yellow]skipped[/]" if r.skipped else "[red]failed[/]"), "",
+                      f"{r.seconds:.1f}", "")
             continue
-        label = r.method if r.best_in_family or r.family != "heads" else styled("[dim]{}[/]", r.method)
-        t.add_row(label, f"{r.accuracy:.4f}", f"{r.balanced_accuracy:.4f}", f"{r.seconds:.1f}",
+        label = method_label(r)
+        t.add_row(label if r.best_in_family or r.family == "finetune" else styled("[dim]{}[/]", label),
+                  f"{r.accuracy:.4f}", f"{r.balanced_accuracy:.4f}", f"{r.seconds:.1f}",
                   "-" if r.trainable_params is None else f"{r.trainable_params:,}")
-    out.print(t)
-    out.print(styled("report: [bold]{}[/]{}", res.report_path, f", chart: {res.chart_path}" if res.chart_path else ""))
+    return t
+
+
+def _curve_table(curve) -> Table:
+    from ..comparison.render import point_cell
+
+    pts = {(p["method"], p["k"]): p for p in curve.points()}
+    t = Table(title=f"validation accuracy by training images per class (mean±sd over {curve.repeats} draws)")
+    t.add_column("method", justify="left", no_wrap=True)
+    for k in curve.ks:
+        t.add_column(str(k), justify="right")
+    t.add_column(f"all ({curve.per_class_all:.0f})", justify="right")
+    for method, label in curve.labels.items():
+        t.add_row(label, *[point_cell(pts.get((method, k)), compact=True) for k in [*curve.ks, None]])
+    return t

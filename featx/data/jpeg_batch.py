@@ -380,7 +380,10 @@ class DeviceJpegPipeline:
             # torchvision allocates the outputs on this stream but writes them from its own stream without waiting
             # for this one (pytorch/vision PR #9606): finish every queued kernel first, so no block the caching
             # allocator recycles (e.g. the previous slice's images, freed while their resize was queued) is still
-            # being read when nvJPEG overwrites it. The decoder synchronises its own stream anyway.
+            # being read when nvJPEG overwrites it. The decoder synchronises its own stream anyway. Under the
+            # prefetch thread (`featx.data.loader.Prefetcher`) "this stream" is the thread's decode stream: the wait
+            # is for the decoder's own kernels, never for the network's, and the blocks the network still reads
+            # are held back by `record_stream`.
             torch.cuda.current_stream(self.device).synchronize()
         try:
             return list(_decode_list(tensors, self.device))

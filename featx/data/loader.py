@@ -8,17 +8,22 @@ Every loader featx builds goes through :func:`make_loader`, so all of them share
   its parent dies (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread polls the parent's pid;
 - one intra-op thread per worker (workers inherit torch's pool size; N workers x N threads oversubscribe);
 - tensors through files, not file descriptors, for workers that return tensors (containers with few fds).
+
+Extract and predict read :func:`iter_pixels`: workers decode (or only read) files, and a :class:`Prefetcher` thread
+puts batch k+1 on the device while the network runs batch k.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -88,17 +93,28 @@ def make_loader(dataset, *, workers: Optional[int] = None, batch_size: Optional[
 
 
 # -- extract / predict: files -> uint8 pixels on the device -------------------------------------------------
+# Batches a background thread prepares ahead of the network (decoded on the device, or copied there). Two is
+# enough to hide the decode of batch k+1 behind the network's batch k; more only holds more memory.
+PREFETCH = 2
+
+
 def iter_pixels(paths: Sequence, preprocess, *, device, batches: list, workers: Optional[int] = None,
-                max_pixels: Optional[int] = None, decoder: str = "pil") -> Iterator[tuple]:
+                max_pixels: Optional[int] = None, decoder: str = "pil", prefetch: int = PREFETCH,
+                stats: Optional[dict] = None) -> Iterator[tuple]:
     """Decode ``paths`` batch by batch (``batches``: lists of positions) -> (positions, pixels, errors), in order.
 
     ``pixels`` is a uint8 N,S,S,3 tensor on ``device`` (None when every file of the batch failed); ``errors`` lists
     (position, reason, stage). ``decoder``: "pil" decodes and resizes in the workers; "torchvision" lets workers
     ship plain JPEGs as bytes and decodes + resizes them batched on ``device`` (`featx.data.jpeg_batch`); "auto"
     picks torchvision on CUDA. Both give the same positions, errors and batches; pixels differ slightly.
-    """
-    import torch
 
+    ``prefetch`` > 0: a background thread takes batches from the workers and puts them on the device (decoding
+    them there for "torchvision") while the caller runs the network on the previous one; on CUDA it works on a
+    stream of its own and hands each batch over with an event, so neither side waits for the other's kernels.
+    0: everything in the caller's thread, one batch at a time. Same output either way. ``stats`` (a dict, optional)
+    receives seconds spent: ``input_wait_s`` (caller waiting for pixels), ``loader_wait_s`` (waiting for workers),
+    ``to_device_s`` (decode / upload).
+    """
     from .datasets import JpegBytesDataset, PixelDataset, collate_pixels
     from .jpeg_batch import DeviceJpegPipeline, collate_raw, resolve_decoder
 
@@ -108,22 +124,162 @@ def iter_pixels(paths: Sequence, preprocess, *, device, batches: list, workers: 
                          collate_fn=collate_raw if on_device else collate_pixels)
     if on_device:
         pipe = DeviceJpegPipeline(preprocess, device, max_pixels)
-        for raw in loader:
-            # Synchronous: the previous batch's results were copied back (finishing every kernel) before the
-            # decoder, which writes on its own stream, is handed memory the caching allocator recycled.
-            with torch.inference_mode():
-                yield pipe.assemble(raw, ds.paths)
+        convert = functools.partial(_assemble, pipe, ds.paths)
+    else:
+        convert = functools.partial(_upload, device=device)
+    stats = {} if stats is None else stats
+    for key in ("input_wait_s", "loader_wait_s", "to_device_s"):
+        stats.setdefault(key, 0.0)
+    if prefetch > 0:
+        yield from Prefetcher(loader, convert, device, depth=prefetch, stats=stats)
+    else:
+        yield from _inline(loader, convert, stats)
+    if on_device:
         log.debug("device JPEG pipeline: %s", pipe.stats)
-        return
-    cuda = device.type == "cuda"
-    for idx, pixels, errors in loader:
-        if pixels is None:
-            yield idx, None, errors
-            continue
-        t = torch.from_numpy(pixels)  # N,H,W,3 uint8
-        if cuda:
-            t = t.pin_memory().to(device, non_blocking=True)
-        yield idx, t, errors
+
+
+def _assemble(pipe, paths, raw):
+    import torch
+
+    with torch.inference_mode():
+        return pipe.assemble(raw, paths)
+
+
+def _upload(item, *, device):
+    """A PIL-path batch (positions, uint8 array or None, errors) -> the same with the pixels on ``device``."""
+    import torch
+
+    idx, pixels, errors = item
+    if pixels is None:
+        return idx, None, errors
+    t = torch.from_numpy(pixels)  # N,H,W,3 uint8
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return idx, t, errors
+
+
+def _inline(loader, convert, stats: dict) -> Iterator[tuple]:
+    """One batch at a time in the caller's thread (prefetch=0): the device decoder then synchronises before each
+    decode (see `DeviceJpegPipeline._decode`), so the network and the decoder never overlap."""
+    it = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            raw = next(it)
+        except StopIteration:
+            return
+        t1 = time.perf_counter()
+        out = convert(raw)
+        t2 = time.perf_counter()
+        stats["loader_wait_s"] += t1 - t0
+        stats["to_device_s"] += t2 - t1
+        stats["input_wait_s"] += t2 - t0
+        yield out
+
+
+class Prefetcher:
+    """Iterate ``convert(item)`` for the items of ``source`` computed ``depth`` items ahead in a background thread.
+
+    Why a thread and not more DataLoader workers: the work left after the workers (decoding a batch on the GPU,
+    pinning and uploading it) must happen in this process, which owns the CUDA context. A thread releases the GIL
+    in every CUDA call, so it overlaps with the network.
+
+    On CUDA the thread runs on a stream of its own. Each result is handed over with an event recorded after its
+    kernels: the consumer's stream waits for that event (no host sync), and the pixel tensor is marked as used by
+    the consumer's stream (`record_stream`), so the caching allocator does not give its memory to the decoder
+    until the network has read it. The synchronisation that torchvision's decoder needs (vision#9606, see
+    `DeviceJpegPipeline._decode`) then only waits for the decode stream's own kernels, in this thread.
+
+    The source's iterator is created here, in the caller's thread: DataLoader workers are forked by the thread that
+    starts them, and their parent-death signal (`die_with_parent`) is tied to that thread's life.
+    """
+
+    def __init__(self, source, convert: Callable, device, *, depth: int = PREFETCH, stats: Optional[dict] = None):
+        import torch
+
+        self.it = iter(source)
+        self.convert = convert
+        self.device = device
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.stop = threading.Event()
+        self.stats = stats if stats is not None else {}
+        for key in ("input_wait_s", "loader_wait_s", "to_device_s"):
+            self.stats.setdefault(key, 0.0)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.thread = threading.Thread(target=self._produce, daemon=True, name="featx-prefetch")
+
+    def _produce(self) -> None:
+        import torch
+
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.stream is not None:
+                    stack.enter_context(torch.cuda.device(self.device))
+                    stack.enter_context(torch.cuda.stream(self.stream))
+                while not self.stop.is_set():
+                    t0 = time.perf_counter()
+                    try:
+                        item = next(self.it)
+                    except StopIteration:
+                        break
+                    t1 = time.perf_counter()
+                    out = self.convert(item)
+                    event = None
+                    if self.stream is not None:
+                        event = torch.cuda.Event()
+                        event.record(self.stream)
+                    self.stats["loader_wait_s"] += t1 - t0
+                    self.stats["to_device_s"] += time.perf_counter() - t1
+                    if not self._put(("item", out, event)):
+                        return
+            self._put(("end", None, None))
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            self._put(("error", exc, None))
+
+    def _put(self, msg) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(msg, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[tuple]:
+        import torch
+
+        self.thread.start()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                kind, out, event = self.queue.get()
+                self.stats["input_wait_s"] += time.perf_counter() - t0
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise out
+                pixels = out[1]
+                if event is not None:
+                    stream = torch.cuda.current_stream(self.device)
+                    stream.wait_event(event)
+                    if pixels is not None:
+                        pixels.record_stream(stream)
+                yield out
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the thread (it finishes the batch in hand) and let the workers go."""
+        self.stop.set()
+        deadline = time.monotonic() + 60  # a batch in hand takes well under a second; never hang an exit on it
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            try:
+                while True:
+                    self.queue.get_nowait()
+            except queue.Empty:
+                pass
+            self.thread.join(timeout=0.1)
+        self.it = None  # the DataLoader iterator shuts its workers down when dropped
 
 
 # -- finetune / scratch: decode everything once --------------------------------------------------------------

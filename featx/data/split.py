@@ -17,7 +17,9 @@ keeps every image's side fixed whatever else is in the folder (measured in tests
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -168,3 +170,23 @@ def split_records(folder, val_fraction: float, seed: int = 0) -> Split:
     classes += sorted(used - set(classes))  # a class the folder listing missed
     source = "folders" if plan.how.startswith("the folder's") else plan.how
     return Split(train=train, val=val, classes=classes, source=source, warnings=warnings, test=test)
+
+
+def restrict_train(split: Split, relpaths: Sequence[str], fill_to: Optional[int] = None) -> Split:
+    """``split`` training on ``relpaths`` only (``featx compare --shots``); validation and test stay as they are.
+
+    Every path must be one of the split's training images, so a subset can never reach into validation or test.
+    ``fill_to``: repeat the subset (whole copies, so the classes keep their balance) until an epoch holds at least
+    that many images; a few-shot run then takes as many optimizer steps per epoch as the full run.
+    """
+    by_rel = {str(r.relpath): r for r in split.train}
+    chosen = list(dict.fromkeys(str(p) for p in relpaths))
+    outside = [p for p in chosen if p not in by_rel]
+    if outside:
+        raise DataError(f"{len(outside)} image(s) to train on are not training images of this split "
+                        f"(e.g. {outside[0]}); a training subset must come from the training split")
+    if not chosen:
+        raise DataError("the training subset is empty")
+    train = [by_rel[p] for p in chosen]
+    repeat = max(1, math.ceil(fill_to / len(train))) if fill_to else 1
+    return dataclasses.replace(split, train=train * repeat)

@@ -28,7 +28,7 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -68,35 +68,102 @@ def iter_outputs(
     precision: str = "auto",
     max_pixels: Optional[int] = None,
     decoder: str = "pil",
+    prefetch: Optional[int] = None,
+    defer_copy: bool = True,
+    stats: Optional[dict] = None,
 ) -> Iterator[Batch]:
     """Decode `paths` in workers and run `fn` (normalised float batch -> (N, K) tensor) on `device`, in order.
 
     `batches` (lists of positions) fixes the batch layout; otherwise consecutive runs of `batch_size`.
     CUDA out-of-memory retries the same images in halves, so the output does not depend on the memory left.
     `decoder`: pil | torchvision | auto, see `featx.data.loader.iter_pixels` (same rows, errors and batches).
+
+    The pipeline (each part switchable, for measuring it; the output is the same whatever the switches):
+    `prefetch` batches are put on the device by a background thread while the network runs (None: the default
+    `featx.data.loader.PREFETCH`; 0: in this thread). `defer_copy`: batch k's outputs are copied to pinned host
+    memory without waiting, and handed out once batch k+1 is queued on the device, so the host never waits for
+    the GPU inside the loop except for that copy; False: each batch's outputs are copied back before the next
+    starts. `stats` (a dict, optional) receives seconds: ``input_wait_s``, ``loader_wait_s``, ``to_device_s`` (see
+    `iter_pixels`) and ``output_wait_s`` (waiting for the outputs to reach the host: the network's time not
+    hidden behind the input side).
     """
-    from ..data.loader import iter_pixels
+    from ..data.loader import PREFETCH, iter_pixels
 
     if batches is None:
         batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
+    stats = {} if stats is None else stats
+    stats.setdefault("output_wait_s", 0.0)
+    norm = normalizer(preprocess, device)
+    pending = None
     for idx, pixels, errors in iter_pixels(paths, preprocess, device=device, batches=batches, workers=workers,
-                                           max_pixels=max_pixels, decoder=decoder):
+                                           max_pixels=max_pixels, decoder=decoder,
+                                           prefetch=PREFETCH if prefetch is None else prefetch, stats=stats):
         if pixels is None:
-            yield Batch(idx, np.zeros((0, 0), np.float32), errors)
+            ready = _Outputs(idx, None, errors, device)
         else:
-            yield Batch(idx, _forward(fn, preprocess, pixels, device, precision), errors)
+            ready = _Outputs(idx, _forward(fn, norm, pixels, device, precision), errors, device)
+        if not defer_copy:
+            yield ready.batch(stats)
+            continue
+        if pending is not None:  # batch k-1 waits for its copy only now that batch k is queued behind it
+            yield pending.batch(stats)
+        pending = ready
+    if pending is not None:
+        yield pending.batch(stats)
 
 
-def _forward(fn, preprocess, pixels, device, precision) -> np.ndarray:
-    """uint8 N,S,S,3 on the device -> float32 outputs on the host."""
+class _Outputs:
+    """One batch's outputs on their way to the host: on CUDA a non-blocking copy into pinned memory, and an event
+    that says when it landed; elsewhere the tensor itself."""
+
+    def __init__(self, idx, out, errors, device):
+        self.idx, self.errors, self.event = idx, errors, None
+        self.out = out
+        if out is not None and device.type == "cuda":
+            import torch
+
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            self.out = host
+
+    def batch(self, stats: dict) -> Batch:
+        if self.out is None:
+            return Batch(self.idx, np.zeros((0, 0), np.float32), self.errors)
+        if self.event is not None:
+            t0 = time.perf_counter()
+            self.event.synchronize()
+            stats["output_wait_s"] += time.perf_counter() - t0
+        return Batch(self.idx, self.out.numpy().astype(np.float32, copy=False), self.errors)
+
+
+def normalizer(preprocess, device) -> Callable:
+    """``preprocess.normalize`` with its mean/std tensors put on ``device`` once.
+
+    `Preprocess.normalize` builds them on every call: a copy from pageable host memory that makes the host wait for
+    the GPU, once per batch. Same arithmetic, same values (tests check it is bit-identical).
+    """
     import torch
 
-    x = preprocess.normalize(pixels.permute(0, 3, 1, 2))  # NCHW view, channels_last strides: what cuDNN likes
+    mean = (torch.tensor(preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0).to(device)
+    std = (torch.tensor(preprocess.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0).to(device)
+
+    def norm(x):
+        return (x.float() - mean) / std
+
+    return norm
+
+
+def _forward(fn, norm, pixels, device, precision):
+    """uint8 N,S,S,3 on the device -> float32 outputs on the device (queued, not waited for)."""
+    import torch
+
+    x = norm(pixels.permute(0, 3, 1, 2))  # NCHW view, channels_last strides: what cuDNN likes
     if device.type != "cuda":
         x = x.contiguous()
     with torch.inference_mode():
-        out = _run_halving(fn, x, device, precision)
-    return out.cpu().numpy().astype(np.float32, copy=False)
+        return _run_halving(fn, x, device, precision)
 
 
 def _run_halving(fn, x, device, precision):
@@ -113,8 +180,35 @@ def _run_halving(fn, x, device, precision):
         if len(x) == 1:
             raise FeatxError("CUDA out of memory even at batch size 1; use --device cpu or a smaller --image-size") from None
         torch.cuda.empty_cache()
+        fn = getattr(fn, "eager", fn)  # a compiled network pads every batch back to full size: retry without it
         half = len(x) // 2
         return torch.cat([_run_halving(fn, x[:half], device, precision), _run_halving(fn, x[half:], device, precision)])
+
+
+def compile_forward(fn: Callable, batch_size: int, backend: str = "inductor") -> Callable:
+    """``torch.compile(fn)`` for one batch shape: a smaller batch (the last of a chunk) is padded with zeros to
+    ``batch_size`` and its outputs cut back, so the network is compiled once, not once per batch size.
+
+    Padding changes no output row: in eval mode every layer treats images independently.
+    """
+    import torch
+
+    compiled = torch.compile(fn, backend=backend, dynamic=False)
+
+    def run(x):
+        n = len(x)
+        if n >= batch_size:
+            return compiled(x)
+        if x.is_contiguous():
+            full = x.new_zeros((batch_size, *x.shape[1:]))
+        else:  # channels_last (N,C,H,W view of N,H,W,C memory): the same strides, or the graph is compiled again
+            n_, c, h, w = x.shape
+            full = x.new_zeros((batch_size, h, w, c)).permute(0, 3, 1, 2)
+        full[:n].copy_(x)
+        return compiled(full)[:n]
+
+    run.eager = fn  # what an out-of-memory retry in halves runs (`_run_halving`)
+    return run
 
 
 def prepare_model(model, device):
@@ -184,6 +278,8 @@ def cap_batch_size(batch_size: int, model, preprocess, device, *, workers: int, 
         return want, None
     side = preprocess.input_size
     pixels = 3 * side * side
+    # (the prefetch thread's queue holds up to `featx.data.loader.PREFETCH` more uint8 batches: small next to the
+    # float input and the activations, and inside the half of the free memory left unclaimed below)
     per_image = pixels * (4 * workers + 1) + pixels * 4
     if device.type != "cuda":
         largest = largest_activation() if largest_activation else _largest_activation(model, side)
@@ -211,6 +307,10 @@ class ExtractResult:
     resumed_images: int = 0
     warnings: list = field(default_factory=list)
     decoder: str = "pil"  # the input pipeline that ran: "pil" (CPU) or "torchvision" (batched on the device)
+    # Where the loop's time went, in seconds (see `iter_outputs`): input_wait_s (the network waiting for pixels),
+    # loader_wait_s (waiting for the workers), to_device_s (device decode / upload), output_wait_s (waiting for the
+    # GPU), write_s (chunk files). input_wait_s large: input-bound; output_wait_s large: network-bound.
+    timings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -269,6 +369,9 @@ def extract_features(
     progress: Optional[Callable[[int, int], None]] = None,
     decoder: str = "auto",
     image_size: Optional[int] = None,
+    compile: Union[bool, str] = False,
+    prefetch: Optional[int] = None,
+    defer_copy: bool = True,
 ) -> ExtractResult:
     """Extract features for every image under `images` and write one feature store at `output`.
 
@@ -286,6 +389,10 @@ def extract_features(
             CUDA and torchvision can decode there, else pil (CPU decoding in the workers). Recorded in
             meta["decoder"]; not part of the provenance fingerprint (the two paths give interchangeable features).
         image_size: crop size other than the backbone's default (same resize/crop ratio; recorded in the store).
+        compile: ``torch.compile`` the network (True: inductor; a string names another backend). Pays on long runs
+            only: compiling takes tens of seconds (see BENCHMARKS.md for the measured gain).
+        prefetch, defer_copy: the pipeline's parts, switchable to measure each (`iter_outputs`); the defaults are
+            the fast path, and the features do not depend on them.
 
     Ctrl-C raises KeyboardInterrupt after the finished chunks were written (the CLI turns it, and SIGTERM, into
     exit 130 / 143 with a resume hint).
@@ -297,29 +404,43 @@ def extract_features(
     root, output = Path(images), Path(output)
     folder = discover(root)
     refuse_inside(output, root)
-    _check_options(chunk_size, decoder, image_size)
+    _check_options(chunk_size, decoder, image_size, prefetch)
     dist, dev = setup_distributed(device)
     try:
         with _claim(output, overwrite, dist):
             if strict and folder.skipped:  # known before any work: fail before loading a model
                 raise _strict_error(folder.skipped)
             bb = _backbone(backbone, pretrained, weights, layer, image_size)
+            run = _RunOptions(precision=precision, max_pixels=max_pixels, decoder=decoder, compile=compile,
+                              prefetch=prefetch, defer_copy=defer_copy)
             return _extract(folder, root, output, bb, dev, dist, t0, batch_size=batch_size, workers=workers,
-                            precision=precision, chunk_size=chunk_size, strict=strict, max_pixels=max_pixels,
-                            progress=progress, decoder=decoder)
+                            chunk_size=chunk_size, strict=strict, progress=progress, run=run)
     finally:
         dist.cleanup()
 
 
-def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, precision, chunk_size, strict,
-             max_pixels, progress, decoder) -> ExtractResult:
+@dataclass
+class _RunOptions:
+    """How the loop runs (not what it computes): precision, decoder, the pipeline's switches."""
+
+    precision: str = "auto"
+    max_pixels: Optional[int] = None
+    decoder: str = "auto"
+    compile: Union[bool, str] = False
+    prefetch: Optional[int] = None
+    defer_copy: bool = True
+
+
+def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, chunk_size, strict, progress,
+             run: _RunOptions) -> ExtractResult:
     """Plan, run and assemble with the output claimed; cleans up a partial folder that holds nothing to resume."""
     from ..data.jpeg_batch import resolve_decoder
     from ..devices import default_workers
 
-    decoder = resolve_decoder(decoder, dev, bb.preprocess)
-    plan = _plan_chunks(folder, root, output, bb, chunk_size, max_pixels, decoder, dist)
+    decoder = run.decoder = resolve_decoder(run.decoder, dev, bb.preprocess)
+    plan = _plan_chunks(folder, root, output, bb, chunk_size, run.max_pixels, decoder, dist)
     warnings = _notes(folder)
+    timings: dict = {}
     try:
         t_run = time.perf_counter()  # throughput counts the extraction loop, not model loading
         if plan.mine:
@@ -328,15 +449,19 @@ def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, pr
             bsize, note = cap_batch_size(batch_size or default_batch_size(dev), model, bb.preprocess, dev,
                                          workers=nw, n_images=plan.n)
             warnings += [note] if note else []
-            _run_chunks(plan, bb, dev, bsize, nw, precision, max_pixels, decoder, progress)
+            fn = bb.forward_features
+            if run.compile:
+                fn = compile_forward(fn, bsize, "inductor" if run.compile is True else str(run.compile))
+            _run_chunks(plan, bb.preprocess, fn, dev, bsize, nw, run, progress, timings)
         dist.barrier()
         if plan.rank != 0:
             dist.barrier()
             return ExtractResult(path=output, n_images=0, n_skipped=0, feature_dim=bb.feature_dim,
                                  seconds=time.perf_counter() - t0, images_per_s=0.0, device=str(dev), backbone=bb.name,
-                                 decoder=decoder)
+                                 decoder=decoder, timings=_rounded(timings))
         try:
             res = _assemble(plan, output, bb, dev, decoder, strict, t0, t_run, warnings)
+            res.timings = _rounded(timings)
         finally:
             dist.barrier()
         return res
@@ -350,11 +475,17 @@ class _Garbage(DataError):
     """The folder's first files all failed: nothing finished is worth keeping."""
 
 
-def _check_options(chunk_size: int, decoder: str, image_size: Optional[int]) -> None:
+def _rounded(timings: dict) -> dict:
+    return {k: round(float(v), 3) for k, v in timings.items()}
+
+
+def _check_options(chunk_size: int, decoder: str, image_size: Optional[int], prefetch: Optional[int]) -> None:
     from ..data.jpeg_batch import DECODERS
 
     if chunk_size < 1:
         raise UsageError("chunk size must be at least 1")
+    if prefetch is not None and prefetch < 0:
+        raise UsageError(f"prefetch must be 0 or more, not {prefetch}")
     if (decoder or "auto").lower() not in DECODERS:  # before the model loads
         raise UsageError(f"--decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
     if image_size is not None and image_size < 8:
@@ -476,7 +607,7 @@ def _drop_debris(part: Path, everything: bool = False) -> None:
 
 
 # -- run ------------------------------------------------------------------------------------------------------------
-def _run_chunks(plan: _Plan, bb, dev, bsize, workers, precision, max_pixels, decoder, progress) -> None:
+def _run_chunks(plan: _Plan, preprocess, fn, dev, bsize, workers, run: _RunOptions, progress, timings: dict) -> None:
     """Compute this rank's chunks; each is written atomically as soon as its last batch is in."""
     records = plan.folder.records
     batches, chunk_of = plan.batches(bsize)
@@ -484,33 +615,44 @@ def _run_chunks(plan: _Plan, bb, dev, bsize, workers, precision, max_pixels, dec
     acc: dict = {c: ([], [], []) for c in plan.mine}
     total_mine = sum(plan.size(c) for c in range(plan.n_chunks) if c % plan.world == plan.rank)
     done_mine = total_mine - sum(remaining.values())
-    attempted = failed = 0
+    seen = {"attempted": 0, "failed": 0}
     if progress:
         progress(done_mine, total_mine)
-    stream = iter_outputs([r.path for r in records], bb.preprocess, bb.forward_features, device=dev, batches=batches,
-                          workers=workers, precision=precision, max_pixels=max_pixels, decoder=decoder)
-    for b_i, batch in enumerate(stream):
-        c = chunk_of[b_i]
-        idx_list, feat_list, err_list = acc[c]
-        if len(batch.indices):
-            idx_list.append(batch.indices)
-            feat_list.append(batch.outputs)
-        for i, reason, stage in batch.errors:
-            err_list.append({"path": records[i].relpath, "reason": reason, "stage": stage})
-            log.info("skipped %s: %s", records[i].relpath, reason)  # listed in the summary
-        k = len(batches[b_i])
-        attempted += k
-        failed += len(batch.errors)
-        if attempted >= min(GARBAGE_WINDOW, plan.n) and failed == attempted and not plan.done:
-            first = err_list[0]
-            raise _Garbage(f"the first {attempted} files under {safe_str(str(plan.root))} all failed to decode (e.g. "
-                           f"{safe_str(first['path'])}: {first['reason']}); is this an image folder?")
-        remaining[c] -= k
-        done_mine += k
-        if progress:
-            progress(done_mine, total_mine)
-        if remaining[c] == 0:
-            _write_chunk(plan.part / _chunk_name(c), *acc.pop(c))
+    stream = iter_outputs([r.path for r in records], preprocess, fn, device=dev, batches=batches, workers=workers,
+                          precision=run.precision, max_pixels=run.max_pixels, decoder=run.decoder,
+                          prefetch=run.prefetch, defer_copy=run.defer_copy, stats=timings)
+    timings.setdefault("write_s", 0.0)
+    with contextlib.closing(stream):  # an exception here stops the prefetch thread and the workers at once
+        for b_i, batch in enumerate(stream):
+            c = chunk_of[b_i]
+            _file_batch(plan, acc[c], batch, len(batches[b_i]), seen)
+            remaining[c] -= len(batches[b_i])
+            done_mine += len(batches[b_i])
+            if progress:
+                progress(done_mine, total_mine)
+            if remaining[c] == 0:
+                t0 = time.perf_counter()
+                _write_chunk(plan.part / _chunk_name(c), *acc.pop(c))
+                timings["write_s"] += time.perf_counter() - t0
+
+
+def _file_batch(plan: _Plan, chunk_acc, batch: Batch, k: int, seen: dict) -> None:
+    """Add one batch's rows and errors to its chunk; stop early when a folder's first files all fail."""
+    records = plan.folder.records
+    idx_list, feat_list, err_list = chunk_acc
+    if len(batch.indices):
+        idx_list.append(batch.indices)
+        feat_list.append(batch.outputs)
+    for i, reason, stage in batch.errors:
+        err_list.append({"path": records[i].relpath, "reason": reason, "stage": stage})
+        log.info("skipped %s: %s", records[i].relpath, reason)  # listed in the summary
+    seen["attempted"] += k
+    seen["failed"] += len(batch.errors)
+    attempted = seen["attempted"]
+    if attempted >= min(GARBAGE_WINDOW, plan.n) and seen["failed"] == attempted and not plan.done:
+        first = err_list[0]
+        raise _Garbage(f"the first {attempted} files under {safe_str(str(plan.root))} all failed to decode (e.g. "
+                       f"{safe_str(first['path'])}: {first['reason']}); is this an image folder?")
 
 
 # -- assemble -------------------------------------------------------------------------------------------------------

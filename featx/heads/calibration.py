@@ -109,31 +109,3 @@ def reliability(proba: np.ndarray, y_true, classes, n_bins: int = N_BINS) -> dic
             ece += nb / len(conf) * abs(row["accuracy"] - row["confidence"])
         bins.append(row)
     return {"ece": float(ece) if len(conf) else math.nan, "n": int(len(conf)), "bins": bins}
-
-
-def save_reliability_png(before: dict, after: dict, path, title: str = "") -> "Path":  # noqa: F821
-    """Reliability diagram: accuracy against confidence per bin, before and after calibration, with the diagonal.
-
-    Lives here until featx/report.py (owned elsewhere) takes it; it uses report's PNG writer so the file carries
-    featx's stamp and is written atomically like every other featx PNG.
-    """
-    from ..report import _plt, _save
-
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.8, 4.6), dpi=110)
-    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect calibration")
-    for res, name, colour in ((before, "before", "tab:red"), (after, "after", "tab:blue")):
-        pts = [(b["confidence"], b["accuracy"], b["n"]) for b in res["bins"] if b["n"]]
-        if pts:
-            xs, ys, ns = zip(*pts)
-            # area ~ images in the bin: a bin of 2 images says little, one of 200 a lot
-            sizes = [12 + 180 * n / max(ns) for n in ns]
-            ax.plot(xs, ys, color=colour, lw=0.8, alpha=0.5)
-            ax.scatter(xs, ys, s=sizes, color=colour, alpha=0.8, label=f"{name} (ECE {res['ece']:.3f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (top class probability); point area = images in the bin")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title or "reliability", fontsize=9)
-    ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)

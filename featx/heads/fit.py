@@ -564,7 +564,7 @@ def _save(best: FitResult, output: Optional[Path], rdir: Path, every: bool) -> N
 def _save_pngs(best: FitResult, rdir: Path, stem: str) -> dict:
     """Confusion matrix per evaluated split, and the reliability diagram per split of a calibrated head."""
     from ..report import save_confusion_png
-    from .calibration import save_reliability_png
+    from ..report import save_reliability_png
 
     files = {}
     for name, m in best.scores.items():

@@ -45,6 +45,10 @@ class TrainConfig:
     exist_ok: bool = False  # allow writing into an existing --name folder (its files are replaced)
     resume: bool = False  # continue the run in --name (or the latest run) from its last checkpoint
     stop_after: Optional[int] = None  # stop (as if interrupted) after this epoch; for tests and time-boxed jobs
+    # featx compare --shots: train on these training images only (relative paths; validation and test unchanged),
+    # repeated so that each epoch holds at least fill_epoch images (as many steps per epoch as the full run)
+    train_subset: Optional[list] = None
+    fill_epoch: Optional[int] = None
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -67,6 +71,8 @@ class TrainConfig:
             raise UsageError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0.0 <= self.warmup < 1.0:
             raise UsageError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+        if self.fill_epoch is not None and self.fill_epoch < 1:
+            raise UsageError(f"fill_epoch must be at least 1, got {self.fill_epoch}")
         if self.patience < 0:
             raise UsageError(f"--patience must be >= 0, got {self.patience}")
         if self.name is not None and (not self.name or "/" in self.name or "\\" in self.name or self.name in (".", "..")):

@@ -24,7 +24,7 @@ from ..data.split import Split, split_records
 from .callbacks import print_epoch, print_message
 from .config import SMALL_DATA, FinetuneConfig
 from .optim import layer_decay_groups, param_groups
-from .runs import RunSpec, execute, run_training
+from .runs import RunSpec, execute, run_training, training_subset
 from .trainer import Phase, seed_everything
 
 
@@ -51,7 +51,7 @@ def _finetune_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch
 
     cfg.check()
     folder = discover(images)
-    split = split_records(folder, cfg.val_split, cfg.seed)
+    split = training_subset(split_records(folder, cfg.val_split, cfg.seed), cfg, log)
     for w in [*getattr(folder, "warnings", []), *split.warnings]:
         log(f"warning: {w}")
     seed_everything(cfg.seed)  # the new head's initialisation is part of the run's reproducibility

@@ -302,6 +302,19 @@ def result_of(spec: RunSpec, trainer: Trainer) -> TrainResult:
         precision=trainer.precision.name, notes=outcome_notes(st["rows"], best))
 
 
+def training_subset(split, cfg, log):
+    """``cfg.train_subset`` (featx compare --shots): train on those images only, repeated to ``cfg.fill_epoch``."""
+    if cfg.train_subset is None:
+        return split
+    from ..data.split import restrict_train
+
+    sub = restrict_train(split, cfg.train_subset, cfg.fill_epoch)
+    n = len(set(map(str, cfg.train_subset)))
+    log(f"training on {n} of the split's {len(split.train)} training images"
+        + (f", each repeated {len(sub.train) // n}x per epoch" if len(sub.train) > n else ""))
+    return sub
+
+
 # -- the frame around a recipe ----------------------------------------------------------------------------------
 def start_run(kind: str, cfg, dist: Dist, images: Path):
     """Claim the run folder on rank 0 (shared with the other ranks) and, for --resume, reload its settings.

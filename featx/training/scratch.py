@@ -25,7 +25,7 @@ from . import zoo
 from .callbacks import print_epoch, print_message
 from .config import ScratchConfig
 from .optim import param_groups
-from .runs import RunSpec, execute, run_training
+from .runs import RunSpec, execute, run_training, training_subset
 from .trainer import Phase, seed_everything
 
 
@@ -74,7 +74,7 @@ def _train_scratch_in(run_dir, resume_state, cfg, images, dist, device, log, on_
     cfg.check()
     size = cfg.image_size or zoo.get_arch(cfg.arch).image_size
     folder = discover(images)
-    split = split_records(folder, cfg.val_split, cfg.seed)
+    split = training_subset(split_records(folder, cfg.val_split, cfg.seed), cfg, log)
     for w in [*getattr(folder, "warnings", []), *split.warnings]:
         log(f"warning: {w}")
     saved = _saved_preprocess(run_dir) if resume_state is not None else None
