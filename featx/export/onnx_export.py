@@ -15,6 +15,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -53,6 +54,7 @@ class ExportResult:
     bytes: int = 0
     seconds: float = 0.0
     outputs: list = field(default_factory=list)
+    calibration: Optional[dict] = None  # a calibrated head's {"method": "temperature", "temperature": T}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -124,7 +126,8 @@ def export_model(model, output=DEFAULT_MODEL_OUTPUT, *, check=None, check_limit:
     return ExportResult(output=output, source=source["path"], kind=exp.kind, description=exp.description,
                         classes=exp.classes, score_kind=exp.score_kind, input_size=exp.preprocess.input_size,
                         with_features=with_features, exporter=info, parity=parity, bytes=len(data),
-                        seconds=time.perf_counter() - t0, outputs=[o.name for o in proto.graph.output])
+                        seconds=time.perf_counter() - t0, outputs=[o.name for o in proto.graph.output],
+                        calibration=exp.calibration)
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------------
@@ -310,6 +313,8 @@ def _set_metadata(proto, exp, info: dict, with_features: bool) -> None:
                                      "score_kind": exp.score_kind}),
         "featx.exporter": json.dumps(info),
         "featx.provenance": json.dumps(exp.provenance, default=str),
+        # the probabilities are softmax(logits / T): stated on its own so a reader need not dig in the provenance
+        "featx.calibration": json.dumps(exp.calibration),
     })
 
 
