@@ -82,7 +82,8 @@ def export_model(model, output=DEFAULT_MODEL_OUTPUT, *, check=None, check_limit:
                  overwrite: bool = False) -> ExportResult:
     """Export ``model`` (a head file, a run folder / model.json / .safetensors, or a loaded Head / TrainedModel)
     to one ONNX file: uint8 NHWC pixels at the recorded size in, class probabilities (decision scores for SVM and
-    ridge heads) out, optionally the features as a second output.
+    ridge heads fitted without ``--calibrate``; a calibrated head's temperature is inside the graph) out, optionally
+    the features as a second output.
 
     Args:
         check: a folder of images for the parity check (default: the bundled ``examples/`` folder).
@@ -92,7 +93,8 @@ def export_model(model, output=DEFAULT_MODEL_OUTPUT, *, check=None, check_limit:
 
     Raises:
         UsageError (options, missing extras, heads that do not export), DataError (no readable check image),
-        ArtifactError (model unreadable, export failed, parity failed), OutputError.
+        ArtifactError (model unreadable, a calibration record featx did not write, export failed, parity failed),
+        OutputError.
     """
     t0 = time.perf_counter()
     for mod in ("onnx", "onnxruntime"):
