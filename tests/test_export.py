@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,27 +43,33 @@ def _features(bb, folder: Path):
                       classes=sorted({r.label for r in recs}), meta=bb.meta()), px
 
 
-def _head(fs, kind: str, path: Path, classes=None):
+def _head(fs, kind: str, path: Path, classes=None, calibrate: bool = False):
     from featx.heads import fit_head
 
     if classes is not None:
         fs = fs.subset(np.isin(fs.labels, classes))
         fs.classes = list(classes)
-    res = fit_head(fs, head=kind, cv=0, C=1.0 if kind != "knn" else None, k=3 if kind == "knn" else None)
+    fixed = {"knn": {"k": 3}, "mlp": {}}.get(kind, {"C": 1.0})  # the mlp has no C: its default configuration
+    # calibrated: half the images are validation rows, the ones the temperature is fitted on
+    res = fit_head(fs, head=kind, cv=0, calibrate=calibrate, val_split=0.5 if calibrate else 0.2, **fixed)
     res.head.save(path)
     return res.head
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A random-init timm test network at 32 px, its features on 12 tiny images of 3 classes, and their pixels."""
+    """A random-init timm test network at 32 px, its features on 12 tiny images of 3 classes, and their pixels; and
+    its features on 42 other images (``fs_cal``, 14 a class) for calibrated heads: half are validation rows, and the
+    temperature fit (scikit-learn's, 5-fold inside, and again inside featx's cross-fitted ECE) needs 5 of one class in
+    every training fold."""
     from featx.backbones import create_backbone
 
     root = tmp_path_factory.mktemp("tiny")
     folder = make_folder(root / "imgs", classes=("a", "b", "c"), n_per_class=4, splits=None, size=40)
     bb = create_backbone("timm/test_resnet", pretrained=False, image_size=32)
     fs, px = _features(bb, folder)
-    return {"root": root, "images": folder, "fs": fs, "pixels": px}
+    more = make_folder(root / "more", classes=("a", "b", "c"), n_per_class=14, splits=None, size=40, seed=1)
+    return {"root": root, "images": folder, "fs": fs, "pixels": px, "fs_cal": _features(bb, more)[0]}
 
 
 @pytest.fixture(scope="module")
@@ -148,19 +155,144 @@ def test_predictor_refuses_onnx_files_featx_did_not_write(exported, tmp_path):
 
 
 @pytest.mark.parametrize("kind,classes", [("logistic", ("a", "b")), ("logistic", None), ("svm", ("a", "b")),
-                                          ("svm", None), ("linear", ("a", "b")), ("linear", None)])
-def test_folded_heads_give_predict_scores(tiny, tmp_path, kind, classes):
-    """Scaler + linear map folded into one Linear reproduce Head.predict_scores (probabilities, or [-s, s])."""
+                                          ("svm", None), ("linear", ("a", "b")), ("linear", None),
+                                          ("mlp", ("a", "b")), ("mlp", None)])
+def test_head_graphs_give_predict_scores_calibrated_or_not(tiny, tmp_path, kind, classes):
+    """Scaler + linear map folded into one Linear (the mlp: into its first Linear, then ReLU, Linear, softmax)
+    reproduce Head.predict_scores: probabilities, or [-s, s]; and with a temperature T, softmax(logits / T) of the
+    decision function ([-s, s] for two classes) or, for the mlp, of log(probabilities + 1e-12)."""
     import torch
 
     from featx.export.graph import head_scorer
 
     head = _head(tiny["fs"], kind, tmp_path / "h.skops", classes)
     x = np.random.default_rng(0).normal(size=(7, tiny["fs"].dim)).astype(np.float32) * 3 + tiny["fs"].features[:1]
-    want, _ = head.predict_scores(x)
-    with torch.no_grad():
-        got = head_scorer(head)(torch.from_numpy(x)).numpy()
-    assert got.shape == want.shape and np.abs(got - want).max() < 1e-4
+    x = np.vstack([x, tiny["fs"].features]).astype(np.float32)
+    for t in (None, 0.2, 1.0, 4.0):  # a calibrated head's record, as `featx fit --calibrate` writes it
+        head.meta.pop("calibration", None)
+        if t is not None:
+            head.meta["calibration"] = {"method": "temperature", "temperature": t, "fitted_on": "val"}
+        want, kind_of = head.predict_scores(x)
+        with torch.no_grad():
+            got = head_scorer(head)(torch.from_numpy(x)).numpy()
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-4, (t, np.abs(got - want).max())
+        assert np.array_equal(got.argmax(1), want.argmax(1))
+        if t is not None:
+            assert kind_of == "probability" and np.allclose(got.sum(1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation,layers", [("tanh", (6, 5)), ("logistic", (4,)), ("identity", (3,))])
+def test_mlp_graph_follows_sklearns_stored_layout(tiny, activation, layers):
+    """Any MLPClassifier a head file may hold (the type is trusted): each hidden activation, several hidden layers,
+    the two-class single logistic output; a multi-label net (logistic outputs for 3 classes) is refused."""
+    import torch
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from featx.export.graph import head_scorer
+    from featx.heads.store import Head
+
+    fs = tiny["fs"]
+    x = np.vstack([fs.features, fs.features[:3] * 2]).astype(np.float32)
+    for classes in (("a", "b"), ("a", "b", "c")):
+        keep = np.isin(fs.labels, classes)
+        clf = MLPClassifier(hidden_layer_sizes=layers, activation=activation, max_iter=30, random_state=0)
+        pipe = Pipeline([("scale", StandardScaler()), ("clf", clf)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ConvergenceWarning after 30 iterations: fine here
+            pipe.fit(fs.features[keep], np.asarray(fs.labels)[keep])
+        head = Head(pipe, {"kind": "mlp", "score_kind": "probability"})
+        for t in (None, 3.0):
+            head.meta["calibration"] = None if t is None else {"method": "temperature", "temperature": t}
+            with torch.no_grad():
+                got = head_scorer(head)(torch.from_numpy(x)).numpy()
+            assert np.abs(got - head.predict_scores(x)[0]).max() < 1e-5
+    multilabel = MLPClassifier(hidden_layer_sizes=(3,), max_iter=5, random_state=0)
+    onehot = np.eye(3)[np.searchsorted(["a", "b", "c"], fs.labels)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        multilabel.fit(fs.features, onehot)
+    multilabel.classes_ = np.array(["a", "b", "c"])  # what a doctored head file could claim
+    head = Head(Pipeline([("scale", StandardScaler().fit(fs.features)), ("clf", multilabel)]), {"kind": "mlp"})
+    with pytest.raises(ArtifactError, match="multi-label"):
+        head_scorer(head)
+
+
+def _jsonl_scores(path: Path, classes: list) -> tuple:
+    """(labels, scores N x C in ``classes`` order) from a `featx predict --format jsonl --top-k C` table."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    scores = np.array([[{t["label"]: t["score"] for t in r["top_k"]}[c] for c in classes] for r in rows])
+    return [r["path"] for r in rows], [r["label"] for r in rows], scores
+
+
+@pytest.mark.parametrize("kind,classes,calibrate", [("mlp", None, False), ("mlp", ("a", "b"), True),
+                                                    ("logistic", None, True), ("svm", ("a", "b"), True),
+                                                    ("svm", None, True)])
+def test_mlp_and_calibrated_heads_export_and_predict_like_the_head(tiny, tmp_path, kind, classes, calibrate):
+    """`featx export` of an mlp head and of calibrated heads (temperature scaling: probabilities for SVMs too)
+    passes the parity check, says what it exported, and `featx predict --model x.onnx` gives the rows, labels and
+    probabilities `featx predict` gives with the head file."""
+    head = _head(tiny["fs_cal" if calibrate else "fs"], kind, tmp_path / "h.skops", classes, calibrate=calibrate)
+    if calibrate:
+        t = head.calibration["temperature"]
+        assert head.score_kind == "probability" and np.isfinite(t) and t > 0 and abs(t - 1) > 1e-3  # T moves scores
+    out = tmp_path / "m.onnx"
+    r = _run("export", head.path, "-o", out, "--check", tiny["images"], "--json", "--exporter", "torchscript")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["parity"]["passed"] and s["parity"]["top1_agreement"] == 1.0 and s["parity"]["max_abs_diff"] <= 1e-3
+    assert s["score_kind"] == "probability" and s["outputs"] == ["probabilities"]
+    assert s["classes"] == head.classes and s["description"].startswith(f"{kind} head on timm/test_resnet features")
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    if calibrate:
+        want = {"method": "temperature", "temperature": t}
+        assert s["calibration"] == want and json.loads(props["featx.calibration"]) == want
+        assert f"calibrated (temperature {t:.4g})" in s["description"] == props["featx.description"]
+        assert json.loads(props["featx.provenance"])["head"]["calibration"]["temperature"] == t
+    else:
+        assert s["calibration"] is None and props["featx.calibration"] == "null" and "calibrated" not in s["description"]
+
+    # featx predict: the ONNX file against the head file it came from, on the same folder
+    k = str(len(head.classes))
+    for model, table in ((out, "onnx.jsonl"), (head.path, "head.jsonl")):
+        r = _run("predict", tiny["images"], "--model", model, "-o", tmp_path / table, "--top-k", k, "--workers", 0)
+        assert r.exit_code == 0, r.output
+    paths, labels, got = _jsonl_scores(tmp_path / "onnx.jsonl", head.classes)
+    paths_ref, labels_ref, want_scores = _jsonl_scores(tmp_path / "head.jsonl", head.classes)
+    assert paths == paths_ref and len(paths) == 12 and labels == labels_ref  # top-1 identical on every image
+    assert np.abs(got - want_scores).max() < 1e-4 and np.allclose(got.sum(1), 1.0, atol=1e-5)
+    from featx.export.onnx_predictor import load_onnx_predictor
+
+    pred = load_onnx_predictor(out, threads=1)
+    assert pred.score_kind == "probability" and pred.calibration == (want if calibrate else None)
+
+
+@pytest.mark.parametrize("record", [{"method": "temperature", "temperature": -1.5},
+                                    {"method": "temperature", "temperature": 0},
+                                    {"method": "temperature", "temperature": "abc"},
+                                    {"method": "temperature", "temperature": float("nan")},
+                                    {"method": "temperature", "temperature": float("inf")},
+                                    {"method": "temperature"},
+                                    {"method": "isotonic", "temperature": 1.5},
+                                    "temperature 1.5"])
+def test_a_tampered_calibration_record_is_refused_and_nothing_is_written(tiny, tmp_path, record):
+    """A head whose calibration record featx did not write (no temperature > 0) would give meaningless
+    probabilities: export refuses it in one line (exit 5) before building anything, and writes no file."""
+    from featx.heads import load_head
+    from featx.heads.store import save_head
+
+    head = _head(tiny["fs_cal"], "logistic", tmp_path / "h.skops", ("a", "b"), calibrate=True)
+    head.meta["calibration"] = record
+    save_head(head, tmp_path / "h.skops")
+    loaded = load_head(tmp_path / "h.skops")  # the head file loads (NaN too): export must refuse it
+    assert json.dumps(loaded.calibration) == json.dumps(record)
+    r = _run("export", tmp_path / "h.skops", "-o", tmp_path / "m.onnx", "--check", tiny["images"],
+             "--exporter", "torchscript")
+    assert r.exit_code == 5, r.output
+    assert "records a calibration featx cannot export" in r.output and "featx fit --calibrate" in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.skops"]  # no model, no temp or lock file
 
 
 def test_svm_head_exports_decision_scores(tiny, tmp_path):
@@ -180,7 +312,7 @@ def test_heads_that_are_not_a_fixed_graph_are_refused(tiny, tmp_path, kind):
     head = _head(tiny["fs"], kind, tmp_path / "h.skops")
     r = _run("export", head.path, "-o", tmp_path / "m.onnx", "--check", tiny["images"])
     assert r.exit_code == 2, r.output
-    assert f"a {kind} head cannot be exported" in r.output and "linear, logistic, svm" in r.output
+    assert f"a {kind} head cannot be exported" in r.output and "linear, logistic, mlp, svm" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "m.onnx").exists()
 
 

@@ -2,9 +2,12 @@
 
 The graph holds everything after the resize/crop: the uint8 -> float normalisation (the same arithmetic as
 ``Preprocess.normalize``), the network, and for a head its StandardScaler and linear map folded into one ``Linear``.
-Head kinds export through :data:`HEAD_GRAPHS`: adding a kind (e.g. the MLP head) is one function registered with
-``@head_graph("mlp")`` that returns a module from features (N, D) float32 to scores (N, C) in ``head.classes`` order,
-exactly as ``Head.predict_scores`` reports them.
+Head kinds export through :data:`HEAD_GRAPHS`: a kind is one function registered with ``@head_graph(kind)``, called
+as ``build(head, logits)``, that returns a module from features (N, D) float32 to (N, C) in ``head.classes`` order:
+with ``logits=False`` the scores of an uncalibrated head exactly as ``Head.predict_scores`` reports them, with
+``logits=True`` the logits temperature scaling divides (``featx.heads.calibration.logits``: the decision function,
+two classes as ``[-s, s]``, for heads that have one, else ``log(probabilities + 1e-12)``). :func:`head_scorer` adds
+the temperature of a calibrated head: ``softmax(logits / T)``, as ``Head.predict_scores`` does.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from torch import nn
 from ..data.preprocess import Preprocess
 from ..errors import ArtifactError, UsageError
 
-# head kind -> builder(head) -> features-to-scores module
+# head kind -> builder(head, logits) -> features-to-scores (or -to-logits) module
 HEAD_GRAPHS: dict = {}
 
 
@@ -41,10 +44,7 @@ class FoldedLinear(nn.Module):
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray, out: str):
         super().__init__()
-        self.linear = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.from_numpy(np.asarray(weight, dtype=np.float32)))
-            self.linear.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
+        self.linear = _linear(weight, bias)
         self.out = out
 
     def forward(self, x):
@@ -76,9 +76,21 @@ def fold_scaler(pipeline) -> tuple:
     return np.asarray(mean, dtype=np.float64), np.asarray(scale, dtype=np.float64)
 
 
+def _linear(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
+    """A float32 Linear holding ``weight`` (out, in) and ``bias`` (out,)."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(np.asarray(weight, dtype=np.float32)))
+        lin.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
+    return lin
+
+
 @head_graph("logistic", "svm", "linear")
-def linear_head(head) -> nn.Module:
-    """Logistic regression, linear SVM and ridge: ``clf(scaler(x))`` is ``x @ (coef / scale).T + b'``, one Linear."""
+def linear_head(head, logits: bool = False) -> nn.Module:
+    """Logistic regression, linear SVM and ridge: ``clf(scaler(x))`` is ``x @ (coef / scale).T + b'``, one Linear.
+
+    ``logits``: the decision function (``[-s, s]`` for two classes), which is what calibration divides by T for all
+    three (each has ``decision_function``), instead of a logistic head's probabilities."""
     clf = head.pipeline.steps[-1][1]
     if not hasattr(clf, "coef_"):
         raise ArtifactError(f"{head.kind} head holds a {type(clf).__name__}, which has no linear map to export")
@@ -89,7 +101,7 @@ def linear_head(head) -> nn.Module:
     weight = coef / scale
     bias = intercept - weight @ mean
     binary = coef.shape[0] == 1
-    if head.score_kind == "probability":
+    if head.score_kind == "probability" and not logits:
         if getattr(clf, "multi_class", "auto") == "ovr" and not binary:  # pragma: no cover - sklearn < 1.7 heads
             raise ArtifactError("one-vs-rest logistic heads do not export; re-fit the head with this featx")
         out = "sigmoid2" if binary else "softmax"
@@ -98,16 +110,112 @@ def linear_head(head) -> nn.Module:
     return FoldedLinear(weight, bias, out)
 
 
+class LogProbabilities(nn.Module):
+    """``log(softmax(z) + eps)``: the logits calibration divides by T for heads without a decision function
+    (``featx.heads.calibration.logits``), in the same arithmetic.
+
+    Written literally on purpose: against float64 featx (``log(p + 1e-12)``, two-class p as MLPClassifier's
+    ``[1 - sigmoid(z), sigmoid(z)]``) on random logits of scale 1-100, 2/3/10 classes, T 0.3-20, the calibrated
+    probabilities differ by at most 5.4e-6 in float32 (CPU, 2026-11-30), the same as a ``logaddexp(log_softmax(z),
+    log eps)`` form: ``softmax([0, z])`` keeps a small probability exact in float32, where ``1 - sigmoid(z)`` would
+    round it to 0."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = float(eps)
+
+    def forward(self, z):
+        return torch.log(torch.softmax(z, dim=1) + self.eps)
+
+
+class MLPScores(nn.Module):
+    """``layers`` (Linear, activation, ..., Linear) then softmax, or ``LogProbabilities`` for calibration."""
+
+    def __init__(self, layers: list, logits: bool):
+        super().__init__()
+        from ..heads.calibration import _EPS
+
+        self.net = nn.Sequential(*layers)
+        self.out = LogProbabilities(_EPS) if logits else nn.Softmax(dim=1)
+
+    def forward(self, x):
+        return self.out(self.net(x))
+
+
+# sklearn.neural_network's hidden activations (ACTIVATIONS in sklearn/neural_network/_base.py) as torch modules
+_MLP_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "logistic": nn.Sigmoid, "identity": nn.Identity}
+
+
+@head_graph("mlp")
+def mlp_head(head, logits: bool = False) -> nn.Module:
+    """The mlp head (``Pipeline(StandardScaler, MLPClassifier)``, attributes as featx/heads/mlp.py lists them): the
+    scaler folded into the first Linear, the hidden activation, the output Linear, softmax over the classes.
+
+    MLPClassifier stores two classes as one logistic output z (p = [1 - sigmoid(z), sigmoid(z)]); that is
+    ``softmax([0, z])``, so the last Linear gets a zero row in front and every kind ends in the same softmax.
+    ``logits``: ``log(p + 1e-12)``, what calibration divides by T (an MLPClassifier has no decision function)."""
+    clf = head.pipeline.steps[-1][1]
+    coefs, intercepts = getattr(clf, "coefs_", None), getattr(clf, "intercepts_", None)
+    act = _MLP_ACTIVATIONS.get(getattr(clf, "activation", None))
+    out_act = getattr(clf, "out_activation_", None)
+    if not coefs or len(coefs) != len(intercepts or ()) or act is None or out_act not in ("softmax", "logistic"):
+        raise ArtifactError(f"the {head.kind} head holds a {type(clf).__name__} featx cannot export (activation "
+                            f"{getattr(clf, 'activation', None)!r}, output {out_act!r}); re-fit it with `featx fit`")
+    coefs = [np.asarray(w, dtype=np.float64) for w in coefs]
+    intercepts = [np.asarray(b, dtype=np.float64) for b in intercepts]
+    if out_act == "logistic":
+        if coefs[-1].shape[1] != 1 or len(head.classes) != 2:
+            raise ArtifactError(f"the {head.kind} head is multi-label (logistic outputs), which featx does not export")
+        coefs[-1] = np.hstack([np.zeros_like(coefs[-1]), coefs[-1]])
+        intercepts[-1] = np.concatenate([[0.0], intercepts[-1]])
+    mean, scale = fold_scaler(head.pipeline)
+    # (x - mean) / scale @ W + b == x @ (W / scale[:, None]) + (b - (mean / scale) @ W), folded in float64
+    w0 = coefs[0] / scale[:, None]
+    layers = [_linear(w0.T, intercepts[0] - mean @ w0)]
+    for w, b in zip(coefs[1:], intercepts[1:]):
+        layers += [act(), _linear(w.T, b)]
+    return MLPScores(layers, logits)
+
+
+class TemperatureSoftmax(nn.Module):
+    """``softmax(logits / T)``: a calibrated head's probabilities (featx.heads.calibration.probabilities)."""
+
+    def __init__(self, logits: nn.Module, temperature: float):
+        super().__init__()
+        self.logits = logits
+        self.temperature = float(temperature)
+
+    def forward(self, x):
+        return torch.softmax(self.logits(x) / self.temperature, dim=1)
+
+
+def _temperature(head) -> float:
+    """The temperature T of a calibrated head; ArtifactError (nothing exported) for a record featx did not write:
+    another method, or T that is not a finite number > 0 (``softmax(logits / T)`` would be meaningless)."""
+    cal = head.calibration
+    ok = isinstance(cal, dict) and cal.get("method", "temperature") == "temperature"
+    t = cal.get("temperature") if ok else None
+    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and np.isfinite(t) and t > 0):
+        where = f"head {head.path}" if head.path else "the head"
+        shown = repr(cal)[:200]
+        raise ArtifactError(f"{where} records a calibration featx cannot export ({shown}): expected method "
+                            f"'temperature' with a temperature > 0; re-fit it with `featx fit --calibrate`")
+    return float(t)
+
+
 def head_scorer(head) -> nn.Module:
-    """The head's features -> scores module, or UsageError naming the head kinds that export."""
+    """The head's features -> scores module (calibrated heads: ``softmax(logits / T)``), or UsageError naming the
+    head kinds that export."""
     build = HEAD_GRAPHS.get(head.kind)
     if build is None:
         kinds = ", ".join(sorted(HEAD_GRAPHS))
         raise UsageError(
             f"a {head.kind} head cannot be exported to ONNX: it is not a fixed torch graph (k-NN keeps every training "
-            f"feature, an RBF-SVM sums over its support vectors). Heads that export: {kinds}; re-fit with "
-            f"`featx fit --head logistic` (or one of those), or export a fine-tuned run")
-    return build(head).eval()
+            f"feature, an RBF-SVM sums over its support vectors). Heads that export (calibrated or not): {kinds}; "
+            f"re-fit with `featx fit --head logistic` (or one of those), or export a fine-tuned run")
+    if not head.calibration:
+        return build(head, logits=False).eval()
+    return TemperatureSoftmax(build(head, logits=True), _temperature(head)).eval()
 
 
 # -- networks --------------------------------------------------------------------------------------------------------
@@ -199,12 +307,19 @@ class Exportable:
     provenance: dict
     reference: Callable  # uint8 NHWC torch batch -> (scores numpy N x C, features numpy or None): featx's own path
     captures: list
+    calibration: Optional[dict] = None  # {"method": "temperature", "temperature": T} for a calibrated head
 
     def release(self) -> None:
         """Remove the forward hooks this export put on the model."""
         for c in self.captures:
             c.remove()
         self.captures = []
+
+
+def _head_description(head, backbone: str) -> str:
+    """``mlp head on efficientnet_lite0 features, calibrated (temperature 1.84)``."""
+    how = f", calibrated (temperature {_temperature(head):.4g})" if head.calibration else ""
+    return f"{head.kind} head on {backbone} features{how}"
 
 
 def head_exportable(head, *, weights=None, with_features: bool = False) -> Exportable:
@@ -231,8 +346,10 @@ def head_exportable(head, *, weights=None, with_features: bool = False) -> Expor
         return head.predict_scores(feats)[0], feats
 
     return Exportable(graph=graph, preprocess=bb.preprocess, classes=list(head.classes), score_kind=head.score_kind,
-                      kind="head", description=f"{head.kind} head on {bb.name} features",
-                      provenance={"head": head.meta, "backbone": bb.meta()}, reference=reference, captures=[capture])
+                      kind="head", description=_head_description(head, bb.name),
+                      provenance={"head": head.meta, "backbone": bb.meta()}, reference=reference, captures=[capture],
+                      calibration={"method": "temperature", "temperature": _temperature(head)}
+                      if head.calibration else None)
 
 
 def trained_exportable(tm, *, with_features: bool = False) -> Exportable:

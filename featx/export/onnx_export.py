@@ -15,6 +15,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -53,6 +54,7 @@ class ExportResult:
     bytes: int = 0
     seconds: float = 0.0
     outputs: list = field(default_factory=list)
+    calibration: Optional[dict] = None  # a calibrated head's {"method": "temperature", "temperature": T}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -80,7 +82,8 @@ def export_model(model, output=DEFAULT_MODEL_OUTPUT, *, check=None, check_limit:
                  overwrite: bool = False) -> ExportResult:
     """Export ``model`` (a head file, a run folder / model.json / .safetensors, or a loaded Head / TrainedModel)
     to one ONNX file: uint8 NHWC pixels at the recorded size in, class probabilities (decision scores for SVM and
-    ridge heads) out, optionally the features as a second output.
+    ridge heads fitted without ``--calibrate``; a calibrated head's temperature is inside the graph) out, optionally
+    the features as a second output.
 
     Args:
         check: a folder of images for the parity check (default: the bundled ``examples/`` folder).
@@ -90,7 +93,8 @@ def export_model(model, output=DEFAULT_MODEL_OUTPUT, *, check=None, check_limit:
 
     Raises:
         UsageError (options, missing extras, heads that do not export), DataError (no readable check image),
-        ArtifactError (model unreadable, export failed, parity failed), OutputError.
+        ArtifactError (model unreadable, a calibration record featx did not write, export failed, parity failed),
+        OutputError.
     """
     t0 = time.perf_counter()
     for mod in ("onnx", "onnxruntime"):
@@ -124,7 +128,8 @@ def export_model(model, output=DEFAULT_MODEL_OUTPUT, *, check=None, check_limit:
     return ExportResult(output=output, source=source["path"], kind=exp.kind, description=exp.description,
                         classes=exp.classes, score_kind=exp.score_kind, input_size=exp.preprocess.input_size,
                         with_features=with_features, exporter=info, parity=parity, bytes=len(data),
-                        seconds=time.perf_counter() - t0, outputs=[o.name for o in proto.graph.output])
+                        seconds=time.perf_counter() - t0, outputs=[o.name for o in proto.graph.output],
+                        calibration=exp.calibration)
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------------
@@ -310,6 +315,8 @@ def _set_metadata(proto, exp, info: dict, with_features: bool) -> None:
                                      "score_kind": exp.score_kind}),
         "featx.exporter": json.dumps(info),
         "featx.provenance": json.dumps(exp.provenance, default=str),
+        # the probabilities are softmax(logits / T): stated on its own so a reader need not dig in the provenance
+        "featx.calibration": json.dumps(exp.calibration),
     })
 
 

@@ -45,6 +45,7 @@ class OnnxPredictor:
     provenance: dict = field(default_factory=dict)  # what the model was made from (head / model.json, backbone, source)
     exporter: dict = field(default_factory=dict)
     parity: dict = field(default_factory=dict)
+    calibration: Optional[dict] = None  # {"method": "temperature", "temperature": T} for a calibrated head
     # () -> bytes of the largest node output for one image, measured by onnxruntime's profiler (featx predict caps
     # an oversized --batch-size with it, as it does for torch models with forward hooks)
     largest_activation: Optional[Callable[[], int]] = field(default=None, repr=False)
@@ -100,6 +101,7 @@ def load_onnx_predictor(path, *, threads: Optional[int] = None) -> OnnxPredictor
                          description=meta.get("description", ""), input_size=size, predict=predict,
                          features=features if n_out > 1 else None, provenance=meta.get("provenance", {}),
                          exporter=meta.get("exporter", {}), parity=meta.get("parity", {}),
+                         calibration=meta.get("calibration"),
                          largest_activation=lambda: largest_activation(path, size, in_name))
 
 
@@ -139,7 +141,7 @@ def _featx_meta(sess, shown: str) -> dict:
                             "upgrade featx")
     try:
         meta = {k[len("featx."):]: props[k] for k in props if k.startswith("featx.")}
-        for key in ("classes", "preprocess", "input", "outputs", "provenance", "exporter", "parity"):
+        for key in ("classes", "preprocess", "input", "outputs", "provenance", "exporter", "parity", "calibration"):
             if key in meta:
                 meta[key] = json.loads(meta[key])
         meta["classes"] = [str(c) for c in meta["classes"]]
