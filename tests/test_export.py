@@ -278,21 +278,25 @@ def test_mlp_and_calibrated_heads_export_and_predict_like_the_head(tiny, tmp_pat
                                     "temperature 1.5"])
 def test_a_tampered_calibration_record_is_refused_and_nothing_is_written(tiny, tmp_path, record):
     """A head whose calibration record featx did not write (no temperature > 0) would give meaningless
-    probabilities: export refuses it in one line (exit 5) before building anything, and writes no file."""
+    probabilities (T < 0 flips every label): loading refuses it, so export and predict fail in one line (exit 5)
+    before building anything, and write no file."""
+    from featx.errors import ArtifactError
     from featx.heads import load_head
     from featx.heads.store import save_head
 
     head = _head(tiny["fs_cal"], "logistic", tmp_path / "h.skops", ("a", "b"), calibrate=True)
     head.meta["calibration"] = record
     save_head(head, tmp_path / "h.skops")
-    loaded = load_head(tmp_path / "h.skops")  # the head file loads (NaN too): export must refuse it
-    assert json.dumps(loaded.calibration) == json.dumps(record)
-    r = _run("export", tmp_path / "h.skops", "-o", tmp_path / "m.onnx", "--check", tiny["images"],
-             "--exporter", "torchscript")
-    assert r.exit_code == 5, r.output
-    assert "records a calibration featx cannot export" in r.output and "featx fit --calibrate" in r.output
-    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.skops"]  # no model, no temp or lock file
+    with pytest.raises(ArtifactError, match="records a calibration featx cannot use"):
+        load_head(tmp_path / "h.skops")
+    for args in (("export", tmp_path / "h.skops", "-o", tmp_path / "m.onnx", "--check", tiny["images"],
+                  "--exporter", "torchscript"),
+                 ("predict", tiny["images"], "--model", tmp_path / "h.skops", "-o", tmp_path / "p.csv")):
+        r = _run(*args)
+        assert r.exit_code == 5, r.output
+        assert "records a calibration featx cannot use" in r.output and "featx fit --calibrate" in r.output
+        assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["h.skops"]  # no model, table, temp or lock file
 
 
 def test_svm_head_exports_decision_scores(tiny, tmp_path):

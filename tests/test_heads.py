@@ -508,7 +508,9 @@ def test_calibrated_probabilities_are_sklearns_temperature_scaling(kind):
     cal = res.head.calibration
     assert cal["method"] == "temperature" and cal["temperature"] > 0 and res.head.score_kind == "probability"
     X, y = fs.features, fs.labels
-    sp = __import__("featx.data.split", fromlist=["plan_split"]).plan_split(fs.paths, y.tolist(), None)
+    from featx.data.split import plan_split
+
+    sp = plan_split(fs.paths, y.tolist(), None)
     ref = CalibratedClassifierCV(FrozenEstimator(res.head.pipeline), method="temperature", ensemble=False)
     ref.fit(X[sp.val], y[sp.val])
     probs, kind_of = res.head.predict_scores(X[:60])
@@ -518,6 +520,20 @@ def test_calibrated_probabilities_are_sklearns_temperature_scaling(kind):
     np.testing.assert_array_equal(np.asarray(res.head.classes)[probs.argmax(1)], res.head.pipeline.predict(X[:60]))
     ece = cal["ece"]["val"]
     assert ece["after"] <= ece["before"] + 1e-9 and 0 <= ece["after_cross_fitted"] <= 1
+
+
+def test_calibrate_works_on_a_validation_split_of_a_few_images_per_class():
+    """sklearn's default 5-fold cv inside the calibrator needed >= 5 validation rows of every class (a raw
+    ValueError on small folders); the head is frozen, so the temperature is fitted on all rows at once."""
+    fs = digits(n=300)
+    classes = sorted(set(fs.labels.tolist()))
+    val = np.zeros(len(fs), dtype=bool)
+    for c in classes:  # 3 validation images per class
+        val[np.flatnonzero(fs.labels == c)[:3]] = True
+    fs.splits = np.where(val, "val", "train")
+    res = fit_head(fs, "logistic", C=1.0, cv=0, calibrate=True)
+    assert res.head.calibration["temperature"] > 0 and res.scores["val"]["n"] == 3 * len(classes)
+    assert res.head.calibration["ece"]["val"]["after_cross_fitted"] is not None
 
 
 def test_calibrated_svm_head_round_trips_as_format_2(tmp_path):

@@ -190,17 +190,10 @@ class TemperatureSoftmax(nn.Module):
 
 
 def _temperature(head) -> float:
-    """The temperature T of a calibrated head; ArtifactError (nothing exported) for a record featx did not write:
-    another method, or T that is not a finite number > 0 (``softmax(logits / T)`` would be meaningless)."""
-    cal = head.calibration
-    ok = isinstance(cal, dict) and cal.get("method", "temperature") == "temperature"
-    t = cal.get("temperature") if ok else None
-    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and np.isfinite(t) and t > 0):
-        where = f"head {head.path}" if head.path else "the head"
-        shown = repr(cal)[:200]
-        raise ArtifactError(f"{where} records a calibration featx cannot export ({shown}): expected method "
-                            f"'temperature' with a temperature > 0; re-fit it with `featx fit --calibrate`")
-    return float(t)
+    """The temperature T of a calibrated head; ArtifactError (nothing exported) for a record featx did not write."""
+    from ..heads.store import calibration_temperature
+
+    return calibration_temperature(head.calibration, f"head {head.path}" if head.path else "the head")
 
 
 def head_scorer(head) -> nn.Module:

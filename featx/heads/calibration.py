@@ -54,7 +54,20 @@ def _calibrator(pipeline):
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.frozen import FrozenEstimator
 
-    return CalibratedClassifierCV(FrozenEstimator(pipeline), method="temperature", ensemble=False)
+    # The head is frozen, so folds change nothing but would need >= 5 rows of every class (sklearn's default cv):
+    # one "split" whose training and test rows are all rows fits T on every row with no such limit.
+    return CalibratedClassifierCV(FrozenEstimator(pipeline), method="temperature", ensemble=False, cv=_AllRows())
+
+
+class _AllRows:
+    """A cross-validator with one split: train on all rows, predict all rows (for a frozen estimator)."""
+
+    def split(self, X, y=None, groups=None):
+        idx = np.arange(len(X))
+        yield idx, idx
+
+    def get_n_splits(self, X=None, y=None, groups=None):
+        return 1
 
 
 def fit_temperature(pipeline, X, y) -> float:

@@ -18,7 +18,8 @@ An exporter (ONNX) folds it from these attributes, nothing else:
   difference, which gives identical probabilities)
 - ``clf.classes_``: class names in column order.
 
-A calibrated head (``fit --calibrate``) additionally divides ``z`` by ``meta["calibration"]["temperature"]``.
+A calibrated head (``fit --calibrate``) gives ``softmax(log(p + 1e-12) / T)``, T = ``meta["calibration"]["temperature"]``:
+for the mlp that is ``softmax(z / T)`` up to the 1e-12 floor (featx/heads/calibration.py).
 """
 from __future__ import annotations
 

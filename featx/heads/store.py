@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import zipfile
 from pathlib import Path
@@ -290,7 +291,22 @@ def load_head(path, *, trusted: Optional[Iterable[str]] = None, strict: bool = F
         raise ArtifactError(f"{path} does not hold a fitted classifier")
 
     _check_versions(path, meta.get("versions", {}), strict)
+    calibration_temperature(meta.get("calibration"), f"head file {path}")
     return Head(pipeline, meta, path)
+
+
+def calibration_temperature(cal, where: str = "the head") -> Optional[float]:
+    """T of a calibration record (None when the head is not calibrated: no record, or an empty one), or
+    ArtifactError for a record featx did not write: another method, or T that is not a finite number > 0, which
+    would silently flip (T < 0) or break (a string) every probability ``softmax(logits / T)`` gives."""
+    if not cal:
+        return None
+    ok = isinstance(cal, dict) and cal.get("method", "temperature") == "temperature"
+    t = cal.get("temperature") if ok else None
+    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0):
+        raise ArtifactError(f"{where} records a calibration featx cannot use ({repr(cal)[:200]}): expected method "
+                            f"'temperature' with a temperature > 0; re-fit it with `featx fit --calibrate`")
+    return float(t)
 
 
 def _check_versions(path: Path, recorded: dict, strict: bool) -> None:
