@@ -611,3 +611,22 @@ def test_gpu_svm_and_mlp_heads_match_the_cpu():
         gpu = fit_head(fs, kind, cv=0, device="cuda", **kw)
         assert gpu.training["device"].startswith("cuda") and gpu.training["backend"] == "torch"
         assert abs(cpu.scores["val"]["accuracy"] - gpu.scores["val"]["accuracy"]) <= 0.02, kind
+
+
+@pytest.mark.parametrize("kind", ["logistic", "svm", "linear", "svm-rbf", "mlp"])
+def test_few_training_rows_per_class_are_centred_not_scaled_per_feature(kind):
+    """A per-feature std from a few rows is noise (benchmarks/bench_fewshot_scaling.py): below FEW_ROWS training rows
+    in the smallest class the head centres only; the saved pipeline says so and the report names it."""
+    from featx.heads.fit import FEW_ROWS
+
+    fs = digits(n=1000)
+    fixed = {"mlp": {}}.get(kind, {"C": 1.0})
+    keep = np.zeros(len(fs), dtype=bool)
+    for c in sorted(set(fs.labels.tolist())):
+        keep[np.flatnonzero(fs.labels == c)[:12]] = True  # ~9-10 training rows per class after the hold-out
+    few = fit_head(fs.subset(keep), kind, cv=0, **fixed)
+    scaler = few.head.pipeline.steps[0][1]
+    assert scaler.with_std is False and few.head.meta["training"]["scaling"].startswith("centred")
+    assert few.training["n"] < 10 * FEW_ROWS
+    many = fit_head(fs, kind, cv=0, **fixed)
+    assert many.head.pipeline.steps[0][1].with_std is True and many.head.meta["training"]["scaling"] == "standardised"

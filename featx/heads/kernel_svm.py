@@ -48,17 +48,18 @@ def rbf(A: np.ndarray, B: np.ndarray, gamma: float) -> np.ndarray:
 class PrecomputedRBFSVC(ClassifierMixin, BaseEstimator):
     """Standardise, then SVC(C, rbf, gamma="scale") solved on the precomputed kernel."""
 
-    def __init__(self, C: float = 1.0, class_weight=None, seed: int = 0):
+    def __init__(self, C: float = 1.0, class_weight=None, seed: int = 0, with_std: bool = True):
         self.C = C
         self.class_weight = class_weight
         self.seed = seed
+        self.with_std = with_std
 
     def fit(self, X, y):
         from sklearn.svm import SVC
 
         X = np.asarray(X)
-        self.train_key_ = _key(X)
-        self.scaler_, A, self.gamma_, K = _cached("fit", self.train_key_, lambda: self._prepare(X))
+        self.train_key_ = _key(X, np.asarray([self.with_std]))
+        self.scaler_, A, self.gamma_, K = _cached("fit", self.train_key_, lambda: self._prepare(X, self.with_std))
         self.svc_ = SVC(C=float(self.C), kernel="precomputed", class_weight=self.class_weight,
                         random_state=self.seed).fit(K, y)
         self.rows_ = A
@@ -68,10 +69,10 @@ class PrecomputedRBFSVC(ClassifierMixin, BaseEstimator):
         return self
 
     @staticmethod
-    def _prepare(X):
+    def _prepare(X, with_std: bool = True):
         from sklearn.preprocessing import StandardScaler
 
-        scaler = StandardScaler().fit(X)
+        scaler = StandardScaler(with_std=with_std).fit(X)
         A = scaler.transform(X).astype(np.float64)  # libsvm works in float64 (the direct fit converts too)
         gamma = 1.0 / (A.shape[1] * A.var())  # SVC's gamma="scale" on the data it is fitted on
         return scaler, A, gamma, rbf(A, A, gamma)

@@ -40,7 +40,9 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
     # twice the epochs for the same accuracy, batches of 128 cost time for nothing.
     def __init__(self, hidden: int = 128, dropout: float = 0.5, weight_decay: float = 1e-2, lr: float = 2e-3,
                  batch_size: int = 256, max_epochs: int = 200, patience: int = 5, min_delta: float = 0.01,
-                 inner_val: float = 0.1, class_weight=None, seed: int = 0, device: str = "cpu"):
+                 inner_val: float = 0.1, class_weight=None, seed: int = 0, device: str = "cpu",
+                 with_std: bool = True):
+        self.with_std = with_std
         self.hidden = hidden
         self.dropout = dropout
         self.weight_decay = weight_decay
@@ -63,7 +65,7 @@ class TorchMLPClassifier(ClassifierMixin, BaseEstimator):
         if len(self.classes_) < 2:
             raise ValueError("need at least two classes")
         X = np.asarray(X)
-        scaler = StandardScaler().fit(X)
+        scaler = StandardScaler(with_std=self.with_std).fit(X)
         dev = torch.device(self.device)
         Xt = torch.as_tensor(scaler.transform(X).astype(np.float32)).to(dev)
         yt = torch.as_tensor(y_idx.astype(np.int64)).to(dev)

@@ -81,30 +81,33 @@ def value_label(kind: str, value):
 
 
 def make_estimator(kind: str, value, *, class_weight=None, seed: int = 0, device: str = "cpu",
-                   backend: str = "sklearn"):
+                   backend: str = "sklearn", with_std: bool = True):
     """An unfitted estimator for ``kind`` with its tuned parameter set to ``value``.
 
     ``backend="torch"`` (logistic, svm; mlp always) gives a torch estimator that standardises on ``device`` itself,
     ``backend="precomputed"`` (svm-rbf) libsvm on a precomputed kernel; both turn into the equivalent fitted sklearn
     Pipeline (``to_sklearn_pipeline``). Otherwise a Pipeline(scaling step, classifier).
+    ``with_std=False``: features are centred, not divided by a per-feature standard deviation (featx.heads.fit
+    chooses it when a class has few training rows: see FEW_ROWS there).
     """
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
 
     params = estimator_params(kind, value)
     if kind == "mlp" or (backend == "torch" and kind in ("logistic", "svm")):
-        return _torch_estimator(kind, params, class_weight=class_weight, seed=seed, device=device)
+        return _torch_estimator(kind, params, class_weight=class_weight, seed=seed, device=device, with_std=with_std)
     if kind == "svm-rbf" and backend == "precomputed":
         from .kernel_svm import PrecomputedRBFSVC
 
-        return PrecomputedRBFSVC(class_weight=class_weight, seed=seed, **params)
+        return PrecomputedRBFSVC(class_weight=class_weight, seed=seed, with_std=with_std, **params)
     if kind == "knn":
         from sklearn.neighbors import KNeighborsClassifier
 
         # brute force: exact, and keeps tree objects (extra types) out of the head file.
         clf = KNeighborsClassifier(algorithm="brute", metric="euclidean", **params)
         return Pipeline([("normalize", Normalizer(norm="l2")), ("clf", clf)])
-    return Pipeline([("scale", StandardScaler()), ("clf", _sklearn_classifier(kind, params, class_weight, seed))])
+    return Pipeline([("scale", StandardScaler(with_std=with_std)),
+                     ("clf", _sklearn_classifier(kind, params, class_weight, seed))])
 
 
 def _sklearn_classifier(kind: str, params: dict, class_weight, seed: int):
@@ -124,18 +127,18 @@ def _sklearn_classifier(kind: str, params: dict, class_weight, seed: int):
     raise AssertionError(kind)  # pragma: no cover
 
 
-def _torch_estimator(kind: str, params: dict, *, class_weight, seed: int, device: str):
+def _torch_estimator(kind: str, params: dict, *, class_weight, seed: int, device: str, with_std: bool = True):
     if kind == "logistic":
         from .torch_logistic import TorchLogisticRegression
 
-        return TorchLogisticRegression(class_weight=class_weight, device=device, **params)
+        return TorchLogisticRegression(class_weight=class_weight, device=device, with_std=with_std, **params)
     if kind == "svm":
         from .torch_svm import TorchLinearSVC
 
-        return TorchLinearSVC(class_weight=class_weight, device=device, **params)
+        return TorchLinearSVC(class_weight=class_weight, device=device, with_std=with_std, **params)
     from .mlp import TorchMLPClassifier
 
-    return TorchMLPClassifier(class_weight=class_weight, seed=seed, device=device, **params)
+    return TorchMLPClassifier(class_weight=class_weight, seed=seed, device=device, with_std=with_std, **params)
 
 
 def c_to_param(kind: str, C: float) -> float:

@@ -31,15 +31,18 @@ def _as_device_tensor(X, dev):
     return torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32)).to(dev)
 
 
-def standardize(Xt):
+def standardize(Xt, with_std: bool = True):
     """(standardised copy, mean, var, scale) computed on the tensor's device; scale as sklearn's StandardScaler
-    (population variance; near-zero scales become 1 so constant features stay finite)."""
+    (population variance; near-zero scales become 1 so constant features stay finite). ``with_std=False``: centred
+    only (scale 1), as ``StandardScaler(with_std=False)``."""
     import torch
 
     mean = Xt.mean(dim=0, dtype=torch.float64)
     var = ((Xt - mean.to(Xt.dtype)) ** 2).mean(dim=0, dtype=torch.float64)
     scale = torch.sqrt(var)
     scale = torch.where(scale < 10 * np.finfo(np.float64).eps, torch.ones_like(scale), scale)
+    if not with_std:
+        scale = torch.ones_like(scale)
     Xs = (Xt - mean.to(Xt.dtype)) / scale.to(Xt.dtype)
     return Xs, mean, var, scale
 
@@ -117,12 +120,14 @@ class TorchLogisticRegression(StandardisedLinear, ClassifierMixin, BaseEstimator
     ``Pipeline(StandardScaler, LogisticRegression)`` that the head file stores.
     """
 
-    def __init__(self, C: float = 1.0, class_weight=None, device: str = "cpu", max_iter: int = 1000, tol: float = 1e-4):
+    def __init__(self, C: float = 1.0, class_weight=None, device: str = "cpu", max_iter: int = 1000, tol: float = 1e-4,
+                 with_std: bool = True):
         self.C = C
         self.class_weight = class_weight
         self.device = device
         self.max_iter = max_iter
         self.tol = tol
+        self.with_std = with_std
 
     def fit(self, X, y):
         import torch
@@ -135,7 +140,7 @@ class TorchLogisticRegression(StandardisedLinear, ClassifierMixin, BaseEstimator
         sw = compute_sample_weight(self.class_weight, y) if self.class_weight is not None else None
         with torch.no_grad():
             Xt = _as_device_tensor(X, torch.device(self.device))
-            Xs, mean, var, scale = standardize(Xt)
+            Xs, mean, var, scale = standardize(Xt, self.with_std)
             del Xt
         self.mean_ = mean.cpu().numpy()
         self.var_ = var.cpu().numpy()

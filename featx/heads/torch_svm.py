@@ -99,12 +99,14 @@ class TorchLinearSVC(StandardisedLinear, ClassifierMixin, BaseEstimator):
     file stores, so using the head needs neither torch nor a GPU.
     """
 
-    def __init__(self, C: float = 1.0, class_weight=None, device: str = "cpu", max_iter: int = 1000, tol: float = 1e-4):
+    def __init__(self, C: float = 1.0, class_weight=None, device: str = "cpu", max_iter: int = 1000, tol: float = 1e-4,
+                 with_std: bool = True):
         self.C = C
         self.class_weight = class_weight
         self.device = device
         self.max_iter = max_iter
         self.tol = tol
+        self.with_std = with_std
 
     def fit(self, X, y):
         import torch
@@ -118,9 +120,10 @@ class TorchLinearSVC(StandardisedLinear, ClassifierMixin, BaseEstimator):
         if self.class_weight is not None:
             weights = compute_class_weight(self.class_weight, classes=self.classes_, y=y)
         with torch.no_grad():
-            Xs, mean, var, scale = standardize(_as_device_tensor(X, torch.device(self.device)))
+            Xs, mean, var, scale = standardize(_as_device_tensor(X, torch.device(self.device)), self.with_std)
         self.mean_, self.var_, self.scale_ = (t.cpu().numpy() for t in (mean, var, scale))
-        key = _key(np.asarray(X), y_idx, np.asarray([-1.0] if weights is None else weights))
+        key = _key(np.asarray(X), y_idx, np.asarray([-1.0] if weights is None else weights),
+                   np.asarray([self.with_std]))
         last = _LAST.get(key)
         init = last[1:] if last is not None and last[0] <= float(self.C) else None
         self.coef_, self.intercept_, n_iter = fit_squared_hinge(
