@@ -1,5 +1,5 @@
-"""Few images per class: does standardising features (featx's heads: StandardScaler first) hurt? Side by side with
-L2-normalised features, on a store's own train/val split.
+"""Few images per class: does standardising features (StandardScaler first) hurt? Side by side with centred-only
+and L2-normalised features, on a store's own train/val split (why featx.heads.fit has FEW_ROWS).
 
     python benchmarks/bench_fewshot_scaling.py FEATURES.npz [--shots 1 2 5 10 20 all] [--draws 10]
 
@@ -26,6 +26,8 @@ def models() -> dict:
                                                                                      RidgeClassifier(alpha=1.0)),
         "standardised + logistic C=1 (featx logistic default)": lambda: make_pipeline(
             StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)),
+        "centred + logistic C=1 (featx below 30 per class)": lambda: make_pipeline(
+            StandardScaler(with_std=False), LogisticRegression(C=1.0, max_iter=3000)),
         "L2-normalised + logistic C=1": lambda: make_pipeline(Normalizer(), LogisticRegression(C=1.0, max_iter=2000)),
         "L2-normalised + nearest centroid": lambda: make_pipeline(Normalizer(), NearestCentroid()),
     }
