@@ -196,3 +196,10 @@ def test_cli_extract_takes_the_options_and_says_what_it_did(tmp_path):
     r = CliRunner().invoke(app, ["extract", str(data), "-o", str(tmp_path / "g.npz"), "--image-size", "huge"])
     assert r.exit_code == 2 and "--image-size must be a number of pixels or 'auto'" in r.output
     assert not (tmp_path / "g.npz").exists()
+
+
+def test_onnx_export_refuses_a_recipe_it_would_not_reproduce(recipe_head):
+    from featx.export.graph import head_exportable
+
+    with pytest.raises(UsageError, match="--tta or --concat"):
+        head_exportable(featx.load_head(recipe_head[2]))
