@@ -60,7 +60,7 @@ def test_bad_tta_is_refused_before_work(bb):
 
 # -- --image-size auto --------------------------------------------------------------------------------------------
 def test_auto_size_rule_as_documented():
-    # lite0: crop 256 after a resize to 292. Images at least 292/MAX_UPSAMPLE on the short side keep 256.
+    # lite0: crop 256 after a resize to 292. Images of at least 292 / MAX_UPSAMPLE px on the short side keep 256.
     keep_from = int(np.ceil(292 / sizing.MAX_UPSAMPLE))
     for short in (3000, 374, 292, keep_from):
         assert sizing.auto_size(256, 292, short) == 256
@@ -95,7 +95,7 @@ def test_choose_reads_the_median_short_side_of_the_files(tmp_path):
 
 def test_extract_auto_records_the_choice_and_predict_uses_it(tmp_path):
     data = make_folder(tmp_path / "imgs", classes=("a", "b"), n_per_class=3, splits=("train", "val"), size=48)
-    fs = _extract(data, tmp_path / "f.npz", "efficientnet_lite0")  # default: auto
+    fs = _extract(data, tmp_path / "f.npz", "efficientnet_lite0", image_size="auto")
     want = sizing.auto_size(256, 292, 48)
     assert fs.meta["preprocess"]["input_size"] == want < 256
     assert fs.meta["image_size"] == {"mode": "auto", "size": want, "default": 256, "median_short_side": 48, "sampled": 12}

@@ -19,10 +19,11 @@ def extract_cmd(
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random (seeded) initialisation instead of ImageNet weights."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file (.safetensors or torch state dict)."),
     layer: str = typer.Option("pooled", "--layer", help="'pooled' (classifier input), stageN, or a module name (globally pooled)."),
-    image_size: str = typer.Option(
-        "auto", "--image-size",
-        help="Crop size in pixels, or auto: the backbone's own (256 for lite0) unless the images are smaller, then a "
-             "smaller one chosen from their median shorter side (same resize/crop ratio; recorded for predict)."),
+    image_size: Optional[str] = typer.Option(
+        None, "--image-size",
+        help="Crop size in pixels (default: the backbone's own, 256 for lite0), or auto: the backbone's own unless the "
+             "images are small, then a smaller one from their median shorter side (faster; same resize/crop ratio; "
+             "recorded for predict)."),
     tta: str = typer.Option("none", "--tta", help="none | flip: average each image's features with its mirror's (2x time)."),
     concat: List[str] = typer.Option([], "--concat",
                                      help="Append an earlier stage's globally pooled features (stageN or a module "

@@ -373,7 +373,7 @@ def extract_features(
     max_pixels: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     decoder: str = "auto",
-    image_size: Union[int, str, None] = "auto",
+    image_size: Union[int, str, None] = None,
     tta: Optional[str] = None,
     concat: Optional[Sequence[str]] = None,
     compile: Union[bool, str] = False,
@@ -395,10 +395,11 @@ def extract_features(
         decoder: auto | pil | torchvision. auto = JPEGs decoded and resized batched on the GPU when the device is
             CUDA and torchvision can decode there, else pil (CPU decoding in the workers). Recorded in
             meta["decoder"]; not part of the provenance fingerprint (the two paths give interchangeable features).
-        image_size: "auto" (default): the backbone's own size unless the images are small, then a smaller crop
-            chosen from the median shorter side of a sample of them (`featx.features.sizing`); an int: that crop
-            size; None: the backbone's own. Same resize/crop ratio either way; recorded in the store, with what
-            auto saw in meta["image_size"].
+        image_size: None (default): the backbone's own crop size; an int: that size; "auto": the backbone's own
+            unless the images are small, then a smaller crop chosen from the median shorter side of a sample of them
+            (`featx.features.sizing`; not the default: it saved time but no accuracy on small photos, BENCHMARKS.md
+            "Small images"). Same resize/crop ratio either way; recorded in the store, how it was chosen in
+            meta["image_size"].
         tta: "none" or "flip" (features averaged with the horizontal mirror's); concat: earlier stages whose pooled
             features are appended (see `featx.backbones.create_backbone`). None: the backbone's own (a name: none
             and no stages). Both recorded in the store, so predict repeats them.

@@ -1,13 +1,18 @@
 """`--image-size auto`: the network's input size chosen from the sizes of the images themselves (small photos are
-not upsampled far past their own resolution).
+not upsampled far past their own resolution, which saves time).
 
-The rule (measured: BENCHMARKS.md "Small images (issue 15.4)"):
+The rule:
 - read the header (width, height) of up to SAMPLE images spread evenly over the folder's sorted file list, and take
   the median of their shorter sides, `short`;
-- images at least as large as the backbone's resize (`Preprocess.resize`, e.g. 292 px for lite0's 256-px crop) keep
-  the backbone's own size: nothing is upsampled;
-- smaller ones get the crop whose resize upsamples the median image by at most MAX_UPSAMPLE, rounded to a multiple
-  of 32 (the network's stride) and never below MIN_SIZE nor above the backbone's own size.
+- images the backbone's resize (`Preprocess.resize`, e.g. 292 px for lite0's 256-px crop) upsamples by at most
+  MAX_UPSAMPLE (lite0: a shorter side of 146 px or more) keep the backbone's own size;
+- smaller ones get the crop whose resize upsamples the median image by MAX_UPSAMPLE, rounded to a multiple of 32
+  (the network's stride), never below MIN_SIZE nor above the backbone's own size.
+
+Not featx's default (measured, BENCHMARKS.md "Small images (issue 15.4)", ants/bees downscaled to 128 px): for lite0
+the 224-px crop auto picks there scored like the default 256 (val +1 image, CV -2 of 245) in 0.77x the pixels, but for
+lite1 and lite2 auto's 224 lost 5 and 2 of 398 images against their own 272 / 296. It is a speed option for folders of
+small photos; MAX_UPSAMPLE = 2 maps 128-px photos to lite0's training size, 224.
 
 The chosen size goes into the preprocessing recorded in the store, so `featx predict` uses it for new images.
 """
@@ -20,7 +25,7 @@ from typing import Optional, Sequence
 
 AUTO = "auto"
 SAMPLE = 256  # headers read (~1 ms each): a median over 256 images is stable to a few pixels
-MAX_UPSAMPLE = 2.0  # measured: see the module docstring and BENCHMARKS.md
+MAX_UPSAMPLE = 2.0  # see the module docstring
 MIN_SIZE = 64
 STRIDE = 32
 
