@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT))
 SHORT_SIDE, QUALITY = 128, 75
 LITE0_POOLED, STAGE3, STAGE4 = 1280, 112, 320  # lite0 column blocks of a concat=[stage3, stage4] store
 
-# (label, extract kwargs, columns kept or None, versions it runs on). image_size None = the backbone's own (today's
+# (label, extract kwargs, columns kept or None, versions it runs on). image_size None = the backbone's own (featx's
 # default), "auto" = featx.features.sizing's choice. Ordered by what decides most, so a cut-short run still informs.
 CANDIDATES = [
-    ("today: lite0 256", dict(image_size=None), None, ("full", "128px")),
+    ("default: lite0 256", dict(image_size=None), None, ("full", "128px")),
     ("--tta flip", dict(image_size=None, tta="flip"), None, ("full", "128px")),
     ("+ stage4 (blocks.6, 320)", dict(image_size=None, concat=["stage3", "stage4"]),
      (0, LITE0_POOLED, LITE0_POOLED + STAGE3, LITE0_POOLED + STAGE3 + STAGE4), ("full", "128px")),
@@ -150,11 +150,11 @@ def main(argv=None):
 
 
 def print_table(rows: list, args) -> None:
-    base = {v: next((r[v] for r in rows if r["label"].startswith("today") and v in r), None) for v in ("full", "128px")}
+    base = {v: next((r[v] for r in rows if r["label"].startswith("default") and v in r), None) for v in ("full", "128px")}
     print(f"\n{args.data.name}: val accuracy (n = 153), full size and a {SHORT_SIDE}-px JPEG-q{QUALITY} copy; "
           f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
     print("| candidate | data | crop px | dim | logistic | logistic CV | mlp | best head (on val) | extract s "
-          "| gain vs today (logistic, pts) |")
+          "| gain vs default (logistic, pts) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for v in ("full", "128px"):
