@@ -34,7 +34,8 @@ import numpy as np
 
 from .._io import atomic_write, claim_outputs, fingerprint, refuse_inside, safe_str, sweep_stale_temps, written_by_featx
 from ..errors import DataError, FeatxError, StrictModeError, UsageError
-from .store import DEFAULT_FEATURES_PATH, FORMAT, FeatureSet, save_features
+from .sizing import SizeChoice, choose_image_size, parse_image_size
+from .store import DEFAULT_FEATURES_PATH, FORMAT, FeatureSet, provenance_key, save_features
 
 log = logging.getLogger("featx")
 
@@ -311,6 +312,10 @@ class ExtractResult:
     # loader_wait_s (waiting for the workers), to_device_s (device decode / upload), output_wait_s (waiting for the
     # GPU), write_s (chunk files). input_wait_s large: input-bound; output_wait_s large: network-bound.
     timings: dict = field(default_factory=dict)
+    # how the crop size was chosen (`featx.features.sizing.SizeChoice`: mode, size, default, median_short_side, ...)
+    image_size: dict = field(default_factory=dict)
+    tta: str = "none"
+    concat: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -368,7 +373,9 @@ def extract_features(
     max_pixels: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     decoder: str = "auto",
-    image_size: Optional[int] = None,
+    image_size: Union[int, str, None] = None,
+    tta: Optional[str] = None,
+    concat: Optional[Sequence[str]] = None,
     compile: Union[bool, str] = False,
     prefetch: Optional[int] = None,
     defer_copy: bool = True,
@@ -388,7 +395,14 @@ def extract_features(
         decoder: auto | pil | torchvision. auto = JPEGs decoded and resized batched on the GPU when the device is
             CUDA and torchvision can decode there, else pil (CPU decoding in the workers). Recorded in
             meta["decoder"]; not part of the provenance fingerprint (the two paths give interchangeable features).
-        image_size: crop size other than the backbone's default (same resize/crop ratio; recorded in the store).
+        image_size: None (default): the backbone's own crop size; an int: that size; "auto": the backbone's own
+            unless the images are small, then a smaller crop chosen from the median shorter side of a sample of them
+            (`featx.features.sizing`; not the default: it saved time but no accuracy on small photos, BENCHMARKS.md
+            "Small images"). Same resize/crop ratio either way; recorded in the store, how it was chosen in
+            meta["image_size"].
+        tta: "none" or "flip" (features averaged with the horizontal mirror's); concat: earlier stages whose pooled
+            features are appended (see `featx.backbones.create_backbone`). None: the backbone's own (a name: none
+            and no stages). Both recorded in the store, so predict repeats them.
         compile: ``torch.compile`` the network (True: inductor; a string names another backend). Pays on long runs
             only: compiling takes tens of seconds (see BENCHMARKS.md for the measured gain).
         prefetch, defer_copy: the pipeline's parts, switchable to measure each (`iter_outputs`); the defaults are
@@ -404,17 +418,18 @@ def extract_features(
     root, output = Path(images), Path(output)
     folder = discover(root)
     refuse_inside(output, root)
-    _check_options(chunk_size, decoder, image_size, prefetch)
+    _check_options(chunk_size, decoder, prefetch)
+    image_size = parse_image_size(image_size)
     dist, dev = setup_distributed(device)
     try:
         with _claim(output, overwrite, dist):
             if strict and folder.skipped:  # known before any work: fail before loading a model
                 raise _strict_error(folder.skipped)
-            bb = _backbone(backbone, pretrained, weights, layer, image_size)
+            bb, size_choice = _backbone(backbone, pretrained, weights, layer, image_size, tta, concat, folder)
             run = _RunOptions(precision=precision, max_pixels=max_pixels, decoder=decoder, compile=compile,
                               prefetch=prefetch, defer_copy=defer_copy)
             return _extract(folder, root, output, bb, dev, dist, t0, batch_size=batch_size, workers=workers,
-                            chunk_size=chunk_size, strict=strict, progress=progress, run=run)
+                            chunk_size=chunk_size, strict=strict, progress=progress, run=run, size_choice=size_choice)
     finally:
         dist.cleanup()
 
@@ -432,7 +447,7 @@ class _RunOptions:
 
 
 def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, chunk_size, strict, progress,
-             run: _RunOptions) -> ExtractResult:
+             run: _RunOptions, size_choice: SizeChoice) -> ExtractResult:
     """Plan, run and assemble with the output claimed; cleans up a partial folder that holds nothing to resume."""
     from ..data.jpeg_batch import resolve_decoder
     from ..devices import default_workers
@@ -458,9 +473,9 @@ def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, ch
             dist.barrier()
             return ExtractResult(path=output, n_images=0, n_skipped=0, feature_dim=bb.feature_dim,
                                  seconds=time.perf_counter() - t0, images_per_s=0.0, device=str(dev), backbone=bb.name,
-                                 decoder=decoder, timings=_rounded(timings))
+                                 decoder=decoder, timings=_rounded(timings), image_size=size_choice.to_dict())
         try:
-            res = _assemble(plan, output, bb, dev, decoder, strict, t0, t_run, warnings)
+            res = _assemble(plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice)
             res.timings = _rounded(timings)
         finally:
             dist.barrier()
@@ -479,7 +494,7 @@ def _rounded(timings: dict) -> dict:
     return {k: round(float(v), 3) for k, v in timings.items()}
 
 
-def _check_options(chunk_size: int, decoder: str, image_size: Optional[int], prefetch: Optional[int]) -> None:
+def _check_options(chunk_size: int, decoder: str, prefetch: Optional[int]) -> None:
     from ..data.jpeg_batch import DECODERS
 
     if chunk_size < 1:
@@ -488,18 +503,21 @@ def _check_options(chunk_size: int, decoder: str, image_size: Optional[int], pre
         raise UsageError(f"prefetch must be 0 or more, not {prefetch}")
     if (decoder or "auto").lower() not in DECODERS:  # before the model loads
         raise UsageError(f"--decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
-    if image_size is not None and image_size < 8:
-        raise UsageError(f"--image-size must be at least 8 pixels, not {image_size}")
 
 
-def _backbone(backbone, pretrained, weights, layer, image_size):
+def _backbone(backbone, pretrained, weights, layer, image_size, tta, concat, folder):
+    """-> (the Backbone to run, with the size `image_size` resolves to and the tta/concat recipe; SizeChoice).
+
+    A ready `Backbone` keeps its own recipe unless `tta` / `concat` / `image_size` ask for another; its own crop
+    size is the "default" that auto starts from."""
     from ..backbones import Backbone, create_backbone
 
     if not isinstance(backbone, Backbone):
-        return create_backbone(backbone, pretrained=pretrained, weights=weights, layer=layer, image_size=image_size)
-    if image_size and image_size != backbone.preprocess.input_size:
-        return dataclasses.replace(backbone, preprocess=backbone.preprocess.with_size(int(image_size)))
-    return backbone
+        backbone = create_backbone(backbone, pretrained=pretrained, weights=weights, layer=layer)
+    choice = choose_image_size([r.path for r in folder.records], backbone.preprocess, image_size)
+    if choice.size != backbone.preprocess.input_size:
+        backbone = dataclasses.replace(backbone, preprocess=backbone.preprocess.with_size(choice.size))
+    return backbone.configured(tta=tta, concat=concat), choice
 
 
 def _notes(folder) -> list:
@@ -550,7 +568,7 @@ def _plan_chunks(folder, root, output, bb, chunk_size, max_pixels, decoder, dist
     records = folder.records
     meta = bb.meta()
     job = {
-        "meta": fingerprint({k: meta[k] for k in ("backbone", "weights_sha256", "preprocess", "layer")}),
+        "meta": fingerprint(provenance_key(meta)),  # same key as before tta/concat for plain runs
         "chunk_size": chunk_size,
         "files": fingerprint([(r.relpath, *_stat_key(r.path)) for r in records]),
         "max_pixels": max_pixels,
@@ -656,7 +674,8 @@ def _file_batch(plan: _Plan, chunk_acc, batch: Batch, k: int, seen: dict) -> Non
 
 
 # -- assemble -------------------------------------------------------------------------------------------------------
-def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings) -> ExtractResult:
+def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice: SizeChoice
+              ) -> ExtractResult:
     """Rank 0: read every chunk in order, apply --strict, write the store, remove the partial folder."""
     from ..data.discover import find_leakage
 
@@ -689,6 +708,7 @@ def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings
         "decoder": decoder,
         "world_size": plan.world,
         "warnings": list(folder.warnings),
+        "image_size": size_choice.to_dict(),  # how the crop size in meta["preprocess"] was chosen
     })
     save_features(FeatureSet(
         features=feats,
@@ -706,7 +726,7 @@ def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings
         seconds=round(time.perf_counter() - t0, 3),
         images_per_s=round((plan.n - resumed) / run_s, 1) if run_s > 0 else 0.0,
         device=str(dev), backbone=bb.name, skipped=skipped, leakage=leakage, resumed_images=resumed,
-        warnings=warnings, decoder=decoder,
+        warnings=warnings, decoder=decoder, image_size=size_choice.to_dict(), tta=bb.tta, concat=list(bb.concat),
     )
 
 
