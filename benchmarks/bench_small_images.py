@@ -6,9 +6,10 @@ downscaled to 128 px on the shorter side (JPEG quality 75), through featx's own 
 Every candidate is one `featx.extract_features` call (cached in --work: a rerun skips finished stores) and one
 `featx.fit_head(..., head="all")` (5-fold CV on train, scored on the folder's val split; the logistic and mlp rows
 are the heads of that call, "best" the head with the best val accuracy, i.e. chosen on val itself, so optimistic).
-The two "+ stageN" candidates are columns of one extraction with ``concat=["stage3", "stage4"]``: featx puts the
-pooled features first and each stage's after them, in order (tests/test_small_images.py checks the columns equal
-separate extractions), so a column subset is exactly what ``--concat stageN`` alone writes.
+
+The table in BENCHMARKS.md also has rows for horizontal-flip averaging and appended stage3/stage4 features: those were
+measured with this script and the --tta/--concat options of commit 0dc39de, removed since because they did not help
+on either version of the data; this script no longer runs them.
 """
 from __future__ import annotations
 
@@ -23,27 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHORT_SIDE, QUALITY = 128, 75
-LITE0_POOLED, STAGE3, STAGE4 = 1280, 112, 320  # lite0 column blocks of a concat=[stage3, stage4] store
 
-# (label, extract kwargs, columns kept or None, versions it runs on). image_size None = the backbone's own (featx's
+# (label, extract kwargs, versions it runs on). image_size None = the backbone's own (featx's
 # default), "auto" = featx.features.sizing's choice. Ordered by what decides most, so a cut-short run still informs.
 CANDIDATES = [
-    ("default: lite0 256", dict(image_size=None), None, ("full", "128px")),
-    ("--tta flip", dict(image_size=None, tta="flip"), None, ("full", "128px")),
-    ("+ stage4 (blocks.6, 320)", dict(image_size=None, concat=["stage3", "stage4"]),
-     (0, LITE0_POOLED, LITE0_POOLED + STAGE3, LITE0_POOLED + STAGE3 + STAGE4), ("full", "128px")),
-    ("+ stage3 (blocks.4, 112)", dict(image_size=None, concat=["stage3", "stage4"]),
-     (0, LITE0_POOLED + STAGE3), ("full", "128px")),
-    ("size 224", dict(image_size=224), None, ("full", "128px")),
-    ("size 192", dict(image_size=192), None, ("128px",)),
-    ("size 160", dict(image_size=160), None, ("full", "128px")),
-    ("size 128", dict(image_size=128), None, ("128px",)),
-    ("--image-size auto", dict(image_size="auto"), None, ("full", "128px")),
-    ("auto + flip", dict(image_size="auto", tta="flip"), None, ("full", "128px")),
-    ("lite1 272", dict(backbone="efficientnet_lite1", image_size=None), None, ("full", "128px")),
-    ("lite2 296", dict(backbone="efficientnet_lite2", image_size=None), None, ("full", "128px")),
-    ("lite2 auto", dict(backbone="efficientnet_lite2", image_size="auto"), None, ("128px",)),
-    ("lite1 auto", dict(backbone="efficientnet_lite1", image_size="auto"), None, ("128px",)),
+    ("default: lite0 256", dict(image_size=None), ("full", "128px")),
+    ("size 224", dict(image_size=224), ("full", "128px")),
+    ("size 192", dict(image_size=192), ("128px",)),
+    ("size 160", dict(image_size=160), ("full", "128px")),
+    ("size 128", dict(image_size=128), ("128px",)),
+    ("--image-size auto", dict(image_size="auto"), ("full", "128px")),
+    ("lite1 272", dict(backbone="efficientnet_lite1", image_size=None), ("full", "128px")),
+    ("lite2 296", dict(backbone="efficientnet_lite2", image_size=None), ("full", "128px")),
+    ("lite2 auto", dict(backbone="efficientnet_lite2", image_size="auto"), ("128px",)),
+    ("lite1 auto", dict(backbone="efficientnet_lite1", image_size="auto"), ("128px",)),
 ]
 
 
@@ -85,27 +79,16 @@ def extract(kwargs: dict, folder: Path, work: Path, version: str, device: str) -
     import featx
 
     r = resolved(kwargs, folder)
-    key = f"{version}-{r['backbone']}-{r['size']}-{kwargs.get('tta', 'none')}-{'+'.join(kwargs.get('concat', [])) or 'x'}"
+    key = f"{version}-{r['backbone']}-{r['size']}"
     store, info = work / f"{key}.npz", work / f"{key}.json"
     if not (store.is_file() and info.is_file()):
         t = time.perf_counter()
         res = featx.extract_features(folder, store, backbone=r["backbone"], image_size=kwargs.get("image_size"),
-                                     tta=kwargs.get("tta"), concat=kwargs.get("concat"), device=device, overwrite=True)
+                                     device=device, overwrite=True)
         info.write_text(json.dumps({"seconds": time.perf_counter() - t, "size": res.image_size,
                                     "load": os.getloadavg()}))
         print(f"  extracted {key}: {res.n_images} images in {res.seconds:.0f} s", flush=True)
     return featx.load_features(store), json.loads(info.read_text()), key
-
-
-def columns(fs, spans):
-    import numpy as np
-
-    from featx.features.store import FeatureSet
-
-    if spans is None:
-        return fs
-    idx = np.concatenate([np.arange(a, b) for a, b in zip(spans[0::2], spans[1::2])])
-    return FeatureSet(fs.features[:, idx], fs.paths, fs.labels, fs.splits, fs.classes, dict(fs.meta))
 
 
 def heads(fs, cache: Path) -> dict:
@@ -134,16 +117,14 @@ def main(argv=None):
     args.work.mkdir(parents=True, exist_ok=True)
     folders = {"full": args.data, "128px": downscale_copy(args.data, args.work / f"data-{SHORT_SIDE}")}
     rows = []
-    for label, kwargs, spans, versions in CANDIDATES:
+    for label, kwargs, versions in CANDIDATES:
         if args.only and label not in args.only:
             continue
         row = {"label": label}
         for version in versions:
             print(f"{label} / {version}", flush=True)
             fs, info, key = extract(kwargs, folders[version], args.work, version, args.device)
-            fs = columns(fs, spans)
-            cols = "all" if spans is None else "-".join(map(str, spans))
-            row[version] = {**heads(fs, args.work / f"heads-{key}-{cols}.json"), "seconds": info["seconds"],
+            row[version] = {**heads(fs, args.work / f"heads-{key}.json"), "seconds": info["seconds"],
                             "dim": fs.dim, "size": info["size"]}
         rows.append(row)
     print_table(rows, args)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from ..data.preprocess import Preprocess
 from ..errors import UsageError, WeightsError
-from .backbone import POOLED, TTA_MODES, Backbone, infer_feature_dim, resolve_layer, stage_names
+from .backbone import POOLED, Backbone, infer_feature_dim, resolve_layer, stage_names
 from .sources import (
     embedded_weights_path,
     file_sha256,
@@ -28,8 +28,7 @@ from .sources import (
     user_weights,
 )
 
-__all__ = ["Backbone", "create_backbone", "list_backbones", "resolve_name", "EMBEDDED", "DEFAULT_BACKBONE", "POOLED", "TTA_MODES",
-           "stage_names"]
+__all__ = ["Backbone", "create_backbone", "list_backbones", "resolve_name", "EMBEDDED", "DEFAULT_BACKBONE", "POOLED", "stage_names"]
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 RANDOM_INIT = "random-init:seed0"
@@ -113,8 +112,6 @@ def create_backbone(
     layer: Optional[str] = None,
     num_classes: Optional[int] = None,
     image_size: Optional[int] = None,
-    tta: str = "none",
-    concat: Sequence[str] = (),
 ) -> Backbone:
     """Build a backbone with its weights and preprocessing.
 
@@ -125,9 +122,6 @@ def create_backbone(
         layer: "pooled" (classifier input, default), "stageN", or a module name; earlier layers are average-pooled.
         num_classes: replace the classifier by a fresh one with this many outputs (fine-tuning).
         image_size: crop size other than the network's default (same resize/crop ratio); recorded in preprocessing.
-        tta: "none", or "flip": features are the mean of the image's and its horizontal mirror's (2x the compute).
-        concat: earlier stages ("stageN" or module names) whose globally pooled outputs are appended after the
-            `layer` features (e.g. ["stage4"] adds lite0's 320 last-stage channels to its 1,280 pooled ones).
     """
     r = resolve_name(name)
     user = user_weights(weights) if weights is not None else None  # checked before any network is built
@@ -142,7 +136,7 @@ def create_backbone(
     if num_classes is not None:
         bb.reset_classifier(num_classes)
     bb.feature_dim = _classifier_in(bb) if bb.layer == POOLED else infer_feature_dim(bb)
-    return bb.configured(tta=tta, concat=concat)
+    return bb
 
 
 # Each builder: (resolved name, (path, sha256, source) of --weights or None, pretrained) ->
@@ -364,9 +358,7 @@ def backbone_from_meta(meta: dict, *, weights: Optional[str | Path] = None) -> B
         if not Path(weights).is_file():
             raise WeightsError(f"the backbone weights were loaded from {weights}, which is not here; pass --weights PATH")
     pretrained = recorded != RANDOM_INIT
-    # tta and concat change what the features are: rebuilt from the record (absent in stores made before them)
-    bb = create_backbone(name, pretrained=pretrained, weights=weights, layer=meta.get("layer"),
-                         tta=meta.get("tta") or "none", concat=meta.get("concat") or ())
+    bb = create_backbone(name, pretrained=pretrained, weights=weights, layer=meta.get("layer"))
     if recorded and bb.weights_sha256 != recorded:
         raise WeightsError(
             f"{name} weights on this machine (sha256 {bb.weights_sha256[:12]}) differ from the ones the model was made "

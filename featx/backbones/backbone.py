@@ -1,10 +1,8 @@
-"""The Backbone object: a network, its preprocessing, and pooled features from its classifier input or an earlier stage
-(optionally with earlier stages' pooled features appended, and averaged with the horizontal mirror's)."""
+"""The Backbone object: a network, its preprocessing, and pooled features from its classifier input or an earlier stage."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -12,7 +10,6 @@ from torch import nn
 from ..data.preprocess import Preprocess
 
 POOLED = "pooled"
-TTA_MODES = ("none", "flip")  # test-time augmentation of features: none, or the mean with the mirror image's
 
 
 class _StopForward(Exception):
@@ -32,10 +29,6 @@ class Backbone:
     feature_dim: int = 0
     source: str = ""  # embedded | timm | torchvision
     arch: str = ""  # architecture name inside its library
-    # "flip": features = mean of the image's and its horizontal mirror's (two forward passes); see `forward_features`
-    tta: str = "none"
-    # modules (resolved stage names) whose globally pooled outputs are appended after the `layer` features, in order
-    concat: tuple = ()
     _classifier_path: str = field(default="", repr=False)
 
     # -- features --------------------------------------------------------------------------------------
@@ -67,9 +60,7 @@ class Backbone:
     @torch.inference_mode()
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised float batch (N,3,H,W) -> features (N, feature_dim): classifier input, or a stage's output
-        globally average-pooled, followed by the pooled outputs of the `concat` stages. The network stops at the
-        captured layer (the classifier is never run). With ``tta == "flip"`` the result is the mean of the features
-        of ``x`` and of ``x`` mirrored left-right (the same crop, mirrored: flipping commutes with normalising).
+        globally average-pooled. The network stops at the captured layer (the classifier is never run).
 
         Pooled features of timm networks come from timm's ``forward_head(pre_logits=True)`` where that is the
         classifier input (see `_timm_pre_logits`). Stages and every other network use a forward hook that stops
@@ -77,34 +68,6 @@ class Backbone:
         (it drops the class token and reshapes to NCHW), and ``--layer`` also accepts any module name, which it
         cannot address.
         """
-        feats = self._one_view(x)
-        if self.tta == "flip":
-            # two passes rather than one batch of 2N: the memory cap (`cap_batch_size`) sized batches for one view
-            feats = (feats + self._one_view(x.flip(3))) / 2
-        return feats
-
-    def _one_view(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.concat:
-            return self._layer_features(x)
-        extra: dict = {}
-
-        def keep(name):
-            def hook(_m, _args, output):
-                extra.setdefault(name, output)  # first call only (a module reused later in the pass keeps its first)
-            return hook
-
-        handles = [self.model.get_submodule(n).register_forward_hook(keep(n)) for n in self.concat]
-        try:
-            final = self._layer_features(x)
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [n for n in self.concat if n not in extra]
-        if missing:
-            raise RuntimeError(f"{', '.join(missing)} of {self.name} did not run before layer {self.layer!r}")
-        return torch.cat([final] + [_pool(extra[n]) for n in self.concat], dim=1)
-
-    def _layer_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.layer == POOLED and self._timm_pre_logits():
             return self.model.forward_head(self.model.forward_features(x), pre_logits=True).flatten(1).float()
         return self._hooked_features(x)
@@ -130,27 +93,15 @@ class Backbone:
             handle.remove()
         if not captured:
             raise RuntimeError(f"layer {self.layer!r} of {self.name} was not reached in the forward pass")
-        return _pool(captured[0])
-
-    def configured(self, *, tta: Optional[str] = None, concat: Optional[Sequence[str]] = None) -> "Backbone":
-        """A copy with another feature recipe: `tta` ("none" | "flip") and/or `concat` (stage names such as
-        "stage3", or module names, whose pooled outputs follow the `layer` features). Checks both and measures the
-        new feature size with one small forward pass (which also proves every concat stage runs before `layer`)."""
-        from ..errors import UsageError
-
-        tta = self.tta if tta is None else (str(tta).strip().lower() or "none")
-        if tta not in TTA_MODES:
-            raise UsageError(f"--tta must be one of {', '.join(TTA_MODES)}, not {tta!r}")
-        names = self.concat if concat is None else resolve_concat(self.model, concat, self.layer)
-        if tta == self.tta and tuple(names) == tuple(self.concat):
-            return self
-        bb = dataclasses.replace(self, tta=tta, concat=tuple(names))
-        if tuple(names) != tuple(self.concat):
-            try:
-                bb.feature_dim = infer_feature_dim(bb)
-            except RuntimeError as exc:
-                raise UsageError(f"--concat: {exc}; concatenate stages that come before --layer {self.layer}") from None
-        return bb
+        feats = captured[0]
+        if isinstance(feats, (tuple, list)):
+            feats = feats[0]
+        if feats.ndim == 4:  # stage output, or a classifier that takes maps: global average pool
+            # channels_last models may hand back NHWC-strided tensors; mean over H, W works on either.
+            feats = feats.float().mean(dim=(2, 3))
+        elif feats.ndim == 3:  # token sequences (ViT stages): average over tokens
+            feats = feats.float().mean(dim=1)
+        return feats.flatten(1).float()
 
     # -- provenance ------------------------------------------------------------------------------------
     def meta(self) -> dict:
@@ -168,8 +119,6 @@ class Backbone:
             "weights_source": self.weights_source,
             "preprocess": self.preprocess.to_dict(),
             "layer": self.layer,
-            "tta": self.tta,
-            "concat": list(self.concat),
             "feature_dim": self.feature_dim,
             "versions": {
                 "featx": __version__,
@@ -252,18 +201,6 @@ class Backbone:
         return self
 
 
-def _pool(feats) -> torch.Tensor:
-    """An activation -> (N, D) float: maps average-pooled over H, W; token sequences (ViT) averaged over tokens."""
-    if isinstance(feats, (tuple, list)):
-        feats = feats[0]
-    if feats.ndim == 4:  # stage output, or a classifier that takes maps: global average pool
-        # channels_last models may hand back NHWC-strided tensors; mean over H, W works on either.
-        feats = feats.float().mean(dim=(2, 3))
-    elif feats.ndim == 3:  # token sequences (ViT stages): average over tokens
-        feats = feats.float().mean(dim=1)
-    return feats.flatten(1).float()
-
-
 def _is_stage_name(name: str) -> bool:
     return name.startswith("layer") or name.startswith("stage") or name in ("blocks", "features", "encoder")
 
@@ -322,28 +259,3 @@ def resolve_layer(model: nn.Module, layer: Optional[str]) -> str:
             f"or one of: {', '.join(stages)}"
         ) from None
     return layer
-
-
-def resolve_concat(model: nn.Module, names, layer: str) -> tuple:
-    """``--concat`` values (a list, or one comma-separated string) -> module names, checked: stages or modules of
-    this network, not the pooled features themselves, not `layer`, no repeats."""
-    from ..errors import UsageError
-
-    if isinstance(names, str):
-        names = [names]
-    raw = [n.strip() for item in (names or ()) for n in str(item).split(",") if n.strip()]
-    out: list = []
-    for n in raw:
-        if n == POOLED:
-            raise UsageError("--concat takes earlier stages (stageN or a module name); the pooled features are "
-                             "always included")
-        try:
-            resolved = resolve_layer(model, n)
-        except UsageError as exc:  # same lookup as --layer; name the option the user typed
-            raise UsageError(str(exc).replace("--layer", "--concat").replace("use 'pooled' (default), ", "use ")) from None
-        if resolved == layer:
-            raise UsageError(f"--concat {n}: that is --layer itself; its features are already there")
-        if resolved in out:
-            raise UsageError(f"--concat {n} is given twice")
-        out.append(resolved)
-    return tuple(out)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -24,10 +24,6 @@ def extract_cmd(
         help="Crop size in pixels (default: the backbone's own, 256 for lite0), or auto: the backbone's own unless the "
              "images are small, then a smaller one from their median shorter side (faster; same resize/crop ratio; "
              "recorded for predict)."),
-    tta: str = typer.Option("none", "--tta", help="none | flip: average each image's features with its mirror's (2x time)."),
-    concat: List[str] = typer.Option([], "--concat",
-                                     help="Append an earlier stage's globally pooled features (stageN or a module "
-                                          "name; repeat or comma-separate for several)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
                                              help="Images per batch (default 32 CPU, 256 CUDA; capped to what memory holds)."),
@@ -53,8 +49,7 @@ def extract_cmd(
         res = extract_features(
             images, output, backbone=backbone, pretrained=not no_pretrained, weights=weights, layer=layer,
             device=device, batch_size=batch_size, workers=workers, chunk_size=chunk_size, strict=strict,
-            overwrite=overwrite, progress=update, decoder=decoder, image_size=image_size, tta=tta, concat=concat,
-            compile=compile_,
+            overwrite=overwrite, progress=update, decoder=decoder, image_size=image_size, compile=compile_,
         )
     for w in res.warnings:
         warn(w)
@@ -79,13 +74,9 @@ def extract_cmd(
 
 
 def _recipe(res) -> str:
-    """'256 px', '224 px (auto: images' median shorter side 128 px), flip TTA, + blocks.6' ..."""
+    """'256 px', or '224 px (auto: images' median shorter side 128 px)'."""
     size = res.image_size or {}
     text = f"{size.get('size')} px"
     if size.get("mode") == "auto" and size.get("size") != size.get("default"):
         text += f" (auto: images' median shorter side {size.get('median_short_side')} px)"
-    if res.tta != "none":
-        text += f", {res.tta} TTA"
-    if res.concat:
-        text += f", + {', '.join(res.concat)}"
     return text

@@ -324,9 +324,6 @@ def head_exportable(head, *, weights=None, with_features: bool = False) -> Expor
         raise ArtifactError(f"head {head.path or ''} records no backbone provenance; re-fit it with `featx fit`")
     bb = backbone_from_meta(head.feature_meta, weights=weights)
     head.check_compatible(bb.meta(), bb.feature_dim)
-    if bb.tta != "none" or bb.concat:  # Capture below takes one layer of one view: refuse rather than differ
-        raise UsageError("this head was fitted on features made with --tta or --concat, which the ONNX graph does "
-                         "not reproduce; fit a head on features extracted without them to export it")
     bb.model.eval()
     if bb.layer == POOLED:
         capture = Capture(bb.model, bb.classifier(), use_input=True)

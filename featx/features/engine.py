@@ -35,7 +35,7 @@ import numpy as np
 from .._io import atomic_write, claim_outputs, fingerprint, refuse_inside, safe_str, sweep_stale_temps, written_by_featx
 from ..errors import DataError, FeatxError, StrictModeError, UsageError
 from .sizing import SizeChoice, choose_image_size, parse_image_size
-from .store import DEFAULT_FEATURES_PATH, FORMAT, FeatureSet, provenance_key, save_features
+from .store import DEFAULT_FEATURES_PATH, FORMAT, FeatureSet, save_features
 
 log = logging.getLogger("featx")
 
@@ -314,8 +314,6 @@ class ExtractResult:
     timings: dict = field(default_factory=dict)
     # how the crop size was chosen (`featx.features.sizing.SizeChoice`: mode, size, default, median_short_side, ...)
     image_size: dict = field(default_factory=dict)
-    tta: str = "none"
-    concat: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -374,8 +372,6 @@ def extract_features(
     progress: Optional[Callable[[int, int], None]] = None,
     decoder: str = "auto",
     image_size: Union[int, str, None] = None,
-    tta: Optional[str] = None,
-    concat: Optional[Sequence[str]] = None,
     compile: Union[bool, str] = False,
     prefetch: Optional[int] = None,
     defer_copy: bool = True,
@@ -400,9 +396,6 @@ def extract_features(
             (`featx.features.sizing`; not the default: it saved time but no accuracy on small photos, BENCHMARKS.md
             "Small images"). Same resize/crop ratio either way; recorded in the store, how it was chosen in
             meta["image_size"].
-        tta: "none" or "flip" (features averaged with the horizontal mirror's); concat: earlier stages whose pooled
-            features are appended (see `featx.backbones.create_backbone`). None: the backbone's own (a name: none
-            and no stages). Both recorded in the store, so predict repeats them.
         compile: ``torch.compile`` the network (True: inductor; a string names another backend). Pays on long runs
             only: compiling takes tens of seconds (see BENCHMARKS.md for the measured gain).
         prefetch, defer_copy: the pipeline's parts, switchable to measure each (`iter_outputs`); the defaults are
@@ -425,7 +418,7 @@ def extract_features(
         with _claim(output, overwrite, dist):
             if strict and folder.skipped:  # known before any work: fail before loading a model
                 raise _strict_error(folder.skipped)
-            bb, size_choice = _backbone(backbone, pretrained, weights, layer, image_size, tta, concat, folder)
+            bb, size_choice = _backbone(backbone, pretrained, weights, layer, image_size, folder)
             run = _RunOptions(precision=precision, max_pixels=max_pixels, decoder=decoder, compile=compile,
                               prefetch=prefetch, defer_copy=defer_copy)
             return _extract(folder, root, output, bb, dev, dist, t0, batch_size=batch_size, workers=workers,
@@ -505,10 +498,8 @@ def _check_options(chunk_size: int, decoder: str, prefetch: Optional[int]) -> No
         raise UsageError(f"--decoder must be one of {', '.join(DECODERS)}, not {decoder!r}")
 
 
-def _backbone(backbone, pretrained, weights, layer, image_size, tta, concat, folder):
-    """-> (the Backbone to run, with the size `image_size` resolves to and the tta/concat recipe; SizeChoice).
-
-    A ready `Backbone` keeps its own recipe unless `tta` / `concat` / `image_size` ask for another; its own crop
+def _backbone(backbone, pretrained, weights, layer, image_size, folder):
+    """-> (the Backbone to run, at the size `image_size` resolves to; SizeChoice). A ready `Backbone`'s own crop
     size is the "default" that auto starts from."""
     from ..backbones import Backbone, create_backbone
 
@@ -517,7 +508,7 @@ def _backbone(backbone, pretrained, weights, layer, image_size, tta, concat, fol
     choice = choose_image_size([r.path for r in folder.records], backbone.preprocess, image_size)
     if choice.size != backbone.preprocess.input_size:
         backbone = dataclasses.replace(backbone, preprocess=backbone.preprocess.with_size(choice.size))
-    return backbone.configured(tta=tta, concat=concat), choice
+    return backbone, choice
 
 
 def _notes(folder) -> list:
@@ -568,7 +559,7 @@ def _plan_chunks(folder, root, output, bb, chunk_size, max_pixels, decoder, dist
     records = folder.records
     meta = bb.meta()
     job = {
-        "meta": fingerprint(provenance_key(meta)),  # same key as before tta/concat for plain runs
+        "meta": fingerprint({k: meta[k] for k in ("backbone", "weights_sha256", "preprocess", "layer")}),
         "chunk_size": chunk_size,
         "files": fingerprint([(r.relpath, *_stat_key(r.path)) for r in records]),
         "max_pixels": max_pixels,
@@ -726,7 +717,7 @@ def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings
         seconds=round(time.perf_counter() - t0, 3),
         images_per_s=round((plan.n - resumed) / run_s, 1) if run_s > 0 else 0.0,
         device=str(dev), backbone=bb.name, skipped=skipped, leakage=leakage, resumed_images=resumed,
-        warnings=warnings, decoder=decoder, image_size=size_choice.to_dict(), tta=bb.tta, concat=list(bb.concat),
+        warnings=warnings, decoder=decoder, image_size=size_choice.to_dict(),
     )
 
 

@@ -26,19 +26,11 @@ DEFAULT_FEATURES_PATH = Path("featx-out") / "features.npz"
 
 # The meta keys that decide whether two sets of features are comparable (a head fitted on one may be
 # applied to the other). Same feature size is not enough: another backbone or weights give other axes.
-PROVENANCE_KEYS = ("backbone", "weights_sha256", "preprocess", "layer", "tta", "concat")
-# Keys added after the first stores were written, with the value every older store implicitly has. Left out of the
-# key when they hold that value, so that the fingerprints of plain stores (and of heads fitted on them) are unchanged.
-_IMPLIED = {"tta": "none", "concat": []}
+PROVENANCE_KEYS = ("backbone", "weights_sha256", "preprocess", "layer")
 
 
 def provenance_key(meta: dict) -> dict:
-    key = {k: meta.get(k) for k in PROVENANCE_KEYS if k not in _IMPLIED}
-    for k, implied in _IMPLIED.items():
-        value = meta.get(k)
-        if value is not None and value != implied:
-            key[k] = list(value) if isinstance(value, tuple) else value
-    return key
+    return {k: meta.get(k) for k in PROVENANCE_KEYS}
 
 
 def provenance_fingerprint(meta: dict) -> str:
