@@ -186,14 +186,15 @@ def test_failures_before_the_first_epoch_leave_no_folders(data, tmp_path, monkey
 
 @pytest.mark.parametrize("sig, code, word", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
 def test_ctrl_c_and_sigterm_both_say_how_to_resume(data, tmp_path, sig, code, word):
-    import os
     import signal
 
     from featx.errors import Interrupted
 
     def stop_in_epoch_2(row):
         if row["epoch"] == 2:  # epoch 1 is saved by now; epoch 2 is not
-            os.kill(os.getpid(), getattr(signal, sig))
+            # raise_signal delivers to this (the main) thread at once; os.kill(getpid()) may land on another thread
+            # and be handled only after finetune has returned (a flaky "did not raise")
+            signal.raise_signal(getattr(signal, sig))
 
     with pytest.raises(Interrupted) as exc:
         finetune(TINY, data, name="sig", runs_dir=str(tmp_path), on_epoch=stop_in_epoch_2, **FAST)
