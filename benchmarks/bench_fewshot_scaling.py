@@ -2,6 +2,7 @@
 and L2-normalised features, on a store's own train/val split (why featx.heads.fit has FEW_ROWS).
 
     python benchmarks/bench_fewshot_scaling.py FEATURES.npz [--shots 1 2 5 10 20 all] [--draws 10]
+    python benchmarks/bench_fewshot_scaling.py --digits        # scikit-learn's digits (raw 8x8 pixels), 1,200 / 597
 
 For each k, `--draws` seeded draws of k training images per class (featx compare --shots draws the same way: from
 the training split only); every model is scored on all validation rows; prints mean ± std per model and k.
@@ -35,16 +36,26 @@ def models() -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("features")
+    ap.add_argument("features", nargs="?", help="a featx store with train/val splits")
+    ap.add_argument("--digits", action="store_true", help="scikit-learn's digits instead: seeded 1,200 train / 597 val")
     ap.add_argument("--shots", nargs="+", default=["1", "2", "5", "10", "20", "all"])
     ap.add_argument("--draws", type=int, default=10)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     from featx.features.store import load_features
 
-    fs = load_features(args.features)
-    train, val = np.flatnonzero(fs.splits == "train"), np.flatnonzero(fs.splits == "val")
-    X, y = fs.features, fs.labels
+    if args.digits:
+        from sklearn.datasets import load_digits
+
+        X, y = load_digits(return_X_y=True)
+        perm = np.random.default_rng(0).permutation(len(y))
+        train, val = perm[:1200], perm[1200:]
+    elif args.features:
+        fs = load_features(args.features)
+        train, val = np.flatnonzero(fs.splits == "train"), np.flatnonzero(fs.splits == "val")
+        X, y = fs.features, fs.labels
+    else:
+        ap.error("give FEATURES.npz or --digits")
     classes = sorted(set(y[train].tolist()))
     print("| model | " + " | ".join(f"k={k}" for k in args.shots) + " |")
     print("|---" * (len(args.shots) + 1) + "|")
