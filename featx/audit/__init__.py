@@ -146,6 +146,9 @@ def _plan_checks(fs, s: AuditSettings) -> list:
     """The checks that will run; a clear line up front when one cannot (cleanlab missing, bad features)."""
     if len(fs) < 2:
         raise DataError(f"the features hold {len(fs)} image(s); an audit needs at least two")
+    from ..features.store import check_paths
+
+    check_paths(fs.paths, "the features")  # the gallery and the sha256 marks read root/path: never outside the root
     if not np.isfinite(fs.features).all():
         raise DataError("the features contain NaN or Inf values; re-extract them (`featx extract ... --overwrite`)")
     checks = [c for c in CHECKS if c in s.checks]

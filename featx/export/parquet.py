@@ -76,7 +76,10 @@ def read_features(path):
     if not path.exists():
         raise ArtifactError(f"features file {shown} does not exist")
     try:
+        _check_declared_size(pq.read_metadata(path), path.stat().st_size, shown)
         table = pq.read_table(path)
+    except ArtifactError:
+        raise
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError subclasses for corrupt or foreign files
         raise ArtifactError(f"{shown} is not a readable Parquet file ({type(exc).__name__}: {exc})") from exc
     raw = (table.schema.metadata or {}).get(META_KEY)
@@ -98,12 +101,36 @@ def read_features(path):
                       classes=classes, meta=meta)
 
 
+# What the footer may declare per byte of file, above a floor: float embeddings barely compress, so a footer claiming
+# 100x the file (10^10 rows of a 4 kB file) is forged, and pyarrow would allocate for it before any check of ours.
+_RATIO = 100
+_FLOOR = 64 << 20
+
+
+def _check_declared_size(md, file_size: int, shown: str) -> None:
+    """Refuse, from the footer alone, a file declaring far more decoded data than it could hold."""
+    declared = sum(max(int(md.row_group(i).total_byte_size), 0) for i in range(md.num_row_groups))
+    dim = 1
+    try:
+        emb = md.schema.to_arrow_schema().field("embedding").type
+        dim = max(int(getattr(emb, "list_size", 1)), 1)
+    except (KeyError, ValueError, AttributeError):  # no embedding column: refused later, with its own message
+        pass
+    rows = int(md.num_rows)
+    limit = max(_FLOOR, _RATIO * file_size)
+    if rows < 0 or declared > limit or rows * (4 * dim + 1) > limit:
+        raise ArtifactError(f"refusing {shown}: its footer declares {rows:,} rows ({declared:,} bytes) in a file of "
+                            f"{file_size:,} bytes (a forged or damaged file); re-create it with `featx export`")
+
+
 def _embeddings(table, shown: str) -> np.ndarray:
     import pyarrow as pa
 
     col = table.column("embedding").combine_chunks()
-    if not pa.types.is_fixed_size_list(col.type) or col.null_count:
-        raise ArtifactError(f"{shown}: the embedding column must be a fixed-size list of floats with no nulls")
+    value_type = col.type.value_type if pa.types.is_fixed_size_list(col.type) else None
+    if value_type is None or col.null_count or not (pa.types.is_floating(value_type) or pa.types.is_integer(value_type)):
+        raise ArtifactError(f"{shown}: the embedding column must be a fixed-size list of numbers with no nulls (it "
+                            f"holds {col.type}); re-create it with `featx export`")
     dim = col.type.list_size
     flat = col.flatten().to_numpy(zero_copy_only=False)
     return np.asarray(flat, dtype=np.float32).reshape(len(col), dim)

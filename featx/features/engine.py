@@ -35,7 +35,7 @@ import numpy as np
 from .._io import atomic_write, claim_outputs, fingerprint, refuse_inside, safe_str, sweep_stale_temps, written_by_featx
 from ..errors import DataError, FeatxError, StrictModeError, UsageError
 from .sizing import SizeChoice, choose_image_size, parse_image_size
-from .store import DEFAULT_FEATURES_PATH, FORMAT, FeatureSet, save_features
+from .store import DEFAULT_FEATURES_PATH, FORMAT, FeatureSet, read_meta, read_npz, save_features
 
 log = logging.getLogger("featx")
 
@@ -520,15 +520,8 @@ def _notes(folder) -> list:
 # -- claiming the output -----------------------------------------------------------------------------------------
 def is_features_store(path: Path) -> bool:
     """A featx feature store (its meta says so); used to decide what may be replaced without --overwrite."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            info = zf.getinfo("meta.npy")
-            if info.file_size > 64 << 20:  # a meta member that large is not ours; never read it
-                return False
-        with np.load(path, allow_pickle=False) as z:
-            return json.loads(str(z["meta"][()])).get("format") == FORMAT
-    except Exception:  # not a zip, no meta, a pickled member, not JSON...: not a store of ours
-        return False
+    meta = read_meta(path)  # reads only the meta member, under featx's zip caps
+    return bool(meta) and meta.get("format") == FORMAT
 
 
 @contextlib.contextmanager
@@ -748,5 +741,5 @@ def _write_chunk(path: Path, idx_list, feat_list, errs) -> None:
 
 
 def _read_chunk(path: Path):
-    with np.load(path, allow_pickle=False) as z:
-        return z["index"], z["features"], json.loads(str(z["errors"][()]))
+    z = read_npz(path, ("index", "features", "errors"), what="chunk of a partial extraction")
+    return z["index"], z["features"], json.loads(str(z["errors"][()]))

@@ -9,7 +9,9 @@ Keys: ``features`` (N x D float32), ``paths`` (N, str: posix paths relative to t
 """
 from __future__ import annotations
 
+import io
 import json
+import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,8 @@ from typing import Optional
 
 import numpy as np
 
-from .._io import atomic_write, fingerprint
+from .._io import atomic_write, fingerprint, safe_str
+from .._zipcap import check_directory, read_member
 from ..errors import ArtifactError, DataError
 
 FORMAT = "featx.features"
@@ -53,6 +56,9 @@ class FeatureSet:
         if self.features.ndim != 2:
             raise ArtifactError(f"features must be a 2-D matrix, got shape {self.features.shape}")
         n = len(self.features)
+        if n and not self.features.shape[1]:  # no head or audit can use them (sklearn ValueError, ZeroDivisionError)
+            raise ArtifactError(f"the features hold 0 values per image ({n} rows); they are not features a backbone "
+                                f"gives. Re-extract them with `featx extract`")
         self.paths = [str(p) for p in self.paths]
         if len(self.paths) != n:
             raise ArtifactError(f"{len(self.paths)} paths for {n} feature rows")
@@ -151,26 +157,10 @@ def save_features(fs: FeatureSet, path) -> Path:
     return path
 
 
-# A zip member may declare at most this many bytes per byte it occupies in the file, once it is larger than
-# _BOMB_FLOOR: featx writes stored (uncompressed) members, and np.savez_compressed of real features shrinks them ~2-5x,
-# while a 1 MB file declaring a 1 GiB member (ratio 1000) would otherwise be inflated into memory before any check.
-_BOMB_RATIO = 100
-_BOMB_FLOOR = 64 << 20
-
-
 def check_zip_sizes(zf: zipfile.ZipFile, path, what: str) -> None:
-    """Refuse a zip (features store, head file) whose members declare sizes out of proportion to the file.
-
-    Only the central directory is read: no member is decompressed. zipfile enforces the declared size when a
-    member is read later (a member longer than it declares fails its CRC check), so checking it here is enough.
-    """
-    for info in zf.infolist():
-        declared = int(info.file_size)
-        if declared > _BOMB_FLOOR and declared > _BOMB_RATIO * max(int(info.compress_size), 1):
-            raise ArtifactError(
-                f"refusing {path}: its member {info.filename!r} declares {declared:,} bytes from "
-                f"{info.compress_size:,} compressed bytes (a zip bomb or a damaged file); it is not a {what} "
-                f"featx would write. Re-create it")
+    """Refuse a zip (features store, head file) whose central directory declares sizes no featx file has (kept for
+    callers of the old name; see :func:`featx._zipcap.check_directory`)."""
+    check_directory(zf, path, what)
 
 
 # What each member of a store must be: (required, array kind letters allowed, number of dimensions).
@@ -184,23 +174,96 @@ _LAYOUT = {
 }
 
 
-def _member(z, key: str, path) -> Optional[np.ndarray]:
-    """The array stored under ``key``, checked against the layout; None for an absent optional member."""
+def read_npz(path, keys, what: str = "features file") -> dict:
+    """``{key: array or None}`` for each of ``keys`` (members ``<key>.npy`` or ``<key>``) of an ``.npz``, read without
+    numpy's ``np.load``: every member is inflated under a cap (featx._zipcap) and its ``.npy`` header must describe
+    exactly the bytes that came out, so no array is ever allocated from a size the file merely declares.
+
+    ArtifactError for anything else: a member that is not a ``.npy`` array (raw bytes, e.g. a pickle), pickled object
+    arrays, a header that disagrees with the data; OSError / BadZipFile for a file that is not a zip.
+    """
+    path = Path(path)
+    out = {}
+    with zipfile.ZipFile(path) as zf:
+        check_directory(zf, path, what, archive_size=path.stat().st_size)
+        names = set(zf.namelist())
+        for key in keys:
+            name = f"{key}.npy" if f"{key}.npy" in names else key if key in names else None
+            out[key] = None if name is None else _read_npy(zf, name, key, path, what)
+    return out
+
+
+_NPY_HEADER_MAX = 1 << 16  # numpy refuses .npy headers above 10,000 bytes unless told otherwise
+
+
+def _read_npy(zf: zipfile.ZipFile, name: str, key: str, path: Path, what: str) -> np.ndarray:
+    fmt = np.lib.format
+    raw = read_member(zf, name, path, what)
+    if bytes(raw[:len(fmt.MAGIC_PREFIX)]) != fmt.MAGIC_PREFIX:
+        raise ArtifactError(f"{path} is not a safe featx {what}: member {key!r} is not a numpy array (raw bytes, e.g. "
+                            f"a pickle); nothing in it was run. Re-create it (`featx extract`)")
+    head = io.BytesIO(bytes(raw[:_NPY_HEADER_MAX]))
+    try:
+        version = fmt.read_magic(head)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(head)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(head)
+        else:
+            raise ValueError(f".npy format version {version[0]}.{version[1]}, which featx does not write")
+    except (ValueError, TypeError, SyntaxError) as exc:
+        raise ArtifactError(f"{path} is not a featx {what}: member {key!r} has an unreadable array header ({exc}); "
+                            f"re-create it (`featx extract`)") from exc
+    if dtype.hasobject:
+        raise ArtifactError(f"{path} is not a safe featx {what}: member {key!r} holds pickled Python objects (Object "
+                            f"arrays cannot be loaded when allow_pickle=False); nothing in it was run. Re-create it")
+    count = math.prod(int(d) for d in shape)
+    need, have = count * dtype.itemsize, len(raw) - head.tell()
+    if need != have or (count and not dtype.itemsize):
+        shown = " x ".join(str(d) for d in shape) or "0-d"
+        raise ArtifactError(f"refusing {path}: its member {key!r} declares a {shown} {dtype} array ({need:,} bytes) "
+                            f"but holds {have:,} bytes of data; it is damaged or forged. Re-create it (`featx extract`)")
+    if not count:
+        return np.zeros(shape, dtype=dtype)
+    # a view of the bytes actually read: no second copy, and no allocation sized by the header
+    arr = np.frombuffer(raw, dtype=dtype, count=count, offset=head.tell())
+    return arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
+
+
+def _check_member(key: str, value: Optional[np.ndarray], path) -> Optional[np.ndarray]:
+    """``value`` checked against the store layout; None for an absent optional member."""
     required, kinds, ndim = _LAYOUT[key]
-    if key not in z.files:
+    if value is None:
         if required:
             raise ArtifactError(f"{path} is not a featx features file (missing {key!r}); re-extract it with "
                                 f"`featx extract`")
         return None
-    value = z[key]
-    if not isinstance(value, np.ndarray):  # numpy hands back raw bytes for a member that is not a .npy array
-        raise ArtifactError(f"{path} is not a safe featx features file: member {key!r} is not a numpy array "
-                            f"(raw bytes, e.g. a pickle); nothing in it was run. Re-extract it with `featx extract`")
     if value.dtype.kind not in kinds or value.ndim != ndim:
         want = {"fiu": "numbers", "U": "text"}[kinds]
         raise ArtifactError(f"{path} is not a featx features file: {key!r} holds a {value.ndim}-d {value.dtype} "
                             f"array where featx writes {ndim}-d {want}. Re-extract it with `featx extract`")
     return value
+
+
+def check_paths(paths, where) -> None:
+    """Refuse paths a featx store never holds (ArtifactError naming the first): an absolute path, one that climbs out
+    of the image root with ``..``, an empty one or one holding NUL (each would make audit, or anything else that
+    joins it to the image root, read a file outside the images), and a path listed twice (one image, two rows: a
+    head would train and validate on it, ``--exclude`` could not tell the rows apart).
+
+    Refused rather than confined or dropped: ``featx extract`` writes only unique paths relative to the image root, so
+    such a store was edited or forged, and quietly using part of it would hide that.
+    """
+    seen: dict = {}
+    for i, p in enumerate(paths):
+        if not p or p.startswith("/") or "\x00" in p or (".." in p and ".." in p.split("/")):
+            raise ArtifactError(f"{where} lists {safe_str(repr(p))}, which is not a path inside the image root "
+                                f"(absolute, empty, or climbing out with '..'); featx stores only paths relative to the "
+                                f"image root. Re-extract it with `featx extract`")
+        j = seen.setdefault(p, i)
+        if j != i:
+            raise ArtifactError(f"{where} lists {safe_str(repr(p))} twice (rows {j} and {i}); featx stores each image "
+                                f"once. Re-extract it with `featx extract`")
 
 
 def _meta(raw: np.ndarray, path) -> dict:
@@ -214,40 +277,49 @@ def _meta(raw: np.ndarray, path) -> dict:
     return meta
 
 
+def read_meta(path) -> Optional[dict]:
+    """The metadata of the ``.npz`` at ``path`` (only that member is read, under the same caps as a full load), or
+    None for anything that is not a readable featx-style store."""
+    try:
+        arrays = read_npz(path, ("meta",))
+        meta = json.loads(str(_check_member("meta", arrays["meta"], path)[()]))
+    except Exception:  # not a zip, no meta, a pickled or forged member, not JSON...
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def load_features(path) -> FeatureSet:
     """Read a feature store written by ``featx extract``.
 
-    The layout is checked before anything is used: a zip whose members declare absurd sizes, a member that is not
-    a plain numpy array (raw bytes such as a pickle), pickled object arrays, arrays of the wrong kind or shape, and
-    metadata that is not a JSON object are refused with ArtifactError. Rows of NaN/Inf are kept (see
+    The layout is checked before anything is used: a zip whose members declare absurd sizes or inflate past them, a
+    member that is not a plain numpy array (raw bytes such as a pickle), pickled object arrays, an array header that
+    disagrees with its data, arrays of the wrong kind or shape, metadata that is not a JSON object, and paths that are
+    absolute, climb out of the image root or repeat are refused with ArtifactError. Rows of NaN/Inf are kept (see
     :meth:`FeatureSet.nonfinite_rows`); ``fit_head`` refuses them.
     """
     path = Path(path)
     if path.suffix.lower() == ".parquet":  # hook: the Parquet layout lives in featx.export.parquet (featx[parquet])
         from ..export.parquet import read_features
 
-        return read_features(path)
+        fs = read_features(path)
+        check_paths(fs.paths, safe_str(str(path)))
+        return fs
     if not path.exists():
         raise ArtifactError(f"features file {path} does not exist; run `featx extract IMAGES -o {path}` first")
     if path.is_dir():
         raise ArtifactError(f"{path} is a folder, not a features file")
     try:
-        with zipfile.ZipFile(path) as zf:
-            check_zip_sizes(zf, path, "features file")
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {key: _member(z, key, path) for key in _LAYOUT}
-        meta = _meta(arrays["meta"], path)
-        return FeatureSet(
-            features=arrays["features"],
-            paths=arrays["paths"].tolist(),
-            labels=arrays["labels"],
-            splits=arrays["splits"],
-            classes=[] if arrays["classes"] is None else arrays["classes"].tolist(),
-            meta=meta,
-        )
-    except ArtifactError:
-        raise
-    except ValueError as exc:  # includes "Object arrays cannot be loaded when allow_pickle=False"
-        raise ArtifactError(f"{path} is not a safe featx features file: {exc}") from exc
-    except (OSError, zipfile.BadZipFile, KeyError, EOFError) as exc:
+        arrays = {key: _check_member(key, value, path) for key, value in read_npz(path, _LAYOUT).items()}
+    except (OSError, zipfile.BadZipFile, KeyError, EOFError, ValueError) as exc:
         raise ArtifactError(f"{path} is not a readable featx features file ({type(exc).__name__}: {exc})") from exc
+    meta = _meta(arrays["meta"], path)
+    fs = FeatureSet(
+        features=arrays["features"],
+        paths=arrays["paths"].tolist(),
+        labels=arrays["labels"],
+        splits=arrays["splits"],
+        classes=[] if arrays["classes"] is None else arrays["classes"].tolist(),
+        meta=meta,
+    )
+    check_paths(fs.paths, str(path))
+    return fs

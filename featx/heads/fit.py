@@ -279,6 +279,10 @@ def _as_features(obj, what: str) -> FeatureSet:
         fs = fs.subset(~unlabeled)
     if len(fs) == 0:
         raise DataError(f"the {what} are empty")
+    if not fs.meta.get("backbone"):  # predict rebuilds the backbone from this: without it the head is unusable
+        raise ArtifactError(f"the {what} record no backbone provenance (meta['backbone']), so a head fitted on them "
+                            f"could never be applied to images; re-extract them with `featx extract`, or in Python set "
+                            f"fs.meta['backbone'] (and its weights and preprocessing) to what made them")
     check_finite(fs, what)
     return fs
 

@@ -11,8 +11,9 @@ library versions at fitting time, and for a calibrated head ``calibration`` (``t
 ``softmax(logits / T)``, see featx/heads/calibration.py). Such heads are written as format version 2 so that an older
 featx, which would ignore the temperature, refuses them instead of printing uncalibrated scores.
 
-Before anything is read, the zip's declared member sizes are checked (a small file declaring a huge member is refused
-without inflating it).
+Before skops sees the file, the zip's declared member sizes are checked (a small file declaring a huge member is refused
+without inflating it) and every member is inflated under a cap that does not trust its declared size (featx._zipcap:
+skops' own ``ZipFile.read`` would inflate a lying member whole before its CRC check).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ import numpy as np
 
 from .._io import atomic_write
 from ..errors import ArtifactError, StrictModeError
-from ..features.store import PROVENANCE_KEYS, check_finite, check_zip_sizes, provenance_fingerprint, provenance_key
+from .._zipcap import check_directory, read_member, verified_zip
+from ..features.store import PROVENANCE_KEYS, check_finite, provenance_fingerprint, provenance_key
 
 log = logging.getLogger(__name__)
 
@@ -213,31 +215,30 @@ def _refuse_not_skops(path: Path, data: bytes) -> None:
                         f"arbitrary code. Re-fit the head with `featx fit`")
 
 
-def _read_schema(path: Path, data: bytes):
-    """The parsed schema.json of a skops zip, after the declared member sizes passed the zip-bomb check."""
+def _read_schema(path: Path, data: bytes) -> tuple:
+    """``(schema, safe bytes)``: the parsed schema.json of a skops zip, and bytes skops may read by itself, after every
+    member was inflated under featx's caps (featx._zipcap: a member's declared size is never trusted)."""
     import io
 
     if not zipfile.is_zipfile(io.BytesIO(data)):
         _refuse_not_skops(path, data)
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            check_zip_sizes(zf, path, "head file")
-            if zf.getinfo("schema.json").file_size > _SCHEMA_MAX:
-                raise ArtifactError(f"{path} is not a featx head file (schema larger than {_SCHEMA_MAX:,} bytes)")
-            return json.loads(zf.read("schema.json"))
-    except (KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        safe = verified_zip(data, path, "head file")
+        with zipfile.ZipFile(io.BytesIO(safe)) as zf:
+            raw = read_member(zf, "schema.json", path, "head file", cap=_SCHEMA_MAX)
+        return json.loads(bytes(raw)), safe
+    except (KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ArtifactError(f"{path} is not a featx head file (zip without a valid skops schema: {exc})") from exc
 
 
 def is_head_file(path) -> bool:
-    """True for a head file featx wrote (a skops zip whose schema carries featx's head format): featx may replace it."""
+    """True for a head file featx wrote (a skops zip whose schema carries featx's head format): featx may replace it.
+    Only schema.json is read, under a cap on the bytes it inflates."""
     try:
         with zipfile.ZipFile(path) as zf:
-            info = zf.getinfo("schema.json")
-            if info.file_size > _SCHEMA_MAX:
-                return False
-            return FORMAT.encode() in zf.read(info)
-    except (OSError, KeyError, zipfile.BadZipFile, RuntimeError, ValueError):
+            check_directory(zf, path, "head file")
+            return FORMAT.encode() in read_member(zf, "schema.json", path, "head file", cap=_SCHEMA_MAX)
+    except (OSError, KeyError, zipfile.BadZipFile, RuntimeError, ValueError, ArtifactError):
         return False
 
 
@@ -256,8 +257,7 @@ def load_head(path, *, trusted: Optional[Iterable[str]] = None, strict: bool = F
         raise ArtifactError(f"head file {path} does not exist; fit one with `featx fit FEATURES -o {path}`")
     if path.is_dir():
         raise ArtifactError(f"{path} is a folder, not a head file")
-    data = path.read_bytes()
-    schema = _read_schema(path, data)
+    schema, data = _read_schema(path, path.read_bytes())
 
     allowed = TRUSTED_TYPES | set(trusted or ())
     found: set = set()
