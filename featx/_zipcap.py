@@ -19,7 +19,7 @@ import io
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from .errors import ArtifactError
 
@@ -103,15 +103,19 @@ def read_member(zf: zipfile.ZipFile, member: Union[str, zipfile.ZipInfo], path, 
     return out
 
 
-def verified_zip(data: bytes, path, what: str, member_cap: Optional[int] = None) -> bytes:
-    """``data`` (a whole zip) after every member was read under the caps: bytes another library may open with
-    ``ZipFile`` and ``read`` freely. Raises ArtifactError for anything :func:`check_directory` or
-    :func:`read_member` refuses, or BadZipFile for bytes that are not a zip at all."""
+def verified_zip(data: bytes, path, what: str, member_cap: Optional[int] = None,
+                 check: Optional[Callable[[str, bytearray], None]] = None) -> bytes:
+    """``data`` (a whole zip) after every member was read under the caps (and passed ``check(name, bytes)``, which
+    raises to refuse it): bytes another library may open with ``ZipFile`` and ``read`` freely. Raises ArtifactError
+    for anything :func:`check_directory` or :func:`read_member` refuses, or BadZipFile for bytes that are not a zip."""
+    members = []
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         check_directory(zf, path, what, archive_size=len(data))
-        members = [(info, read_member(zf, info, path, what,
-                                      cap=None if member_cap is None else min(member_cap, _limit(info.compress_size))))
-                   for info in zf.infolist()]
+        for info in zf.infolist():
+            cap = None if member_cap is None else min(member_cap, _limit(info.compress_size))
+            members.append((info, read_member(zf, info, path, what, cap=cap)))
+            if check is not None:
+                check(info.filename, members[-1][1])
     if all(info.compress_type == zipfile.ZIP_STORED for info, _ in members):
         return data  # a stored member yields at most the bytes the file holds, whatever a reader asks for
     out = io.BytesIO()

@@ -355,3 +355,33 @@ def test_overlapping_members_cannot_multiply_what_a_small_file_inflates(tmp_path
     path.write_bytes(bytes(out))
     with pytest.raises(ArtifactError, match="declare"):
         featx.load_features(path)
+
+
+def test_a_store_whose_meta_disagrees_with_its_width_is_refused(tmp_path):
+    """meta says 1280 values per image, the matrix has 4: a head fitted on it fails on every image at predict."""
+    members = _good_members(meta={**META, "feature_dim": 1280})
+    with pytest.raises(ArtifactError, match="1280 values per image"):
+        featx.load_features(_write_zip(tmp_path / "f.npz", members))
+    pytest.importorskip("pyarrow")
+    from featx.export.parquet import write_features
+
+    write_features(FeatureSet(np.ones((2, 4), np.float32), ["a.png", "b.png"], meta={**META, "feature_dim": 8}),
+                   tmp_path / "f.parquet")
+    _one_line(_run("fit", tmp_path / "f.parquet", "-o", tmp_path / "h.skops"), 5, "8 values per image")
+
+
+def test_a_head_array_whose_npy_header_lies_is_refused_before_allocating(tmp_path, head_file):
+    """skops reads each array with np.load(BytesIO): a header declaring 1 GiB was allocated before the data ran out."""
+    from featx.heads.store import load_head
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": (1 << 17, 1024)})
+    with zipfile.ZipFile(head_file) as zf:
+        infos = zf.infolist()
+        victim = next(i.filename for i in infos if i.filename.endswith(".npy"))
+        members = [_stored(i.filename, buf.getvalue() + bytes(16) if i.filename == victim else zf.read(i))
+                   for i in infos]
+    bomb = forge_zip(tmp_path / "h.skops", members)
+    exc, _, peak = _peak(lambda: load_head(bomb))
+    assert isinstance(exc, ArtifactError) and "declares" in str(exc), exc
+    assert peak < SMALL, f"{peak:,}"

@@ -171,6 +171,9 @@ def _resolve_report_dir(report_dir, path: Optional[Path]) -> Optional[Path]:
 
 def run_checks(fs, s: AuditSettings, checks: list, *, images=None, progress=None) -> AuditResult:
     """The computation, no files written: neighbour index, then each requested check."""
+    from ..features.store import check_paths
+
+    check_paths(fs.paths, "the features")  # the gallery and the sha256 marks read root/path: never outside the root
     root = Path(images) if images is not None else (Path(fs.meta["root"]) if fs.meta.get("root") else None)
     info = {"settings": {k: getattr(s, k) for k in ("threshold", "k", "fence", "C", "folds", "val_split", "seed")},
             "checks": checks, "skipped": [c for c in s.checks if c not in checks], "seconds": {}, "notes": []}

@@ -157,12 +157,6 @@ def save_features(fs: FeatureSet, path) -> Path:
     return path
 
 
-def check_zip_sizes(zf: zipfile.ZipFile, path, what: str) -> None:
-    """Refuse a zip (features store, head file) whose central directory declares sizes no featx file has (kept for
-    callers of the old name; see :func:`featx._zipcap.check_directory`)."""
-    check_directory(zf, path, what)
-
-
 # What each member of a store must be: (required, array kind letters allowed, number of dimensions).
 _LAYOUT = {
     "features": (True, "fiu", 2),
@@ -196,12 +190,14 @@ def read_npz(path, keys, what: str = "features file") -> dict:
 _NPY_HEADER_MAX = 1 << 16  # numpy refuses .npy headers above 10,000 bytes unless told otherwise
 
 
-def _read_npy(zf: zipfile.ZipFile, name: str, key: str, path: Path, what: str) -> np.ndarray:
+def npy_layout(raw, key: str, path, what: str) -> tuple:
+    """``(shape, fortran_order, dtype, data offset)`` of the ``.npy`` bytes ``raw`` (a member read under the zip caps),
+    or ArtifactError: not a ``.npy`` array (raw bytes, e.g. a pickle), an unreadable header, pickled objects, or a
+    header that declares another amount of data than follows it (so nothing is ever allocated from the header)."""
     fmt = np.lib.format
-    raw = read_member(zf, name, path, what)
     if bytes(raw[:len(fmt.MAGIC_PREFIX)]) != fmt.MAGIC_PREFIX:
         raise ArtifactError(f"{path} is not a safe featx {what}: member {key!r} is not a numpy array (raw bytes, e.g. "
-                            f"a pickle); nothing in it was run. Re-create it (`featx extract`)")
+                            f"a pickle); nothing in it was run. Re-create it")
     head = io.BytesIO(bytes(raw[:_NPY_HEADER_MAX]))
     try:
         version = fmt.read_magic(head)
@@ -213,7 +209,7 @@ def _read_npy(zf: zipfile.ZipFile, name: str, key: str, path: Path, what: str) -
             raise ValueError(f".npy format version {version[0]}.{version[1]}, which featx does not write")
     except (ValueError, TypeError, SyntaxError) as exc:
         raise ArtifactError(f"{path} is not a featx {what}: member {key!r} has an unreadable array header ({exc}); "
-                            f"re-create it (`featx extract`)") from exc
+                            f"re-create it") from exc
     if dtype.hasobject:
         raise ArtifactError(f"{path} is not a safe featx {what}: member {key!r} holds pickled Python objects (Object "
                             f"arrays cannot be loaded when allow_pickle=False); nothing in it was run. Re-create it")
@@ -222,11 +218,18 @@ def _read_npy(zf: zipfile.ZipFile, name: str, key: str, path: Path, what: str) -
     if need != have or (count and not dtype.itemsize):
         shown = " x ".join(str(d) for d in shape) or "0-d"
         raise ArtifactError(f"refusing {path}: its member {key!r} declares a {shown} {dtype} array ({need:,} bytes) "
-                            f"but holds {have:,} bytes of data; it is damaged or forged. Re-create it (`featx extract`)")
+                            f"but holds {have:,} bytes of data; it is damaged or forged. Re-create it")
+    return shape, fortran, dtype, head.tell()
+
+
+def _read_npy(zf: zipfile.ZipFile, name: str, key: str, path: Path, what: str) -> np.ndarray:
+    raw = read_member(zf, name, path, what)
+    shape, fortran, dtype, offset = npy_layout(raw, key, path, what)
+    count = math.prod(int(d) for d in shape)
     if not count:
         return np.zeros(shape, dtype=dtype)
     # a view of the bytes actually read: no second copy, and no allocation sized by the header
-    arr = np.frombuffer(raw, dtype=dtype, count=count, offset=head.tell())
+    arr = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
     return arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
 
 
@@ -301,9 +304,12 @@ def load_features(path) -> FeatureSet:
     if path.suffix.lower() == ".parquet":  # hook: the Parquet layout lives in featx.export.parquet (featx[parquet])
         from ..export.parquet import read_features
 
-        fs = read_features(path)
-        check_paths(fs.paths, safe_str(str(path)))
-        return fs
+        try:
+            fs = read_features(path)
+        except ArtifactError as exc:
+            shown = safe_str(str(path))
+            raise (exc if shown in str(exc) else ArtifactError(f"{shown}: {exc}")) from None
+        return _checked(fs, safe_str(str(path)))
     if not path.exists():
         raise ArtifactError(f"features file {path} does not exist; run `featx extract IMAGES -o {path}` first")
     if path.is_dir():
@@ -313,13 +319,26 @@ def load_features(path) -> FeatureSet:
     except (OSError, zipfile.BadZipFile, KeyError, EOFError, ValueError) as exc:
         raise ArtifactError(f"{path} is not a readable featx features file ({type(exc).__name__}: {exc})") from exc
     meta = _meta(arrays["meta"], path)
-    fs = FeatureSet(
-        features=arrays["features"],
-        paths=arrays["paths"].tolist(),
-        labels=arrays["labels"],
-        splits=arrays["splits"],
-        classes=[] if arrays["classes"] is None else arrays["classes"].tolist(),
-        meta=meta,
-    )
-    check_paths(fs.paths, str(path))
+    try:
+        fs = FeatureSet(
+            features=arrays["features"],
+            paths=arrays["paths"].tolist(),
+            labels=arrays["labels"],
+            splits=arrays["splits"],
+            classes=[] if arrays["classes"] is None else arrays["classes"].tolist(),
+            meta=meta,
+        )
+    except ArtifactError as exc:  # rows and columns that do not fit together: say which file
+        raise ArtifactError(f"{path}: {exc}") from None
+    return _checked(fs, str(path))
+
+
+def _checked(fs: FeatureSet, where: str) -> FeatureSet:
+    """What every loaded store must also be: paths inside the image root, each once, and as many values per image
+    as its metadata says the backbone gives (a head fitted on the rest could never be applied to images)."""
+    check_paths(fs.paths, where)
+    said = fs.meta.get("feature_dim")
+    if isinstance(said, (int, float)) and not isinstance(said, bool) and len(fs) and int(said) != fs.dim:
+        raise ArtifactError(f"{where} says its backbone gives {int(said)} values per image (meta feature_dim) but its "
+                            f"features have {fs.dim}; it was edited or damaged. Re-extract it with `featx extract`")
     return fs

@@ -30,7 +30,7 @@ import numpy as np
 from .._io import atomic_write
 from ..errors import ArtifactError, StrictModeError
 from .._zipcap import check_directory, read_member, verified_zip
-from ..features.store import PROVENANCE_KEYS, check_finite, provenance_fingerprint, provenance_key
+from ..features.store import PROVENANCE_KEYS, check_finite, npy_layout, provenance_fingerprint, provenance_key
 
 log = logging.getLogger(__name__)
 
@@ -223,12 +223,19 @@ def _read_schema(path: Path, data: bytes) -> tuple:
     if not zipfile.is_zipfile(io.BytesIO(data)):
         _refuse_not_skops(path, data)
     try:
-        safe = verified_zip(data, path, "head file")
+        safe = verified_zip(data, path, "head file", check=lambda name, body: _check_array(name, body, path))
         with zipfile.ZipFile(io.BytesIO(safe)) as zf:
             raw = read_member(zf, "schema.json", path, "head file", cap=_SCHEMA_MAX)
         return json.loads(bytes(raw)), safe
     except (KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ArtifactError(f"{path} is not a featx head file (zip without a valid skops schema: {exc})") from exc
+
+
+def _check_array(name: str, body: bytearray, path: Path) -> None:
+    """skops reads each array member with ``np.load(BytesIO)``, which allocates what the ``.npy`` header declares
+    before reading the data: refuse a header that disagrees with the bytes that follow it."""
+    if name.endswith(".npy"):
+        npy_layout(body, name, path, "head file")
 
 
 def is_head_file(path) -> bool:
