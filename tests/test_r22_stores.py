@@ -385,3 +385,35 @@ def test_a_head_array_whose_npy_header_lies_is_refused_before_allocating(tmp_pat
     exc, _, peak = _peak(lambda: load_head(bomb))
     assert isinstance(exc, ArtifactError) and "declares" in str(exc), exc
     assert peak < SMALL, f"{peak:,}"
+
+
+def test_a_deflated_head_still_loads(tmp_path, head_file):
+    """A head re-zipped with deflate (not what skops writes) is read through the rewritten, stored copy."""
+    from featx.heads.store import load_head
+
+    with zipfile.ZipFile(head_file) as src, zipfile.ZipFile(tmp_path / "d.skops", "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    head = load_head(tmp_path / "d.skops")
+    assert head.classes == ["a", "b"] and head.feature_meta["backbone"] == META["backbone"]
+
+
+def test_the_process_peak_stays_small_loading_a_lying_head(tmp_path, head_file, zeros_deflated):
+    """The same bomb in a real process: its peak resident memory grows by far less than the 256 MiB it hides."""
+    import subprocess
+    import sys
+
+    bomb = _forged_head(head_file, tmp_path / "bomb.skops", zeros_deflated)
+    code = ("import resource, sys\n"
+            "from featx.heads.store import load_head\n"
+            "from featx.errors import ArtifactError\n"
+            "load_head(sys.argv[1])\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "try:\n    load_head(sys.argv[2])\nexcept ArtifactError as exc:\n    print('refused', exc)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(head_file), str(bomb)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("refused"), out.stdout
+    assert int(lines[-1]) < SMALL, f"peak RSS grew by {int(lines[-1]):,} bytes"
