@@ -417,3 +417,36 @@ def test_the_process_peak_stays_small_loading_a_lying_head(tmp_path, head_file, 
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("refused"), out.stdout
     assert int(lines[-1]) < SMALL, f"peak RSS grew by {int(lines[-1]):,} bytes"
+
+
+@pytest.mark.parametrize("change", [[1, 2], {"format_version": "two"}, {"features": [1]}, {"versions": "x"},
+                                    {"kind": 5}, {"format_version": 99}])
+def test_a_head_whose_metadata_was_tampered_is_one_line(tmp_path, head_file, change):
+    """RELIABILITY 'a store or head with a tampered layout': a head's meta of the wrong shape gave tracebacks."""
+    import skops.io as sio
+
+    from featx.heads.store import load_head
+
+    head = load_head(head_file)
+    meta = change if isinstance(change, list) else {**head.meta, **change}
+    path = tmp_path / "t.skops"
+    path.write_bytes(sio.dumps({"pipeline": head.pipeline, "meta": json.dumps(meta)}))
+    with pytest.raises(ArtifactError, match="t.skops"):
+        load_head(path)
+
+
+def test_a_store_from_a_newer_featx_is_refused(tmp_path):
+    members = _good_members(meta={**META, "format_version": 99})
+    with pytest.raises(ArtifactError, match="newer featx"):
+        featx.load_features(_write_zip(tmp_path / "f.npz", members))
+
+
+@pytest.mark.parametrize("doc", [{"format_version": "x", "classes": [], "meta": {}}, [1], {"classes": 3, "meta": {}}])
+def test_a_parquet_store_with_tampered_featx_metadata_is_one_line(tmp_path, doc):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.table({"path": ["a.png"], "label": ["a"], "split": pa.nulls(1, pa.string()),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array([1.0, 2.0], pa.float32()), 2)})
+    pq.write_table(table.replace_schema_metadata({b"featx": json.dumps(doc).encode()}), tmp_path / "t.parquet")
+    with pytest.raises(ArtifactError, match="t.parquet"):
+        featx.load_features(tmp_path / "t.parquet")

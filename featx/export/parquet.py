@@ -89,9 +89,10 @@ def read_features(path):
     try:
         doc = json.loads(raw)
         meta, classes = dict(doc["meta"]), list(doc["classes"])
-    except (ValueError, KeyError, TypeError) as exc:
+        version = int(doc.get("format_version", 0))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ArtifactError(f"{shown} has unreadable featx metadata ({exc})") from exc
-    if int(doc.get("format_version", 0)) > FORMAT_VERSION:
+    if version > FORMAT_VERSION:
         raise ArtifactError(f"{shown} was written by a newer featx (format {doc['format_version']}); upgrade featx")
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:

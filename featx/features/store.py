@@ -277,6 +277,10 @@ def _meta(raw: np.ndarray, path) -> dict:
     if not isinstance(meta, dict):
         raise ArtifactError(f"{path} is not a featx features file: its metadata is a JSON {type(meta).__name__}, "
                             f"not an object. Re-extract it with `featx extract`")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+        raise ArtifactError(f"{path} was written by a newer featx (features format {version!r}; this featx reads "
+                            f"{FORMAT_VERSION}): upgrade featx, or re-extract it")
     return meta
 
 

@@ -289,9 +289,11 @@ def load_head(path, *, trusted: Optional[Iterable[str]] = None, strict: bool = F
         meta = json.loads(obj["meta"])
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path} has unreadable metadata: {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not a featx head file (format {meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        shown = meta.get("format") if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
+        raise ArtifactError(f"{path} is not a featx head file (format {shown!r})")
+    _check_meta_shape(path, meta)
+    if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(f"{path} was written by a newer featx (head format {meta.get('format_version')}); upgrade featx")
     pipeline = obj["pipeline"]
     if not hasattr(pipeline, "predict") or not hasattr(pipeline, "classes_"):
@@ -300,6 +302,22 @@ def load_head(path, *, trusted: Optional[Iterable[str]] = None, strict: bool = F
     _check_versions(path, meta.get("versions", {}), strict)
     calibration_temperature(meta.get("calibration"), f"head file {path}")
     return Head(pipeline, meta, path)
+
+
+# The meta entries featx reads back, and the JSON type each must have: anything else was edited by hand.
+_META_TYPES = {"format_version": int, "kind": str, "features": dict, "versions": dict, "params": dict,
+               "score_kind": str}
+
+
+def _check_meta_shape(path: Path, meta: dict) -> None:
+    for key, kind in _META_TYPES.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise ArtifactError(f"{path} is not a head file featx wrote: its metadata entry {key!r} is a "
+                                f"{type(value).__name__}, not a {kind.__name__}; re-fit it with `featx fit`")
+    if not isinstance(meta.get("kind"), str):
+        raise ArtifactError(f"{path} is not a head file featx wrote: its metadata names no head kind; re-fit it with "
+                            f"`featx fit`")
 
 
 def calibration_temperature(cal, where: str = "the head") -> Optional[float]:
