@@ -327,7 +327,8 @@ class MoveJournal:
     the same image folder reports them (`earlier`: entries whose source is gone and whose destination is there; an
     entry for a move that never happened fails that test and is ignored). When a run's table is written, that image
     folder's entries are dropped (`finish`); the file goes when it is empty. One JSON object per line, ASCII (any file
-    name round-trips); a torn last line from a killed run is ignored.
+    name round-trips); a torn last line from a killed run is ignored. It is only ever opened by `open_beside`: a
+    symbolic or hard link, a FIFO or a folder planted at its name is refused (exit 7), never written through.
     """
 
     def __init__(self, sort_root, images_root):
