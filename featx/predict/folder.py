@@ -182,7 +182,8 @@ class PredictResult:
         if self.sort_into is not None:
             d["sort"] = {"into": str(self.sort_into), "mode": self.sort_mode, "min_confidence": self.min_confidence,
                          "counts": self.sort_counts(), "actions": [a.to_dict() for a in self.sort_actions],
-                         "earlier_moves": [{"path": r["path"], "dest": r["sorted_to"]} for r in self.earlier_moves]}
+                         "earlier_moves": [{"path": r["path"], "dest": r["sorted_to"]} for r in self.earlier_moves],
+                         "already_sorted": self.already_sorted}
         return d
 
 
