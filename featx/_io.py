@@ -292,7 +292,8 @@ class OutputLock:
                     if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                         raise
                     raise OutputError(f"{safe_str(str(self.output))} is being written by another featx run "
-                                      f"({_read_holder(fd)}); wait for it to finish, or write to another output") from None
+                                      f"({_read_holder(fd)}); wait for it to finish, or write to another "
+                                      "output") from None
                 try:  # the holder may have unlinked the file between our open and our lock: lock the new one
                     held = os.fstat(fd).st_ino == os.stat(self.path).st_ino
                 except FileNotFoundError:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from featx._io import LOCK_SUFFIX, OutputLock, claim_outputs
 from featx.cli.app import app
 from featx.errors import OutputError
 from featx.features.store import FeatureSet
-from tests.imagegen import make_folder
 from tests.test_predict import tiny_head  # noqa: F401  (session fixture: one tiny head for all predict tests)
 
 runner = CliRunner()

@@ -69,7 +69,7 @@ def run_until_held(tmp_path: Path, step: str, args: list):
         except OSError:
             pass
         if p.poll() is not None:
-            out, err = p.communicate()
+            _, err = p.communicate()
             pytest.fail(f"featx exited ({p.returncode}) before reaching {step}: {err[-3000:]}")
         if time.monotonic() > deadline:
             p.kill()
@@ -78,16 +78,16 @@ def run_until_held(tmp_path: Path, step: str, args: list):
 
 
 def terminate(p, hold_fd: int) -> tuple:
+    """SIGTERM while held -> (exit code, stderr, its non-empty lines); the FIFO's write end is closed afterwards."""
     p.send_signal(signal.SIGTERM)
     try:
         out, err = p.communicate(timeout=120)
     finally:
         os.close(hold_fd)
-    fifo_left = [line for line in err.splitlines() if line.strip()]
-    return p.returncode, err, fifo_left
+    return p.returncode, err, [line for line in err.splitlines() if line.strip()]
 
 
-def assert_stopped_cleanly(rc: int, err: str, lines: list, tmp_path: Path, keep=()):
+def assert_stopped_cleanly(rc: int, err: str, lines: list, tmp_path: Path):
     assert rc == 143, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert lines and lines[-1].startswith("Error: stopped by SIGTERM"), err
