@@ -187,6 +187,72 @@ def check_writable_folder(folder: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # One run per output at a time: an OS-level lock, released by the OS when the process dies (never stale).
 
+def _odd_kind(st: os.stat_result) -> Optional[str]:
+    """What makes a file unfit to be one of featx's own files beside the user's (None: a plain file, one name)."""
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    if st.st_nlink > 1:
+        return f"a hard link to a file with {st.st_nlink} names"
+    return None
+
+
+def _not_ours(path, what: str, kind: str) -> OutputError:
+    return OutputError(f"refusing to use the {what} {safe_str(str(path))}: it is {kind}, and featx never writes "
+                       f"through one; remove that entry (featx creates the {what} itself) and run again")
+
+
+def check_beside(path: str | os.PathLike, what: str) -> None:
+    """Refuse, before any work, a path featx will create beside the user's files (lock, journal) when something
+    that is not a plain featx file is there: a link, a FIFO, a folder... (absent is fine)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise output_error(path, exc) from exc
+    kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else _odd_kind(st)
+    if kind:
+        raise _not_ours(path, what, kind)
+
+
+def open_beside(path: str | os.PathLike, flags: int, *, what: str) -> int:
+    """``os.open`` for a file featx keeps beside the user's (a lock, a journal): never through a symbolic link
+    (O_NOFOLLOW), never hanging on a FIFO (O_NONBLOCK), and only a regular file with one name, so a link planted at
+    that name cannot aim featx's writes at another file. Refusals are one OutputError line (exit 7) naming ``path``;
+    FileNotFoundError passes through (an absent file opened without O_CREAT)."""
+    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        check_beside(path, what)  # first, so a device file is never even opened
+        fd = os.open(path, flags, 0o666 & ~_umask())
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link (planted between the check and the open)
+            raise _not_ours(path, what, "a symbolic link") from None
+        if exc.errno == errno.EISDIR:
+            raise _not_ours(path, what, "a folder") from None
+        if exc.errno == errno.ENXIO:  # a socket, or a FIFO nobody reads
+            raise _not_ours(path, what, "not a regular file") from None
+        raise OutputError(f"cannot open the {what} {safe_str(str(path))}: {exc.strerror or exc}") from exc
+    try:
+        kind = _odd_kind(os.fstat(fd))  # the file actually opened, whatever happened to the name meanwhile
+        if kind:
+            raise _not_ours(path, what, kind)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class OutputLock:
     """Exclusive ``flock`` on ``.<name>.featx-lock`` beside ``output`` for the life of a run.
 
@@ -209,40 +275,51 @@ class OutputLock:
         return False
 
     def acquire(self) -> None:
+        """Take the lock, or raise OutputError naming the lock file; any failure leaves nothing behind (no lock
+        file, no folder the lock created), so a full disk or a signal here cannot strand a lock."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX: no lock, as before
             return
         self._made = _mkdirs(self.output.parent)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-            except OSError as exc:
-                self._remove_made()
-                raise output_error(self.path, exc) from exc
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                holder = _read_holder(fd)
+        fd, held = None, False
+        try:
+            while True:
+                fd = open_beside(self.path, os.O_RDWR | os.O_CREAT, what="lock file")
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise
+                    raise OutputError(f"{safe_str(str(self.output))} is being written by another featx run "
+                                      f"({_read_holder(fd)}); wait for it to finish, or write to another "
+                                      "output") from None
+                try:  # the holder may have unlinked the file between our open and our lock: lock the new one
+                    held = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    held = False
+                if held:
+                    break
                 os.close(fd)
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise output_error(self.path, exc) from exc
-                raise OutputError(f"{safe_str(str(self.output))} is being written by another featx run ({holder}); "
-                                  "wait for it to finish, or write to another output") from None
-            try:  # the holder may have unlinked the file between our open and our lock: lock the new one
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        self._fd = fd
-        import sys
+                fd = None
+            import sys
 
-        info = {"pid": os.getpid(), "command": " ".join(map(os.path.basename, sys.argv[:1])) + " " + " ".join(sys.argv[1:]),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(info).encode("utf-8", "replace"))
+            info = {"pid": os.getpid(),
+                    "command": " ".join(map(os.path.basename, sys.argv[:1])) + " " + " ".join(sys.argv[1:]),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(info).encode("utf-8", "replace"))
+        except BaseException as exc:
+            if fd is not None:
+                if held:  # ours (we hold it): remove it, or it would name a run that never started
+                    _unlink_quiet(self.path)
+                os.close(fd)
+            self._remove_made()
+            if isinstance(exc, OSError):
+                raise OutputError(f"cannot create the lock file {safe_str(str(self.path))} for "
+                                  f"{safe_str(str(self.output))}: {exc.strerror or exc}; nothing was written") from exc
+            raise
+        self._fd = fd
 
     def release(self) -> None:
         if self._fd is None:
