@@ -4,6 +4,7 @@ on odd paths."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import hashlib
 import json
@@ -333,6 +334,42 @@ def fingerprint(obj) -> str:
 def safe_str(s: str) -> str:
     """A path string that encodes as UTF-8 (undecodable bytes in file names become U+FFFD)."""
     return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if _has_surrogates(s) else s
+
+
+# One CSV dialect for every table featx writes (predictions, audit lists, training metrics). RFC 4180 line ends:
+# with "\r\n" as the terminator the csv module quotes any field holding a "\r" or a "\n" (it quotes the characters of
+# its terminator, so with "\n" alone a name holding "\r" went out bare and split its row for Python's csv and pandas).
+# QUOTE_ALL would round-trip too, but it changes every header line that recognises featx's own files.
+CSV_LINETERMINATOR = "\r\n"
+
+
+def csv_writer(fh, fieldnames=None, **kw):
+    """``csv.writer`` (``csv.DictWriter`` when ``fieldnames`` is given) in featx's one dialect."""
+    if fieldnames is not None:
+        return csv.DictWriter(fh, fieldnames=fieldnames, lineterminator=CSV_LINETERMINATOR, **kw)
+    return csv.writer(fh, lineterminator=CSV_LINETERMINATOR, **kw)
+
+
+def csv_bytes(header, rows) -> bytes:
+    """A CSV document (UTF-8, whatever the locale): ``header`` then ``rows`` (sequences; None is an empty cell). Every
+    cell goes through `safe_str`, so a name that is not valid UTF-8 is written as featx writes it everywhere (U+FFFD
+    for each undecodable byte); readers match that form back (featx.heads.exclude)."""
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv_writer(buf)
+    w.writerow(header)
+    for r in rows:
+        w.writerow(["" if v is None else safe_str(str(v)) for v in r])
+    return buf.getvalue().encode("utf-8")
+
+
+def write_csv(path: str | os.PathLike, header, rows) -> Path:
+    """`csv_bytes` written atomically to ``path``."""
+    data = csv_bytes(header, rows)
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
 
 
 def _has_surrogates(s: str) -> bool:

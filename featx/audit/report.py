@@ -3,12 +3,11 @@ gallery per kind. Every file is checked and locked before any work and written a
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 from pathlib import Path
 from typing import Optional
 
-from .._io import OutputLock, atomic_write, check_outputs, safe_str, stamp, write_markdown
+from .._io import OutputLock, atomic_write, check_outputs, safe_str, stamp, write_csv, write_markdown
 
 CSV_COLUMNS = {
     "duplicates.csv": ["group", "size", "leakage", "conflicting_labels", "path", "split", "role", "label",
@@ -80,12 +79,7 @@ def _duplicate_rows(groups: list) -> list:
 
 
 def _write_csv(path: Path, columns: list, rows: list) -> Path:
-    with atomic_write(path, "w") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else safe_str(str(r[k]))) for k in columns})
-    return path
+    return write_csv(path, columns, ([r.get(k) for k in columns] for r in rows))
 
 
 def ordinal(k: int) -> str:
