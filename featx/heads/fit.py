@@ -191,6 +191,8 @@ def fit_head(features, head: str = "logistic", *, output=None, C: Optional[float
     output = _resolve_output(output, s.overwrite)
     rdir = Path(report_dir) if report_dir is not None else (output.parent if output is not None else None)
     files = _output_files(output, rdir, plan, s)
+    if s.calibrate:  # too few validation rows: refused before any fitting or file
+        _calibration_rows(plan)
 
     with _claimed(files, output, s.overwrite):
         kinds = HEADS if s.head == "all" else (s.head,)
@@ -488,29 +490,41 @@ def _head_meta(kind: str, value, cv_res, scores: dict, training: dict, plan: _Pl
     }
 
 
-def _calibrate(res: FitResult, plan: _Plan, s: FitSettings) -> None:
-    """Temperature scaling on the validation rows; ECE before/after on every evaluated split (val also cross-fitted,
-    since the temperature was fitted on it). Stores the temperature in the head's meta."""
+def _calibration_rows(plan: _Plan) -> None:
     from . import calibration as cal
 
     val = plan.evals.get("val")
     if val is None:
         raise DataError("--calibrate needs validation rows (a val split, --val, or a --val-split hold-out)")
+    cal.check_rows(sorted(set(np.asarray(plan.train.labels).astype(str).tolist())), val.labels)
+
+
+def _calibrate(res: FitResult, plan: _Plan, s: FitSettings) -> None:
+    """Temperature scaling on the validation rows; ECE before/after on every evaluated split. On val, the split T was
+    fitted on, "after" is cross-fitted (each row scored with a T fitted on the other rows): the ECE of the rows that
+    fitted T is kept as "after_in_sample" and never reported as the result. Stores the temperature in the head's meta."""
+    from . import calibration as cal
+
+    _calibration_rows(plan)
+    val = plan.evals["val"]
     pipe, classes = res.head.pipeline, res.head.classes
+    cal.check_enough(pipe, val.features, val.labels)
     temperature = cal.fit_temperature(pipe, val.features, val.labels)
     per_split = {}
     for name, e in plan.evals.items():
         before, how = cal.uncalibrated(pipe, e.features)
-        after = cal.probabilities(pipe, e.features, temperature)
-        per_split[name] = {"before": cal.reliability(before, e.labels, classes),
-                           "after": cal.reliability(after, e.labels, classes)}
+        after = cal.reliability(cal.probabilities(pipe, e.features, temperature), e.labels, classes)
+        per_split[name] = {"before": cal.reliability(before, e.labels, classes), "after": after}
     oof, y_oof = cal.cross_fitted(pipe, val.features, val.labels, seed=s.seed)
-    if oof is not None:
-        per_split["val"]["after_cross_fitted"] = cal.reliability(oof, y_oof, classes)
+    if oof is None:  # cannot happen after check_rows (5 rows a class); refuse rather than report the in-sample ECE
+        raise DataError("--calibrate: too few validation rows of a class to cross-fit the calibration error")
+    per_split["val"]["after_in_sample"] = per_split["val"]["after"]
+    per_split["val"]["after"] = cal.reliability(oof, y_oof, classes)
     res.calibration = {"method": "temperature", "temperature": temperature, "fitted_on": "val", "before": how,
-                       "bins": cal.N_BINS, "splits": per_split}
+                       "bins": cal.N_BINS, "val_after": "cross-fitted", "splits": per_split}
     res.head.meta["calibration"] = {
         "method": "temperature", "temperature": temperature, "fitted_on": "val", "before": how,
+        "val_after": "cross-fitted",
         "ece": {name: {k: v["ece"] for k, v in d.items()} for name, d in per_split.items()}}
     res.head.meta["score_kind"] = "probability"
 
@@ -611,7 +625,8 @@ def _save_pngs(best: FitResult, rdir: Path, stem: str) -> dict:
             png = rdir / f"{stem}.reliability-{name}.png"
             t = best.calibration["temperature"]
             save_reliability_png(rel["before"], rel["after"], png,
-                                 title=f"{best.kind} head, {name}: temperature {t:.3g} fitted on val")
+                                 title=f"{best.kind} head, {name}: temperature {t:.3g} fitted on val"
+                                       + (" (after: cross-fitted)" if "after_in_sample" in rel else ""))
             files[f"reliability-{name}"] = str(png)
     return files
 
