@@ -145,12 +145,14 @@ def written_by_featx(path: str | os.PathLike, recognise: Optional[Recogniser] = 
 Outputs = Union[Iterable, Mapping]
 
 
-def check_outputs(outputs: Outputs, *, overwrite: bool = False) -> None:
+def check_outputs(outputs: Outputs, *, overwrite: bool = False,
+                  hint: str = "choose another output, or pass --overwrite") -> None:
     """Refuse, before any work, outputs featx must not or cannot write.
 
     ``outputs``: paths, or a mapping path -> recogniser (``None``: by suffix: featx's JSON, PNG, Markdown).
     Every path must be a file path (not a folder), absent or written by featx (unless ``overwrite``), and its
-    folder must be creatable and writable (probed with a real temp file: catches read-only mounts too).
+    folder must be creatable and writable (probed with a real temp file: catches read-only mounts too). ``hint``:
+    the way out a refusal names (a command without --overwrite must not suggest it).
     """
     items = outputs.items() if isinstance(outputs, Mapping) else ((p, None) for p in outputs)
     folders = set()
@@ -160,8 +162,7 @@ def check_outputs(outputs: Outputs, *, overwrite: bool = False) -> None:
         if path.is_dir():
             raise UsageError(f"{shown} is a folder; featx needs a file path there")
         if not overwrite and not written_by_featx(path, recognise):
-            raise UsageError(f"{shown} exists and was not written by featx; refusing to replace it "
-                             "(choose another output, or pass --overwrite)")
+            raise UsageError(f"{shown} exists and was not written by featx; refusing to replace it ({hint})")
         folders.add(path.parent)
     for folder in sorted(folders, key=str):
         check_writable_folder(folder)

@@ -200,7 +200,13 @@ def markdown(res, top: int = 20) -> str:
                   f"| {_md(m['label'])} | {m['similarity']:.3f} | {'yes' if m['exact'] else ''} |"
                   for g in res.duplicates[:top] for m in g["members"]]
     if "labels" in ran:
-        lines += ["", "## Likely label errors", "", "label_issues.csv, label_issues.png", "",
+        lab = info.get("labels") or {}
+        lines += ["", "## Likely label errors", ""]
+        if lab.get("chance_level"):  # the same words as the terminal's warning, where the list is read
+            lines += [f"**Warning: meaningless at chance level.** The cross-validated accuracy "
+                      f"{lab['cv_accuracy']} is not clearly above the majority-class rate {lab['majority_rate']}: the "
+                      "features do not predict the labels, so this list is noise, not label errors.", ""]
+        lines += ["label_issues.csv, label_issues.png", "",
                   "| rank | path | given | suggested | p(given) | p(suggested) |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['rank']} | {_md(r['path'])} | {_md(r['given'])} | {_md(r['suggested'])} | "
                   f"{r['given_probability']:.3f} | {r['suggested_probability']:.3f} |" for r in res.label_issues[:top]]
@@ -219,4 +225,5 @@ def _label_line(info: dict) -> str:
         return " (not run)"
     st = info["settings"]
     return (f" (cleanlab on out-of-sample probabilities: logistic head, C={st['C']}, {lab['folds']}-fold CV over "
-            f"{lab['n_checked']} labelled images; CV accuracy {lab['cv_accuracy']})")
+            f"{lab['n_checked']} labelled images; CV accuracy {lab['cv_accuracy']}"
+            + (f", majority-class rate {lab['majority_rate']}" if lab.get("majority_rate") is not None else "") + ")")

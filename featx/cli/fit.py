@@ -26,7 +26,7 @@ def fit_cmd(
     class_weight: Optional[str] = typer.Option(None, "--class-weight", help="'balanced' for imbalanced classes."),
     val_split: float = typer.Option(0.2, "--val-split", help="Stratified hold-out fraction when the features carry no val split."),
     val: Optional[Path] = typer.Option(None, "--val", help="Validate on these features instead (same backbone)."),
-    cv: int = typer.Option(5, "--cv", help="Folds of the CV search (0 = off)."),
+    cv: int = typer.Option(5, "--cv", help="Folds of the CV search: 2 or more, or 0 = off."),
     seed: int = typer.Option(0, "--seed", help="Seed for the hold-out, the CV folds and the SVMs."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: where the torch heads run (svm, mlp; logistic for large sets)."),
     backend: str = typer.Option("auto", "--backend", help="auto | sklearn | torch (logistic, svm; mlp is always torch)."),

@@ -47,7 +47,7 @@ class FitSettings:
     k: Optional[int] = None  # fixed k for knn; None = CV grid search
     class_weight: Optional[str] = None  # "balanced" reweights classes inversely to their frequency
     val_split: float = 0.2  # held-out fraction of train when the features carry no val split and no --val is given
-    cv: int = 5  # folds for the search; lowered to the smallest class count; < 2 switches CV off
+    cv: int = 5  # folds for the search (>= 2), lowered to the smallest class count; 0 switches CV off
     seed: int = 0  # seeds the hold-out (featx.data.split: the same images as finetune), CV folds, SVMs and the mlp
     device: str = "auto"  # torch heads (svm, mlp; logistic for large sets): auto = CUDA when present
     backend: str = "auto"  # "sklearn", "torch" (logistic, svm, mlp), or auto (see _backend)
@@ -156,7 +156,7 @@ def fit_head(features, head: str = "logistic", *, output=None, C: Optional[float
         val_split, val: validation rows follow featx.data.split (the same images ``featx finetune`` holds out): the
             features' own val split; else ``val`` features if given; else a stratified seeded ``val_split`` hold-out
             of train. A ``test`` split is only scored, never used to choose anything.
-        cv: folds of the stratified CV search (lowered to the smallest class count; < 2 turns CV off).
+        cv: folds of the stratified CV search, 2 or more (lowered to the smallest class count); 0 turns CV off.
         device, backend: the mlp runs in torch (CUDA when present), the svm too from n x d >= 1M (liblinear below,
             or with ``backend="sklearn"``); the logistic head runs in torch with ``backend="torch"``, with
             ``device="cuda"``, or automatically for large sets when CUDA is present. Every head is saved as an
@@ -233,8 +233,11 @@ def _validate(s: FitSettings) -> None:
         raise UsageError(f"--C must be a positive number, got {s.C}")
     if s.k is not None and (int(s.k) != s.k or int(s.k) < 1):
         raise UsageError(f"--k must be a positive integer, got {s.k}")
-    if s.cv is None or int(s.cv) < 0:
-        raise UsageError(f"--cv must be 0 (off) or a number of folds >= 2, got {s.cv}")
+    # 1 is refused, not read as "off": one fold holds nothing out, so `--cv 1` is a typo or a misunderstanding, and
+    # silently fitting without a search hid that (issue 22.10); audit's --folds refuses 1 the same way
+    if isinstance(s.cv, bool) or not isinstance(s.cv, (int, np.integer)) or s.cv < 0 or s.cv == 1:
+        hint = "; one fold holds nothing out: --cv 0 switches the search off" if s.cv == 1 else ""
+        raise UsageError(f"--cv must be 0 (off) or a number of folds >= 2, got {s.cv}{hint}")
     if s.n_jobs is not None and (int(s.n_jobs) != s.n_jobs or int(s.n_jobs) == 0):
         raise UsageError(f"--jobs must be a number of parallel CV fits (1 or more, or -1 for all cores), "
                          f"got {s.n_jobs}")
