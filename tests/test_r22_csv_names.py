@@ -138,3 +138,19 @@ def test_every_csv_writer_uses_the_one_round_trip_setting():
     csv_writer(buf).writerow(["a\rb", "c"])
     assert list(csv.reader(io.StringIO(buf.getvalue(), newline=""))) == [["a\rb", "c"]]
     assert len(pd.read_csv(io.StringIO("x,y\r\n" + buf.getvalue()), dtype=str)) == 1
+
+
+def test_jsonl_table_keeps_one_row_per_name_for_any_line_reader(tmp_path):
+    """JSON escapes \\r and \\n; U+2028, U+2029 and \\x85 (line ends to str.splitlines) are escaped too."""
+    import json
+
+    from featx.predict.tables import write_rows
+
+    names = ODD + ["para\u2029graph", NON_UTF8]
+    rows = [dict(path=f"{n}.png", label="a", confidence=0.5, top_k=[{"label": "a", "score": 0.5}], error=None)
+            for n in names]
+    out = write_rows(rows, tmp_path / "p.jsonl", "jsonl")
+    text = out.read_bytes().decode("utf-8")
+    want = [safe_str(f"{n}.png") for n in names]
+    assert [json.loads(ln)["path"] for ln in text.splitlines()] == want
+    assert list(pd.read_json(out, lines=True, dtype=False)["path"]) == want

@@ -132,7 +132,13 @@ def _jsonl_is_ours(path: Path) -> bool:
     return isinstance(obj, dict) and {"path", "label", "confidence"} <= set(obj)
 
 
+# Characters json.dumps(ensure_ascii=False) leaves raw that str.splitlines (and JavaScript) treat as line ends: escaped,
+# so a name holding one stays on its row for any line-based reader (json.loads reads the escape back exactly).
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 @table_format("jsonl", suffixes=(".jsonl", ".json", ".ndjson"), recognise=_jsonl_is_ours)
 def _render_jsonl(rows: Sequence[dict], layout: Layout) -> bytes:
     # safe_str: a name that is not valid UTF-8 must not make the whole table fail to encode
-    return "".join(safe_str(json.dumps(r, ensure_ascii=False)) + "\n" for r in rows).encode("utf-8")
+    return "".join(safe_str(json.dumps(r, ensure_ascii=False)).translate(_LINE_BREAKS) + "\n"
+                   for r in rows).encode("utf-8")
