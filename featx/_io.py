@@ -4,6 +4,7 @@ on odd paths."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import hashlib
 import json
@@ -144,12 +145,14 @@ def written_by_featx(path: str | os.PathLike, recognise: Optional[Recogniser] = 
 Outputs = Union[Iterable, Mapping]
 
 
-def check_outputs(outputs: Outputs, *, overwrite: bool = False) -> None:
+def check_outputs(outputs: Outputs, *, overwrite: bool = False,
+                  hint: str = "choose another output, or pass --overwrite") -> None:
     """Refuse, before any work, outputs featx must not or cannot write.
 
     ``outputs``: paths, or a mapping path -> recogniser (``None``: by suffix: featx's JSON, PNG, Markdown).
     Every path must be a file path (not a folder), absent or written by featx (unless ``overwrite``), and its
-    folder must be creatable and writable (probed with a real temp file: catches read-only mounts too).
+    folder must be creatable and writable (probed with a real temp file: catches read-only mounts too). ``hint``:
+    the way out a refusal names (a command without --overwrite must not suggest it).
     """
     items = outputs.items() if isinstance(outputs, Mapping) else ((p, None) for p in outputs)
     folders = set()
@@ -159,8 +162,7 @@ def check_outputs(outputs: Outputs, *, overwrite: bool = False) -> None:
         if path.is_dir():
             raise UsageError(f"{shown} is a folder; featx needs a file path there")
         if not overwrite and not written_by_featx(path, recognise):
-            raise UsageError(f"{shown} exists and was not written by featx; refusing to replace it "
-                             "(choose another output, or pass --overwrite)")
+            raise UsageError(f"{shown} exists and was not written by featx; refusing to replace it ({hint})")
         folders.add(path.parent)
     for folder in sorted(folders, key=str):
         check_writable_folder(folder)
@@ -410,6 +412,42 @@ def fingerprint(obj) -> str:
 def safe_str(s: str) -> str:
     """A path string that encodes as UTF-8 (undecodable bytes in file names become U+FFFD)."""
     return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if _has_surrogates(s) else s
+
+
+# One CSV dialect for every table featx writes (predictions, audit lists, training metrics). RFC 4180 line ends:
+# with "\r\n" as the terminator the csv module quotes any field holding a "\r" or a "\n" (it quotes the characters of
+# its terminator, so with "\n" alone a name holding "\r" went out bare and split its row for Python's csv and pandas).
+# QUOTE_ALL would round-trip too, but it changes every header line that recognises featx's own files.
+CSV_LINETERMINATOR = "\r\n"
+
+
+def csv_writer(fh, fieldnames=None, **kw):
+    """``csv.writer`` (``csv.DictWriter`` when ``fieldnames`` is given) in featx's one dialect."""
+    if fieldnames is not None:
+        return csv.DictWriter(fh, fieldnames=fieldnames, lineterminator=CSV_LINETERMINATOR, **kw)
+    return csv.writer(fh, lineterminator=CSV_LINETERMINATOR, **kw)
+
+
+def csv_bytes(header, rows) -> bytes:
+    """A CSV document (UTF-8, whatever the locale): ``header`` then ``rows`` (sequences; None is an empty cell). Every
+    cell goes through `safe_str`, so a name that is not valid UTF-8 is written as featx writes it everywhere (U+FFFD
+    for each undecodable byte); readers match that form back (featx.heads.exclude)."""
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv_writer(buf)
+    w.writerow(header)
+    for r in rows:
+        w.writerow(["" if v is None else safe_str(str(v)) for v in r])
+    return buf.getvalue().encode("utf-8")
+
+
+def write_csv(path: str | os.PathLike, header, rows) -> Path:
+    """`csv_bytes` written atomically to ``path``."""
+    data = csv_bytes(header, rows)
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
 
 
 def _has_surrogates(s: str) -> bool:
