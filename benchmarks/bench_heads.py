@@ -140,8 +140,10 @@ def print_calibration(rows: list) -> None:
     print(f"\n{'head':<9} | {'T':>6} | {'ECE before':>10} {'after':>7} {'after, cross-fitted':>20} | before: probabilities from")
     for r in rows:
         c = r["calibration"]
-        cross = c.get("after_cross_fitted")
-        print(f"{r['head']:<9} | {c['temperature']:>6.3g} | {c['before']:>10.3f} {c['after']:>7.3f} "
+        # since issue 22.4 "after" on val is cross-fitted and the in-sample ECE is "after_in_sample"
+        inner, cross = (c["after_in_sample"], c["after"]) if "after_in_sample" in c else \
+            (c["after"], c.get("after_cross_fitted"))
+        print(f"{r['head']:<9} | {c['temperature']:>6.3g} | {c['before']:>10.3f} {inner:>7.3f} "
               f"{(f'{cross:.3f}' if cross is not None else '-'):>20} | {c['how']}")
 
 

@@ -4,6 +4,7 @@ on odd paths."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import hashlib
 import json
@@ -144,12 +145,14 @@ def written_by_featx(path: str | os.PathLike, recognise: Optional[Recogniser] = 
 Outputs = Union[Iterable, Mapping]
 
 
-def check_outputs(outputs: Outputs, *, overwrite: bool = False) -> None:
+def check_outputs(outputs: Outputs, *, overwrite: bool = False,
+                  hint: str = "choose another output, or pass --overwrite") -> None:
     """Refuse, before any work, outputs featx must not or cannot write.
 
     ``outputs``: paths, or a mapping path -> recogniser (``None``: by suffix: featx's JSON, PNG, Markdown).
     Every path must be a file path (not a folder), absent or written by featx (unless ``overwrite``), and its
-    folder must be creatable and writable (probed with a real temp file: catches read-only mounts too).
+    folder must be creatable and writable (probed with a real temp file: catches read-only mounts too). ``hint``:
+    the way out a refusal names (a command without --overwrite must not suggest it).
     """
     items = outputs.items() if isinstance(outputs, Mapping) else ((p, None) for p in outputs)
     folders = set()
@@ -159,8 +162,7 @@ def check_outputs(outputs: Outputs, *, overwrite: bool = False) -> None:
         if path.is_dir():
             raise UsageError(f"{shown} is a folder; featx needs a file path there")
         if not overwrite and not written_by_featx(path, recognise):
-            raise UsageError(f"{shown} exists and was not written by featx; refusing to replace it "
-                             "(choose another output, or pass --overwrite)")
+            raise UsageError(f"{shown} exists and was not written by featx; refusing to replace it ({hint})")
         folders.add(path.parent)
     for folder in sorted(folders, key=str):
         check_writable_folder(folder)
@@ -187,6 +189,72 @@ def check_writable_folder(folder: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # One run per output at a time: an OS-level lock, released by the OS when the process dies (never stale).
 
+def _odd_kind(st: os.stat_result) -> Optional[str]:
+    """What makes a file unfit to be one of featx's own files beside the user's (None: a plain file, one name)."""
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    if st.st_nlink > 1:
+        return f"a hard link to a file with {st.st_nlink} names"
+    return None
+
+
+def _not_ours(path, what: str, kind: str) -> OutputError:
+    return OutputError(f"refusing to use the {what} {safe_str(str(path))}: it is {kind}, and featx never writes "
+                       f"through one; remove that entry (featx creates the {what} itself) and run again")
+
+
+def check_beside(path: str | os.PathLike, what: str) -> None:
+    """Refuse, before any work, a path featx will create beside the user's files (lock, journal) when something
+    that is not a plain featx file is there: a link, a FIFO, a folder... (absent is fine)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise output_error(path, exc) from exc
+    kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else _odd_kind(st)
+    if kind:
+        raise _not_ours(path, what, kind)
+
+
+def open_beside(path: str | os.PathLike, flags: int, *, what: str) -> int:
+    """``os.open`` for a file featx keeps beside the user's (a lock, a journal): never through a symbolic link
+    (O_NOFOLLOW), never hanging on a FIFO (O_NONBLOCK), and only a regular file with one name, so a link planted at
+    that name cannot aim featx's writes at another file. Refusals are one OutputError line (exit 7) naming ``path``;
+    FileNotFoundError passes through (an absent file opened without O_CREAT)."""
+    flags |= os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        check_beside(path, what)  # first, so a device file is never even opened
+        fd = os.open(path, flags, 0o666 & ~_umask())
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link (planted between the check and the open)
+            raise _not_ours(path, what, "a symbolic link") from None
+        if exc.errno == errno.EISDIR:
+            raise _not_ours(path, what, "a folder") from None
+        if exc.errno == errno.ENXIO:  # a socket, or a FIFO nobody reads
+            raise _not_ours(path, what, "not a regular file") from None
+        raise OutputError(f"cannot open the {what} {safe_str(str(path))}: {exc.strerror or exc}") from exc
+    try:
+        kind = _odd_kind(os.fstat(fd))  # the file actually opened, whatever happened to the name meanwhile
+        if kind:
+            raise _not_ours(path, what, kind)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class OutputLock:
     """Exclusive ``flock`` on ``.<name>.featx-lock`` beside ``output`` for the life of a run.
 
@@ -209,40 +277,51 @@ class OutputLock:
         return False
 
     def acquire(self) -> None:
+        """Take the lock, or raise OutputError naming the lock file; any failure leaves nothing behind (no lock
+        file, no folder the lock created), so a full disk or a signal here cannot strand a lock."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX: no lock, as before
             return
         self._made = _mkdirs(self.output.parent)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-            except OSError as exc:
-                self._remove_made()
-                raise output_error(self.path, exc) from exc
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                holder = _read_holder(fd)
+        fd, held = None, False
+        try:
+            while True:
+                fd = open_beside(self.path, os.O_RDWR | os.O_CREAT, what="lock file")
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise
+                    raise OutputError(f"{safe_str(str(self.output))} is being written by another featx run "
+                                      f"({_read_holder(fd)}); wait for it to finish, or write to another "
+                                      "output") from None
+                try:  # the holder may have unlinked the file between our open and our lock: lock the new one
+                    held = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    held = False
+                if held:
+                    break
                 os.close(fd)
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise output_error(self.path, exc) from exc
-                raise OutputError(f"{safe_str(str(self.output))} is being written by another featx run ({holder}); "
-                                  "wait for it to finish, or write to another output") from None
-            try:  # the holder may have unlinked the file between our open and our lock: lock the new one
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        self._fd = fd
-        import sys
+                fd = None
+            import sys
 
-        info = {"pid": os.getpid(), "command": " ".join(map(os.path.basename, sys.argv[:1])) + " " + " ".join(sys.argv[1:]),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(info).encode("utf-8", "replace"))
+            info = {"pid": os.getpid(),
+                    "command": " ".join(map(os.path.basename, sys.argv[:1])) + " " + " ".join(sys.argv[1:]),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(info).encode("utf-8", "replace"))
+        except BaseException as exc:
+            if fd is not None:
+                if held:  # ours (we hold it): remove it, or it would name a run that never started
+                    _unlink_quiet(self.path)
+                os.close(fd)
+            self._remove_made()
+            if isinstance(exc, OSError):
+                raise OutputError(f"cannot create the lock file {safe_str(str(self.path))} for "
+                                  f"{safe_str(str(self.output))}: {exc.strerror or exc}; nothing was written") from exc
+            raise
+        self._fd = fd
 
     def release(self) -> None:
         if self._fd is None:
@@ -333,6 +412,42 @@ def fingerprint(obj) -> str:
 def safe_str(s: str) -> str:
     """A path string that encodes as UTF-8 (undecodable bytes in file names become U+FFFD)."""
     return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if _has_surrogates(s) else s
+
+
+# One CSV dialect for every table featx writes (predictions, audit lists, training metrics). RFC 4180 line ends:
+# with "\r\n" as the terminator the csv module quotes any field holding a "\r" or a "\n" (it quotes the characters of
+# its terminator, so with "\n" alone a name holding "\r" went out bare and split its row for Python's csv and pandas).
+# QUOTE_ALL would round-trip too, but it changes every header line that recognises featx's own files.
+CSV_LINETERMINATOR = "\r\n"
+
+
+def csv_writer(fh, fieldnames=None, **kw):
+    """``csv.writer`` (``csv.DictWriter`` when ``fieldnames`` is given) in featx's one dialect."""
+    if fieldnames is not None:
+        return csv.DictWriter(fh, fieldnames=fieldnames, lineterminator=CSV_LINETERMINATOR, **kw)
+    return csv.writer(fh, lineterminator=CSV_LINETERMINATOR, **kw)
+
+
+def csv_bytes(header, rows) -> bytes:
+    """A CSV document (UTF-8, whatever the locale): ``header`` then ``rows`` (sequences; None is an empty cell). Every
+    cell goes through `safe_str`, so a name that is not valid UTF-8 is written as featx writes it everywhere (U+FFFD
+    for each undecodable byte); readers match that form back (featx.heads.exclude)."""
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv_writer(buf)
+    w.writerow(header)
+    for r in rows:
+        w.writerow(["" if v is None else safe_str(str(v)) for v in r])
+    return buf.getvalue().encode("utf-8")
+
+
+def write_csv(path: str | os.PathLike, header, rows) -> Path:
+    """`csv_bytes` written atomically to ``path``."""
+    data = csv_bytes(header, rows)
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
 
 
 def _has_surrogates(s: str) -> bool:

@@ -72,27 +72,56 @@ class _Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
+def sigterm_raises():
+    """Inside the block SIGTERM raises a KeyboardInterrupt (``signal_of(exc) == SIGTERM``), so the cleanup written
+    for Ctrl-C (locks released, temp files removed, folders a run created and left empty removed) runs for SIGTERM
+    too. The CLI wraps every command in it; nesting is fine (the outer handler is restored on exit).
+
+    Only the first SIGTERM raises: a second one while that cleanup runs is ignored, so it cannot cut the cleanup
+    short and strand a lock (SIGKILL still stops the process at once).
+    """
+    try:
+        old = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    if old is not _raise_terminated:  # the outermost block: a fresh start
+        _TERM["seen"] = False
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def signal_of(exc: BaseException) -> int:
+    """The signal behind a KeyboardInterrupt: SIGTERM for one raised by `sigterm_raises`, else SIGINT (Ctrl-C)."""
+    return int(getattr(exc, "signum", signal.SIGINT))
+
+
+def signal_name(signum: int) -> str:
+    return "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+
+
+@contextlib.contextmanager
 def interruptible(hint: str):
     """Inside the block, Ctrl-C and SIGTERM raise ``Interrupted`` whose message ends with ``hint``.
 
     ``hint`` says what was kept and how to continue ("finished chunks were kept; re-run the same command to
     resume"), so both signals tell the user the same thing; exit codes are 130 (SIGINT) and 143 (SIGTERM).
     """
-    old = None
     try:
-        old = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread: signals cannot be handled here
-        pass
-    try:
-        yield
+        with sigterm_raises():
+            yield
     except KeyboardInterrupt as exc:
-        signum = int(getattr(exc, "signum", signal.SIGINT))
-        what = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-        raise Interrupted(f"stopped by {what}; {hint}", signum) from None
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        signum = signal_of(exc)
+        raise Interrupted(f"stopped by {signal_name(signum)}; {hint}", signum) from None
+
+
+_TERM = {"seen": False}
 
 
 def _raise_terminated(signum, _frame):
+    if _TERM["seen"]:
+        return  # already stopping: let the cleanup finish
+    _TERM["seen"] = True
     raise _Terminated()

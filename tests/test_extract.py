@@ -220,11 +220,14 @@ def test_killed_process_resumes_to_identical_store(folder, tmp_path, sig, code):
     deadline = time.time() + 200
     while time.time() < deadline and len(list(part.glob("chunk-*.npz"))) < 2 and p.poll() is None:
         time.sleep(0.05)
+    # Freeze the run before it can finish, queue the signal, then let it go on: the signal lands mid-run every time
+    # (the old version skipped when a fast machine finished first).
+    p.send_signal(signal.SIGSTOP)
+    assert p.poll() is None, p.stderr.read()
     p.send_signal(sig)
+    p.send_signal(signal.SIGCONT)
     rc = p.wait(timeout=60)
-    if rc == 0:
-        pytest.skip("the run finished before the signal landed")
-    assert rc == code
+    assert rc == code, p.stderr.read()
     assert not out.exists()
     if sig != signal.SIGKILL:
         said = p.stderr.read()

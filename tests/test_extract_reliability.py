@@ -185,10 +185,13 @@ def test_sigkill_of_the_main_process_leaves_no_worker_alive(tmp_path):
     while time.time() < deadline and p.poll() is None and len(workers) < 2:
         workers = _children(p.pid)
         time.sleep(0.05)
+    # Hold the run in the state under test: a stopped main process reads nothing more, so its workers stay alive
+    # (blocked on a full pipe) however fast the extraction would otherwise finish. SIGKILL works on a stopped process.
+    p.send_signal(signal.SIGSTOP)
     if p.poll() is not None:
         pytest.fail(f"the run ended before its workers were seen: {p.stderr.read()[-500:]}")
-    time.sleep(0.5)  # let the workers fill the pipe
     workers = _children(p.pid)
+    assert len(workers) >= 2 and all(_alive(w) for w in workers), workers
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)
     deadline = time.time() + 8

@@ -518,22 +518,25 @@ def test_calibrated_probabilities_are_sklearns_temperature_scaling(kind):
     np.testing.assert_allclose(probs, ref.predict_proba(X[:60]), atol=1e-6)
     # one temperature never changes a prediction
     np.testing.assert_array_equal(np.asarray(res.head.classes)[probs.argmax(1)], res.head.pipeline.predict(X[:60]))
-    ece = cal["ece"]["val"]
-    assert ece["after"] <= ece["before"] + 1e-9 and 0 <= ece["after_cross_fitted"] <= 1
+    ece = cal["ece"]["val"]  # "after" on val is cross-fitted (issue 22.4); the in-sample ECE is labelled as such
+    assert ece["after_in_sample"] <= ece["before"] + 1e-9 and 0 <= ece["after"] <= 1
 
 
 def test_calibrate_works_on_a_validation_split_of_a_few_images_per_class():
     """sklearn's default 5-fold cv inside the calibrator needed >= 5 validation rows of every class (a raw
-    ValueError on small folders); the head is frozen, so the temperature is fitted on all rows at once."""
+    ValueError on small folders); the head is frozen, so the temperature is fitted on all rows at once. At featx's
+    own minimum (issue 22.4: MIN_ROWS_PER_CLASS validation rows a class) it works, its val ECE cross-fitted."""
+    from featx.heads.calibration import MIN_ROWS_PER_CLASS
+
     fs = digits(n=300)
     classes = sorted(set(fs.labels.tolist()))
     val = np.zeros(len(fs), dtype=bool)
-    for c in classes:  # 3 validation images per class
-        val[np.flatnonzero(fs.labels == c)[:3]] = True
+    for c in classes:
+        val[np.flatnonzero(fs.labels == c)[:MIN_ROWS_PER_CLASS]] = True
     fs.splits = np.where(val, "val", "train")
-    res = fit_head(fs, "logistic", C=1.0, cv=0, calibrate=True)
-    assert res.head.calibration["temperature"] > 0 and res.scores["val"]["n"] == 3 * len(classes)
-    assert res.head.calibration["ece"]["val"]["after_cross_fitted"] is not None
+    res = fit_head(fs, "logistic", C=0.001, cv=0, calibrate=True)  # weak enough to make a mistake on val
+    assert res.head.calibration["temperature"] > 0 and res.scores["val"]["n"] == MIN_ROWS_PER_CLASS * len(classes)
+    assert res.head.calibration["ece"]["val"]["after_in_sample"] is not None
 
 
 def test_calibrated_svm_head_round_trips_as_format_2(tmp_path):

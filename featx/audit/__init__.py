@@ -264,7 +264,8 @@ def _label_issues(fs, s, roles, info) -> list:
     found = find_label_issues(fs.features, fs.labels, C=s.C, folds=s.folds, seed=s.seed, n_jobs=s.n_jobs)
     info["seconds"]["labels"] = round(time.perf_counter() - t, 3)
     info["notes"] += found["notes"]
-    info["labels"] = {k: found[k] for k in ("folds", "n_checked", "cv_accuracy", "classes")}
+    info["labels"] = {k: found[k] for k in ("folds", "n_checked", "cv_accuracy", "majority_rate", "chance_level",
+                                            "classes")}
     return [{"rank": n, "path": fs.paths[r], "split": _at(fs.splits, r), "role": _at(roles, r), "given": g,
              "suggested": sg,
              "given_probability": gp, "suggested_probability": sp}

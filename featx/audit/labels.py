@@ -58,12 +58,37 @@ def out_of_sample_probabilities(X: np.ndarray, y: np.ndarray, *, C: float, folds
     return cross_val_predict(head, X, y, cv=cv, method="predict_proba", n_jobs=n_jobs)
 
 
+# When is a cross-validated accuracy "clearly above" the majority-class rate (what always guessing the commonest
+# class scores)? Both: a one-sided binomial test rejects "no better than the majority rate" at 0.1 % (small folders:
+# a few lucky rows are not a signal), and the head closes at least a tenth of the gap from that rate to perfect
+# accuracy (large stores: 50.3 % against 50.0 % is "significant" on 100,000 rows and still useless). Below that the
+# probabilities carry no information about the labels and every "likely label error" is noise (issue 22.10: random
+# features gave 24,846 of them without a word).
+CHANCE_ALPHA = 1e-3
+CHANCE_GAP = 0.10
+
+
+def chance_level(y: np.ndarray, suggested: np.ndarray) -> tuple:
+    """(is the CV accuracy at chance level?, majority-class rate) for labels ``y`` and predictions ``suggested``."""
+    from scipy.stats import binomtest
+
+    y = np.asarray(y)
+    n = len(y)
+    majority = float(np.unique(y, return_counts=True)[1].max() / n) if n else 0.0
+    correct = int((np.asarray(suggested) == y).sum())
+    if n == 0 or majority >= 1.0:
+        return True, majority
+    clear = (binomtest(correct, n, majority, alternative="greater").pvalue < CHANCE_ALPHA
+             and correct / n >= majority + CHANCE_GAP * (1.0 - majority))
+    return not clear, majority
+
+
 def find_label_issues(X: np.ndarray, labels: np.ndarray, *, C: float = 0.1, folds: int = 5, seed: int = 0,
                       n_jobs: Optional[int] = None) -> dict:
     """Ranked likely label errors among the labelled rows of ``X``.
 
     Returns ``{"rows", "given", "suggested", "given_probability", "suggested_probability", "classes", "folds",
-    "n_checked", "notes", "cv_accuracy"}``: row indices into X, most likely error first (cleanlab's
+    "n_checked", "notes", "cv_accuracy", "majority_rate", "chance_level"}``: row indices into X, most likely error first (cleanlab's
     ``find_label_issues`` with its default noise-rate pruning, ranked by self-confidence).
     """
     require_cleanlab()
@@ -71,7 +96,8 @@ def find_label_issues(X: np.ndarray, labels: np.ndarray, *, C: float = 0.1, fold
 
     rows, folds, notes = usable_rows(labels, folds)
     empty = {"rows": [], "given": [], "suggested": [], "given_probability": [], "suggested_probability": [],
-             "classes": [], "folds": folds, "n_checked": 0, "notes": notes, "cv_accuracy": None}
+             "classes": [], "folds": folds, "n_checked": 0, "notes": notes, "cv_accuracy": None,
+             "majority_rate": None, "chance_level": None}
     if len(rows) == 0:
         return empty
     classes, y = np.unique(np.asarray(labels)[rows].astype(str), return_inverse=True)
@@ -80,6 +106,14 @@ def find_label_issues(X: np.ndarray, labels: np.ndarray, *, C: float = 0.1, fold
     ranked = cl_find(labels=y, pred_probs=probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     suggested = probs.argmax(axis=1)
     ranked = np.asarray(ranked, dtype=np.int64)
+    at_chance, majority = chance_level(y, suggested)
+    accuracy = float((suggested == y).mean())
+    if at_chance:
+        notes = notes + [
+            f"the label check is at chance level: its cross-validated accuracy {accuracy:.3f} is not clearly above "
+            f"the majority-class rate {majority:.3f}, so the features do not predict the labels and its "
+            f"{len(ranked)} likely label errors are meaningless; check the features (a random or unsuitable "
+            f"backbone?) before acting on label_issues.csv"]
     return {
         "rows": rows[ranked].tolist(),
         "given": classes[y[ranked]].tolist(),
@@ -90,5 +124,7 @@ def find_label_issues(X: np.ndarray, labels: np.ndarray, *, C: float = 0.1, fold
         "folds": folds,
         "n_checked": int(len(rows)),
         "notes": notes,
-        "cv_accuracy": round(float((suggested == y).mean()), 4),
+        "cv_accuracy": round(accuracy, 4),
+        "majority_rate": round(majority, 4),
+        "chance_level": bool(at_chance),
     }

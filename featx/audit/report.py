@@ -3,12 +3,11 @@ gallery per kind. Every file is checked and locked before any work and written a
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 from pathlib import Path
 from typing import Optional
 
-from .._io import OutputLock, atomic_write, check_outputs, safe_str, stamp, write_markdown
+from .._io import OutputLock, atomic_write, check_outputs, safe_str, stamp, write_csv, write_markdown
 
 CSV_COLUMNS = {
     "duplicates.csv": ["group", "size", "leakage", "conflicting_labels", "path", "split", "role", "label",
@@ -80,12 +79,7 @@ def _duplicate_rows(groups: list) -> list:
 
 
 def _write_csv(path: Path, columns: list, rows: list) -> Path:
-    with atomic_write(path, "w") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else safe_str(str(r[k]))) for k in columns})
-    return path
+    return write_csv(path, columns, ([r.get(k) for k in columns] for r in rows))
 
 
 def ordinal(k: int) -> str:
@@ -206,7 +200,13 @@ def markdown(res, top: int = 20) -> str:
                   f"| {_md(m['label'])} | {m['similarity']:.3f} | {'yes' if m['exact'] else ''} |"
                   for g in res.duplicates[:top] for m in g["members"]]
     if "labels" in ran:
-        lines += ["", "## Likely label errors", "", "label_issues.csv, label_issues.png", "",
+        lab = info.get("labels") or {}
+        lines += ["", "## Likely label errors", ""]
+        if lab.get("chance_level"):  # the same words as the terminal's warning, where the list is read
+            lines += [f"**Warning: meaningless at chance level.** The cross-validated accuracy "
+                      f"{lab['cv_accuracy']} is not clearly above the majority-class rate {lab['majority_rate']}: the "
+                      "features do not predict the labels, so this list is noise, not label errors.", ""]
+        lines += ["label_issues.csv, label_issues.png", "",
                   "| rank | path | given | suggested | p(given) | p(suggested) |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['rank']} | {_md(r['path'])} | {_md(r['given'])} | {_md(r['suggested'])} | "
                   f"{r['given_probability']:.3f} | {r['suggested_probability']:.3f} |" for r in res.label_issues[:top]]
@@ -225,4 +225,5 @@ def _label_line(info: dict) -> str:
         return " (not run)"
     st = info["settings"]
     return (f" (cleanlab on out-of-sample probabilities: logistic head, C={st['C']}, {lab['folds']}-fold CV over "
-            f"{lab['n_checked']} labelled images; CV accuracy {lab['cv_accuracy']})")
+            f"{lab['n_checked']} labelled images; CV accuracy {lab['cv_accuracy']}"
+            + (f", majority-class rate {lab['majority_rate']}" if lab.get("majority_rate") is not None else "") + ")")

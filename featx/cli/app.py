@@ -47,17 +47,22 @@ def run_boundary(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .._io import WRITE_ERRNOS, output_error
+        from ..errors import signal_name, signal_of, sigterm_raises
         from .common import library_warnings
 
         try:
-            with library_warnings():
+            # SIGTERM, for every command: raised as an interrupt, so locks, temp files and empty folders are cleaned
+            # up as for Ctrl-C, then one line and exit 143 (the default action would leave them all behind)
+            with library_warnings(), sigterm_raises():
                 return fn(*args, **kwargs)
         except (FeatxError, OSError, KeyboardInterrupt, ModuleNotFoundError) as exc:
             if _state["traceback"]:
                 raise
             if isinstance(exc, KeyboardInterrupt):
-                err.print(error_line("stopped by Ctrl-C; featx writes every output atomically, so none is half-written"))
-                raise typer.Exit(code=130)
+                signum = signal_of(exc)
+                err.print(error_line(f"stopped by {signal_name(signum)}; featx writes every output atomically, so "
+                                     "none is half-written"))
+                raise typer.Exit(code=128 + signum)
             if isinstance(exc, ModuleNotFoundError):
                 exc = _missing_dependency(exc)
                 if exc is None:

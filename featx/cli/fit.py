@@ -26,12 +26,12 @@ def fit_cmd(
     class_weight: Optional[str] = typer.Option(None, "--class-weight", help="'balanced' for imbalanced classes."),
     val_split: float = typer.Option(0.2, "--val-split", help="Stratified hold-out fraction when the features carry no val split."),
     val: Optional[Path] = typer.Option(None, "--val", help="Validate on these features instead (same backbone)."),
-    cv: int = typer.Option(5, "--cv", help="Folds of the CV search (0 = off)."),
+    cv: int = typer.Option(5, "--cv", help="Folds of the CV search: 2 or more, or 0 = off."),
     seed: int = typer.Option(0, "--seed", help="Seed for the hold-out, the CV folds and the SVMs."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: where the torch heads run (svm, mlp; logistic for large sets)."),
     backend: str = typer.Option("auto", "--backend", help="auto | sklearn | torch (logistic, svm; mlp is always torch)."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel CV fits (1 or more; -1 = all cores)."),
-    calibrate: bool = typer.Option(False, "--calibrate", help="Temperature-scale on the validation split: probabilities for every head, ECE and a reliability diagram in the report."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Temperature-scale on the validation split (needs 5+ validation images of every class, and a mistake among them): probabilities for every head, ECE (cross-fitted on val) and a reliability diagram in the report."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs (head, reports, PNGs) that featx did not write."),
     exclude: Optional[Path] = typer.Option(None, "--exclude", help="Leave out the images a `featx audit` CSV (duplicates: all but one per group) or a file of paths lists."),
     json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
@@ -85,12 +85,16 @@ def _print_one(res) -> None:
 
 
 def _calibration_line(cal: dict) -> str:
-    """``calibrated (temperature 1.84, fitted on val): ECE val 0.081 -> 0.023 (0.031 cross-fitted), test ...``."""
+    """``calibrated (temperature 1.84, fitted on val): expected calibration error val 0.081 -> 0.031 cross-fitted
+    (0.023 in-sample, on the rows that fitted T), test 0.090 -> 0.040``: the in-sample ECE is never the headline."""
     parts = []
     for split, e in cal.get("ece", {}).items():
         text = f"{split} {fmt(e.get('before'))} -> {fmt(e.get('after'))}"
-        if e.get("after_cross_fitted") is not None:
-            text += f" ({fmt(e['after_cross_fitted'])} cross-fitted)"
+        if e.get("after_in_sample") is not None:
+            text += f" cross-fitted ({fmt(e['after_in_sample'])} in-sample, on the rows that fitted T)"
+        elif e.get("after_cross_fitted") is not None:  # a head from before issue 22: "after" was in-sample
+            text = (f"{split} {fmt(e.get('before'))} -> {fmt(e['after_cross_fitted'])} cross-fitted "
+                    f"({fmt(e.get('after'))} in-sample, on the rows that fitted T)")
         parts.append(text)
     return (f"calibrated (temperature {cal['temperature']:.3g}, fitted on {cal.get('fitted_on', 'val')}): "
             f"expected calibration error {', '.join(parts)}")

@@ -85,6 +85,16 @@ def _report(res, json_: bool) -> None:
 def _print(res) -> None:
     from rich.table import Table
 
+    if res.already_sorted:  # nothing was left to classify: say so instead of "0 images classified"
+        out.print(f"all {len(res.earlier_moves)} images were already sorted into {safe_str(str(res.sort_into))} by an "
+                  "earlier --move that was stopped before writing its table; they are listed in the table "
+                  "(sort_status 'moved by an earlier run')")
+        if res.dry_run:
+            out.print(styled("[yellow]dry run: nothing was written[/yellow]"))
+        elif res.output is not None:
+            out.print(styled("predictions -> [bold]{}[/bold]", res.output))
+        return
+
     out.print(styled("{} images classified by {} on {} in {} s ({} img/s); [bold]{}[/bold] unreadable{}",
                      res.n_classified, res.model, res.device, f"{res.seconds:.1f}", f"{res.images_per_s:.1f}",
                      res.n_errors, f", {len(res.skipped)} skipped folders/files" if res.skipped else ""))

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ..errors import UsageError
+from .._io import safe_str
+from ..errors import Interrupted, UsageError
 
 QUICK = {"finetune_epochs": 4, "scratch_epochs": 8, "cv": 3}  # --quick: minutes on a CPU, seconds on a GPU
 OUTPUT_FILES = ("report.md", "results.json", "accuracy.png", "learning_curve.png")  # beside the sub-runs
@@ -130,8 +132,14 @@ def compare(images: str | os.PathLike, *, settings: Optional[CompareSettings] = 
                               budget=methods.Budget(s.budget, started))
         log(f"comparing on {len(split.train)} train / {len(split.val)} val images ({split.source}); "
             f"run folder {claim.path}")
-        rows = methods.run_all(ctx, bb)
-        curve = shots.run(ctx, plan, rows) if plan is not None else None
+        try:
+            rows = methods.run_all(ctx, bb)
+            curve = shots.run(ctx, plan, rows) if plan is not None else None
+        except Interrupted as exc:  # a fine-tuning or scratch run inside says "--resume", which compare does not have
+            what = "SIGTERM" if exc.signum == signal.SIGTERM else "Ctrl-C"
+            raise Interrupted(f"stopped by {what}; compare cannot continue a stopped comparison: re-run the "
+                              f"same command (with --exist-ok --name {safe_str(claim.path.name)} to reuse its "
+                              f"folder)", exc.signum) from None
         result = CompareResult(run_dir=claim.path, rows=rows, report_path=claim.path / "report.md", chart_path=None,
                                split=split.source, n_train=len(split.train), n_val=len(split.val),
                                seconds=time.perf_counter() - t0, settings=s, curve=curve,
@@ -189,13 +197,13 @@ def _claim(s: CompareSettings, images: Path):
     """runs/compare/<name>, locked for the run; its own files checked (never replace a file featx did not write)."""
     from .._io import check_outputs
     from ..features.engine import is_features_store
-    from ..training.runs import claim_run_dir, release
+    from ..training.runs import RUN_FILE_HINT, claim_run_dir, release
 
-    claim = claim_run_dir(s.runs_dir, "compare", s.name, resume=False, exist_ok=s.exist_ok)
+    claim = claim_run_dir(s.runs_dir, "compare", s.name, resume=False, exist_ok=s.exist_ok, resumable=False)
     try:
         outputs = {claim.path / n: None for n in OUTPUT_FILES}
         outputs[claim.path / "features.npz"] = is_features_store
-        check_outputs(outputs)
+        check_outputs(outputs, hint=RUN_FILE_HINT)
     except BaseException:
         release(claim, failed=True)
         raise

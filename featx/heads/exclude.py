@@ -13,11 +13,14 @@ of the store's paths is a UsageError (almost always paths relative to another fo
 from __future__ import annotations
 
 import csv
+import io
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
 
+from .._io import safe_str
 from ..errors import UsageError
 
 log = logging.getLogger("featx.heads")
@@ -29,36 +32,59 @@ def read_exclusions(path) -> list:
     if not p.is_file():
         raise UsageError(f"--exclude {p}: no such file (give a featx audit CSV or a text file of paths, one per line)")
     try:
-        text = p.read_text(encoding="utf-8", errors="surrogateescape")
+        # newline="": a quoted name holding "\r" or "\n" reaches the csv module as it was written (universal newlines
+        # would turn "\r" into "\n"); surrogateescape: a hand-made list may hold a name's raw non-UTF-8 bytes
+        with open(p, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+            text = fh.read()
     except OSError as e:
         raise UsageError(f"--exclude {p}: cannot read it ({e.strerror or e})") from None
-    lines = text.splitlines()
-    first = next((ln for ln in lines if ln.strip()), "")
-    if "path" in [c.strip() for c in next(csv.reader([first]), [])]:
-        return _from_csv(lines, p)
+    text = text.lstrip("\ufeff")  # a BOM from a spreadsheet's "CSV UTF-8"
+    header = next((row for row in csv.reader(io.StringIO(text, newline="")) if any(c.strip() for c in row)), [])
+    if "path" in [c.strip() for c in header]:
+        return _from_csv(text, p)
+    # a plain list: split on line ends only (str.splitlines also splits on U+2028, \x85, \x0c ..., which names hold)
+    lines = re.split(r"\r\n|\r|\n", text)
     return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
-def _from_csv(lines: list, p: Path) -> list:
-    rows = [r for r in csv.DictReader(lines) if (r.get("path") or "").strip()]
+def _from_csv(text: str, p: Path) -> list:
+    # csv over the whole text, not line by line: a quoted field may span line ends (featx quotes any name holding one)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader.fieldnames = [c.strip() for c in (reader.fieldnames or [])]
+    # featx writes names exactly (no padding), so only a name that is blank is skipped; a user's list may pad them
+    rows = [r for r in reader if (r.get("path") or "").strip()]
     if rows and "group" in rows[0]:  # featx audit's duplicates.csv: keep the first member of each group
         seen, out = set(), []
         for r in rows:
             if r["group"] in seen:
-                out.append(r["path"].strip())
+                out.append(r["path"])
             seen.add(r["group"])
         return out
-    return [r["path"].strip() for r in rows]
+    return [r["path"] for r in rows]
 
 
 def apply_exclusions(fs, path) -> tuple:
     """``fs`` without the rows FILE lists, and a summary for the report: file, listed, excluded, by_split,
     not_found (count), first_not_found."""
     listed = read_exclusions(path)
-    wanted = set(listed)
-    drop = np.array([p in wanted for p in fs.paths], dtype=bool)
-    found = {p for p, d in zip(fs.paths, drop) if d}
-    missing = [p for p in dict.fromkeys(listed) if p not in found]
+    drop = np.zeros(len(fs.paths), dtype=bool)
+    index: dict = {}
+    for i, p in enumerate(fs.paths):
+        index.setdefault(p, []).append(i)
+        if safe_str(p) != p:  # the form featx's CSVs hold for a name that is not valid UTF-8 (U+FFFD per bad byte)
+            index.setdefault(safe_str(p), []).append(i)
+    missing, ambiguous = [], []
+    for name in dict.fromkeys(listed):
+        rows = index.get(name) or index.get(name.strip())  # exact first: names may begin or end with spaces
+        if not rows:
+            missing.append(name)
+            continue
+        if len({fs.paths[i] for i in rows}) > 1:  # two stored names that differ only in undecodable bytes print the same
+            ambiguous.append(name)
+        drop[rows] = True
+    if ambiguous:
+        log.warning("--exclude: %d listed path(s) match more than one stored name that is not valid UTF-8 (e.g. %s); "
+                    "all of them are left out", len(ambiguous), repr(ambiguous[0]))
     if listed and not drop.any():
         raise UsageError(f"--exclude {path}: none of its {len(set(listed))} paths is in the features (e.g. "
                          f"{listed[0]!r} vs the store's {fs.paths[0]!r}); paths must be relative to the extracted "

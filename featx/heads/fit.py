@@ -47,7 +47,7 @@ class FitSettings:
     k: Optional[int] = None  # fixed k for knn; None = CV grid search
     class_weight: Optional[str] = None  # "balanced" reweights classes inversely to their frequency
     val_split: float = 0.2  # held-out fraction of train when the features carry no val split and no --val is given
-    cv: int = 5  # folds for the search; lowered to the smallest class count; < 2 switches CV off
+    cv: int = 5  # folds for the search (>= 2), lowered to the smallest class count; 0 switches CV off
     seed: int = 0  # seeds the hold-out (featx.data.split: the same images as finetune), CV folds, SVMs and the mlp
     device: str = "auto"  # torch heads (svm, mlp; logistic for large sets): auto = CUDA when present
     backend: str = "auto"  # "sklearn", "torch" (logistic, svm, mlp), or auto (see _backend)
@@ -156,7 +156,7 @@ def fit_head(features, head: str = "logistic", *, output=None, C: Optional[float
         val_split, val: validation rows follow featx.data.split (the same images ``featx finetune`` holds out): the
             features' own val split; else ``val`` features if given; else a stratified seeded ``val_split`` hold-out
             of train. A ``test`` split is only scored, never used to choose anything.
-        cv: folds of the stratified CV search (lowered to the smallest class count; < 2 turns CV off).
+        cv: folds of the stratified CV search, 2 or more (lowered to the smallest class count); 0 turns CV off.
         device, backend: the mlp runs in torch (CUDA when present), the svm too from n x d >= 1M (liblinear below,
             or with ``backend="sklearn"``); the logistic head runs in torch with ``backend="torch"``, with
             ``device="cuda"``, or automatically for large sets when CUDA is present. Every head is saved as an
@@ -191,6 +191,8 @@ def fit_head(features, head: str = "logistic", *, output=None, C: Optional[float
     output = _resolve_output(output, s.overwrite)
     rdir = Path(report_dir) if report_dir is not None else (output.parent if output is not None else None)
     files = _output_files(output, rdir, plan, s)
+    if s.calibrate:  # too few validation rows: refused before any fitting or file
+        _calibration_rows(plan)
 
     with _claimed(files, output, s.overwrite):
         kinds = HEADS if s.head == "all" else (s.head,)
@@ -231,8 +233,11 @@ def _validate(s: FitSettings) -> None:
         raise UsageError(f"--C must be a positive number, got {s.C}")
     if s.k is not None and (int(s.k) != s.k or int(s.k) < 1):
         raise UsageError(f"--k must be a positive integer, got {s.k}")
-    if s.cv is None or int(s.cv) < 0:
-        raise UsageError(f"--cv must be 0 (off) or a number of folds >= 2, got {s.cv}")
+    # 1 is refused, not read as "off": one fold holds nothing out, so `--cv 1` is a typo or a misunderstanding, and
+    # silently fitting without a search hid that (issue 22.10); audit's --folds refuses 1 the same way
+    if isinstance(s.cv, bool) or not isinstance(s.cv, (int, np.integer)) or s.cv < 0 or s.cv == 1:
+        hint = "; one fold holds nothing out: --cv 0 switches the search off" if s.cv == 1 else ""
+        raise UsageError(f"--cv must be 0 (off) or a number of folds >= 2, got {s.cv}{hint}")
     if s.n_jobs is not None and (int(s.n_jobs) != s.n_jobs or int(s.n_jobs) == 0):
         raise UsageError(f"--jobs must be a number of parallel CV fits (1 or more, or -1 for all cores), "
                          f"got {s.n_jobs}")
@@ -492,29 +497,41 @@ def _head_meta(kind: str, value, cv_res, scores: dict, training: dict, plan: _Pl
     }
 
 
-def _calibrate(res: FitResult, plan: _Plan, s: FitSettings) -> None:
-    """Temperature scaling on the validation rows; ECE before/after on every evaluated split (val also cross-fitted,
-    since the temperature was fitted on it). Stores the temperature in the head's meta."""
+def _calibration_rows(plan: _Plan) -> None:
     from . import calibration as cal
 
     val = plan.evals.get("val")
     if val is None:
         raise DataError("--calibrate needs validation rows (a val split, --val, or a --val-split hold-out)")
+    cal.check_rows(sorted(set(np.asarray(plan.train.labels).astype(str).tolist())), val.labels)
+
+
+def _calibrate(res: FitResult, plan: _Plan, s: FitSettings) -> None:
+    """Temperature scaling on the validation rows; ECE before/after on every evaluated split. On val, the split T was
+    fitted on, "after" is cross-fitted (each row scored with a T fitted on the other rows): the ECE of the rows that
+    fitted T is kept as "after_in_sample" and never reported as the result. Stores the temperature in the head's meta."""
+    from . import calibration as cal
+
+    _calibration_rows(plan)
+    val = plan.evals["val"]
     pipe, classes = res.head.pipeline, res.head.classes
+    cal.check_enough(pipe, val.features, val.labels)
     temperature = cal.fit_temperature(pipe, val.features, val.labels)
     per_split = {}
     for name, e in plan.evals.items():
         before, how = cal.uncalibrated(pipe, e.features)
-        after = cal.probabilities(pipe, e.features, temperature)
-        per_split[name] = {"before": cal.reliability(before, e.labels, classes),
-                           "after": cal.reliability(after, e.labels, classes)}
+        after = cal.reliability(cal.probabilities(pipe, e.features, temperature), e.labels, classes)
+        per_split[name] = {"before": cal.reliability(before, e.labels, classes), "after": after}
     oof, y_oof = cal.cross_fitted(pipe, val.features, val.labels, seed=s.seed)
-    if oof is not None:
-        per_split["val"]["after_cross_fitted"] = cal.reliability(oof, y_oof, classes)
+    if oof is None:  # cannot happen after check_rows (5 rows a class); refuse rather than report the in-sample ECE
+        raise DataError("--calibrate: too few validation rows of a class to cross-fit the calibration error")
+    per_split["val"]["after_in_sample"] = per_split["val"]["after"]
+    per_split["val"]["after"] = cal.reliability(oof, y_oof, classes)
     res.calibration = {"method": "temperature", "temperature": temperature, "fitted_on": "val", "before": how,
-                       "bins": cal.N_BINS, "splits": per_split}
+                       "bins": cal.N_BINS, "val_after": "cross-fitted", "splits": per_split}
     res.head.meta["calibration"] = {
         "method": "temperature", "temperature": temperature, "fitted_on": "val", "before": how,
+        "val_after": "cross-fitted",
         "ece": {name: {k: v["ece"] for k, v in d.items()} for name, d in per_split.items()}}
     res.head.meta["score_kind"] = "probability"
 
@@ -615,7 +632,8 @@ def _save_pngs(best: FitResult, rdir: Path, stem: str) -> dict:
             png = rdir / f"{stem}.reliability-{name}.png"
             t = best.calibration["temperature"]
             save_reliability_png(rel["before"], rel["after"], png,
-                                 title=f"{best.kind} head, {name}: temperature {t:.3g} fitted on val")
+                                 title=f"{best.kind} head, {name}: temperature {t:.3g} fitted on val"
+                                       + (" (after: cross-fitted)" if "after_in_sample" in rel else ""))
             files[f"reliability-{name}"] = str(png)
     return files
 

@@ -149,6 +149,12 @@ class PredictResult:
         """{folder: {status: n}} of the sort plan/outcome."""
         return sort_counts(self.sort_actions)
 
+    @property
+    def already_sorted(self) -> bool:
+        """Nothing left to classify: an earlier --move, stopped after its last move, had sorted every image (they
+        are in ``earlier_moves`` and the table)."""
+        return self.n_images == 0 and bool(self.earlier_moves)
+
     def removed_duplicates(self) -> list:
         """--move actions whose source was removed because an identical file was already at the destination."""
         return [a for a in self.sort_actions if a.status == "already" and a.note]
@@ -176,7 +182,8 @@ class PredictResult:
         if self.sort_into is not None:
             d["sort"] = {"into": str(self.sort_into), "mode": self.sort_mode, "min_confidence": self.min_confidence,
                          "counts": self.sort_counts(), "actions": [a.to_dict() for a in self.sort_actions],
-                         "earlier_moves": [{"path": r["path"], "dest": r["sorted_to"]} for r in self.earlier_moves]}
+                         "earlier_moves": [{"path": r["path"], "dest": r["sorted_to"]} for r in self.earlier_moves],
+                         "already_sorted": self.already_sorted}
         return d
 
 
@@ -251,8 +258,6 @@ def predict_folder(
         OutputError (an output cannot be written or is in use; files that could not be sorted), StrictModeError.
         OutputError and StrictModeError raised after the run carry the finished result as ``.result``.
     """
-    from ..data.discover import discover
-
     t0 = time.perf_counter()
     s = PredictSettings(model=model, output=output, format=format, top_k=top_k, device=device, batch_size=batch_size,
                         workers=workers, sort_into=sort_into, mode=mode, min_confidence=min_confidence,
@@ -260,7 +265,7 @@ def predict_folder(
                         image_size=image_size)
     s.check()
     root = Path(images)
-    folder = discover(root)
+    folder = _discover(root, s)
     plan = _plan_outputs(s, root, folder.has_labels)
     with interruptible(RESUME_HINT), _claim(plan, s):
         if s.strict and folder.skipped:  # known before any work, as in extract: fail before loading a model
@@ -268,11 +273,14 @@ def predict_folder(
         dev = model_device(s.model, s.device)  # onnxruntime's CPU for an ONNX model: torch is not imported
         pred = load_predictor(s.model, weights=s.weights, strict=s.strict, image_size=s.image_size)
         _check_against_model(pred, plan, s)
-        scores, errors_at, run_seconds, note = _classify(folder.records, pred, dev, s, progress, root)
+        if folder.records:
+            scores, errors_at, run_seconds, note = _classify(folder.records, pred, dev, s, progress, root)
+        else:  # a finished --move emptied the folder (see _discover): its images are in the journal, not here
+            scores, errors_at, run_seconds, note = np.empty((0, len(pred.classes))), {}, 0.0, None
         res = _result(folder, pred, scores, errors_at, s, plan, str(dev), run_seconds)
         res.warnings += [note] if note else []
         res.seconds = time.perf_counter() - t0
-        if folder.has_labels:
+        if folder.has_labels and folder.records:
             _evaluate(res, folder, pred)
         journal = _sort(res, folder, plan, s) if plan.sort_root is not None else None
         if not s.dry_run:
@@ -281,6 +289,24 @@ def predict_folder(
                 journal.finish()
     _raise_for_failures(res, s)
     return res
+
+
+def _discover(root: Path, s: PredictSettings):
+    """discover(root), except that a folder a --move emptied is no error while the sort folder's journal lists the
+    moved images: that run was stopped after its last move, before its table, and this run reports them (its
+    images were already sorted) and removes the journal, instead of saying "no images found"."""
+    from ..data.discover import discover
+
+    try:
+        return discover(root)
+    except DataError as exc:
+        none_found = exc
+    if s.sort_into is None or s.mode != "move":
+        raise none_found
+    folder = discover(root, allow_empty=True)  # a missing or unreadable folder still fails here, as before
+    if folder.records or not MoveJournal(s.sort_into, root).earlier():
+        raise none_found
+    return folder
 
 
 def _plan_outputs(s: PredictSettings, root: Path, labelled: bool) -> _Plan:
@@ -323,6 +349,8 @@ def _claim(plan: _Plan, s: PredictSettings):
             stack.enter_context(claim_outputs(outputs, overwrite=s.overwrite))
         if plan.sort_root is not None and not s.dry_run:
             stack.enter_context(OutputLock(plan.sort_root))
+        if plan.sort_root is not None and s.mode == "move":  # never appended to through a link (after the lock:
+            MoveJournal(plan.sort_root, plan.root).check()  # no featx run is writing it now)
         yield
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .._io import TMP_MARK, atomic_write, refuse_inside, safe_str
+from .._io import TMP_MARK, atomic_write, check_beside, open_beside, refuse_inside, safe_str
 from ..errors import UsageError
 
 log = logging.getLogger("featx")
@@ -72,17 +72,23 @@ def folder_for(label: str) -> str:
 def check_sort_targets(sort_root: Path, images_root: Path, classes: Sequence[str], uncertain: bool) -> None:
     """Refuse, before any work, class folders that would merge or lie inside the image folder.
 
-    Two classes whose folder names coincide (``a/b`` and ``a_b``) would be mixed in one folder; a class whose folder
-    is ``_uncertain`` (compared case-insensitively: macOS and Windows file systems are) would be mixed with the
-    low-confidence images of ``--min-confidence``.
+    Two classes whose folder names coincide (``a/b`` and ``a_b``), also only up to case (``Ants`` and ``ants``: macOS
+    and Windows file systems ignore case), would be mixed in one folder; a class whose folder is ``_uncertain``
+    (compared case-insensitively too) would be mixed with the low-confidence images of ``--min-confidence``.
     """
     seen: dict = {}
     for c in classes:
         f = folder_for(c)
-        if f in seen:
-            raise UsageError(f"classes {seen[f]!r} and {c!r} would share the folder {f!r} under --sort-into; "
-                             "rename one class folder and re-fit, or predict without --sort-into")
-        seen[f] = c
+        # Case-folded: on macOS and Windows file systems (and a Linux sort folder synced or copied there later)
+        # `Ants/` and `ants/` are one folder, so two classes would silently share it.
+        key = f.casefold()
+        if key in seen:
+            same = f == folder_for(seen[key])
+            raise UsageError(f"classes {seen[key]!r} and {c!r} would share the folder {f!r} under --sort-into"
+                             + ("" if same else " (folder names that differ only in case are one folder on "
+                                "case-insensitive file systems such as macOS and Windows)")
+                             + "; rename one class folder and re-fit, or predict without --sort-into")
+        seen[key] = c
         if uncertain and f.casefold() == UNCERTAIN.casefold():
             raise UsageError(f"the model has a class {c!r}, whose folder would be the {UNCERTAIN}/ folder that "
                              "--min-confidence fills with low-confidence images; sort without --min-confidence, or "
@@ -321,7 +327,8 @@ class MoveJournal:
     the same image folder reports them (`earlier`: entries whose source is gone and whose destination is there; an
     entry for a move that never happened fails that test and is ignored). When a run's table is written, that image
     folder's entries are dropped (`finish`); the file goes when it is empty. One JSON object per line, ASCII (any file
-    name round-trips); a torn last line from a killed run is ignored.
+    name round-trips); a torn last line from a killed run is ignored. It is only ever opened by `open_beside`: a
+    symbolic or hard link, a FIFO or a folder planted at its name is refused (exit 7), never written through.
     """
 
     def __init__(self, sort_root, images_root):
@@ -329,11 +336,21 @@ class MoveJournal:
         self.images = os.path.abspath(images_root)
         self._fh = None
 
+    def check(self) -> None:
+        """Refuse (OutputError, exit 7), before any work, a journal path that is a link, a FIFO or a folder."""
+        check_beside(self.path, "move journal")
+
+    def _open(self, flags: int):
+        """The journal as a text file, opened by `open_beside`: never through a link, never a FIFO (no hang)."""
+        fd = open_beside(self.path, flags, what="move journal")
+        reading = flags == os.O_RDONLY
+        return os.fdopen(fd, "r" if reading else "a", encoding="ascii", errors="replace" if reading else "strict")
+
     def _entries(self) -> list:
         try:
-            with open(self.path, encoding="ascii", errors="replace") as fh:
+            with self._open(os.O_RDONLY) as fh:
                 lines = fh.read().splitlines()
-        except OSError:
+        except FileNotFoundError:
             return []
         out = []
         for line in lines:
@@ -360,8 +377,8 @@ class MoveJournal:
     def intend(self, src, dest, row: dict) -> None:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="ascii")
-            if self._fh.tell() and not self._ends_with_newline():
+            self._fh = self._open(os.O_RDWR | os.O_APPEND | os.O_CREAT)
+            if not self._ends_with_newline():
                 self._fh.write("\n")  # a killed run's torn last line must not swallow our first entry
         entry = {"images": self.images, "source": os.path.abspath(src), "dest": os.path.abspath(dest), "row": row}
         self._fh.write(json.dumps(entry) + "\n")
@@ -370,9 +387,10 @@ class MoveJournal:
         self._fh.flush()
 
     def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            return fh.read(1) == b"\n"
+        """Empty, or its last byte is a newline (read through the descriptor already open: the same file)."""
+        fd = self._fh.fileno()
+        size = os.fstat(fd).st_size
+        return size == 0 or os.pread(fd, 1, size - 1) == b"\n"
 
     def close(self) -> None:
         if self._fh is not None:

@@ -7,14 +7,12 @@ to recognise a file it wrote, so `featx predict` may replace its own tables but 
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
-from .._io import atomic_write, safe_str
+from .._io import atomic_write, csv_bytes, safe_str
 from ..errors import UsageError
 
 ROW_KEYS = ("path", "label", "confidence", "top_k", "true_label", "sorted_to", "sort_status", "error")
@@ -110,21 +108,19 @@ def _fmt_score(x) -> str:
 
 @table_format("csv", suffixes=(".csv",), recognise=lambda p: _first_line(p).startswith(_CSV_START))
 def _render_csv(rows: Sequence[dict], layout: Layout) -> bytes:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(csv_header(layout.top_k, layout.labelled, layout.sorted))
-    for r in rows:
-        line = [r["path"], r["label"] or "", _fmt_score(r["confidence"])]
+    def line(r):
+        cells = [r["path"], r["label"] or "", _fmt_score(r["confidence"])]
         for j in range(layout.top_k):
             t = r["top_k"][j] if j < len(r["top_k"]) else None
-            line += [t["label"], _fmt_score(t["score"])] if t else ["", ""]
+            cells += [t["label"], _fmt_score(t["score"])] if t else ["", ""]
         if layout.labelled:
-            line.append(r.get("true_label") or "")
+            cells.append(r.get("true_label") or "")
         if layout.sorted:
-            line += [r.get("sorted_to") or "", r.get("sort_status") or ""]
-        line.append(r["error"] or "")
-        w.writerow([safe_str(str(v)) for v in line])
-    return buf.getvalue().encode("utf-8")
+            cells += [r.get("sorted_to") or "", r.get("sort_status") or ""]
+        return cells + [r["error"] or ""]
+
+    # featx's one CSV dialect (_io.csv_bytes): any file name round-trips through csv and pandas, one row per image
+    return csv_bytes(csv_header(layout.top_k, layout.labelled, layout.sorted), (line(r) for r in rows))
 
 
 # ------------------------------------------------------------------------------------------------ JSON lines
@@ -136,7 +132,13 @@ def _jsonl_is_ours(path: Path) -> bool:
     return isinstance(obj, dict) and {"path", "label", "confidence"} <= set(obj)
 
 
+# Characters json.dumps(ensure_ascii=False) leaves raw that str.splitlines (and JavaScript) treat as line ends: escaped,
+# so a name holding one stays on its row for any line-based reader (json.loads reads the escape back exactly).
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 @table_format("jsonl", suffixes=(".jsonl", ".json", ".ndjson"), recognise=_jsonl_is_ours)
 def _render_jsonl(rows: Sequence[dict], layout: Layout) -> bytes:
     # safe_str: a name that is not valid UTF-8 must not make the whole table fail to encode
-    return "".join(safe_str(json.dumps(r, ensure_ascii=False)) + "\n" for r in rows).encode("utf-8")
+    return "".join(safe_str(json.dumps(r, ensure_ascii=False)).translate(_LINE_BREAKS) + "\n"
+                   for r in rows).encode("utf-8")

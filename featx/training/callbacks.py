@@ -6,13 +6,11 @@ Under torchrun only rank 0 writes and prints.
 """
 from __future__ import annotations
 
-import csv
-import io
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from .._io import atomic_write
+from .._io import write_csv
 from ..devices import unwrap
 from . import checkpoint
 from .trainer import Callback, Phase, Trainer
@@ -87,13 +85,7 @@ class EpochLog(Callback):
 
 
 def write_metrics_csv(path: Path, rows: list) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(METRIC_FIELDS), extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in METRIC_FIELDS})
-    with atomic_write(path, "w") as fh:
-        fh.write(buf.getvalue())
+    write_csv(path, list(METRIC_FIELDS), ([r.get(k) for k in METRIC_FIELDS] for r in rows))
 
 
 def metrics_csv_is_ours(path: Path) -> bool:

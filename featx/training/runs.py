@@ -61,12 +61,20 @@ def _resume_target(base: Path, name: Optional[str]) -> Path:
     return path
 
 
-def _refuse_existing(path: Path, exist_ok: bool) -> None:
+# What to do about a file featx did not write inside a reused run folder: the training commands have no --overwrite
+# (a run folder is reused with --exist-ok, and even then a user's file is never replaced), so the way out is another
+# --name or moving the file.
+RUN_FILE_HINT = "choose another --name, or move that file out of the run folder"
+
+
+def _refuse_existing(path: Path, exist_ok: bool, resumable: bool = True) -> None:
     if path.exists() and not path.is_dir():
         raise UsageError(f"{safe_str(str(path))} is a file, not a run folder; choose another --name")
     if path.exists() and any(path.iterdir()) and not exist_ok:
-        raise UsageError(f"run folder {path} already exists; pass --resume to continue it, --exist-ok to "
-                         "overwrite it, or another --name")
+        # only commands that have --resume (finetune, scratch) suggest it; compare cannot continue a run
+        resume = "pass --resume to continue it, " if resumable else ""
+        raise UsageError(f"run folder {safe_str(str(path))} already exists; {resume}pass --exist-ok to reuse it "
+                         f"(featx replaces only files it wrote), or choose another --name")
 
 
 def resolve_run_dir(runs_dir: str | os.PathLike, kind: str, name: Optional[str] = None, *,
@@ -115,8 +123,10 @@ def _missing_parents(path: Path) -> list:
     return made  # innermost first
 
 
-def claim_run_dir(runs_dir, kind: str, name: Optional[str], *, resume: bool, exist_ok: bool) -> Claim:
-    """Pick the run folder and lock it for this run's life (a second run on it fails at once, naming this one)."""
+def claim_run_dir(runs_dir, kind: str, name: Optional[str], *, resume: bool, exist_ok: bool,
+                  resumable: bool = True) -> Claim:
+    """Pick the run folder and lock it for this run's life (a second run on it fails at once, naming this one).
+    ``resumable``: whether the command has --resume (its messages suggest only options it has)."""
     base = Path(runs_dir) / kind
     if not resume and not name:  # a fresh exp/expN: mkdir claims the name, then the lock keeps --resume out
         made = _missing_parents(base / "x")
@@ -135,10 +145,10 @@ def claim_run_dir(runs_dir, kind: str, name: Optional[str], *, resume: bool, exi
     try:
         created = not path.exists()
         if not resume:
-            _refuse_existing(path, exist_ok)
+            _refuse_existing(path, exist_ok, resumable)
             path.mkdir(parents=True, exist_ok=True)
         if not created:
-            check_outputs(run_outputs(path))  # a reused folder: replace only files featx wrote
+            check_outputs(run_outputs(path), hint=RUN_FILE_HINT)  # a reused folder: replace only files featx wrote
     except BaseException:
         lock.release()
         _remove_empty([*made])
