@@ -47,6 +47,9 @@ def check_directory(zf: zipfile.ZipFile, path, what: str, archive_size: Optional
     total = 0
     for info in zf.infolist():
         name, declared, packed = info.filename, int(info.file_size), int(info.compress_size)
+        if info.flag_bits & 0x1:
+            raise ArtifactError(f"refusing {path}: its member {name!r} is encrypted, which a {what} featx writes never "
+                                f"is; re-create it")
         if info.compress_type not in READABLE_METHODS:
             method = _METHOD_NAMES.get(info.compress_type, f"method {info.compress_type}")
             raise ArtifactError(f"refusing {path}: its member {name!r} is compressed with {method}, which featx does "
@@ -97,7 +100,7 @@ def read_member(zf: zipfile.ZipFile, member: Union[str, zipfile.ZipInfo], path, 
                     raise ArtifactError(f"refusing {path}: its member {info.filename!r} inflates past {cap:,} bytes "
                                         f"(a zip bomb or a damaged file); it is not a {what} featx would write. "
                                         f"Re-create it")
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
         raise ArtifactError(f"{path} is not a readable {what}: its member {info.filename!r} is damaged "
                             f"({type(exc).__name__}: {exc}); re-create it") from exc
     return out

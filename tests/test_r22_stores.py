@@ -61,15 +61,16 @@ def _write_zip(path, members: dict):
 
 def forge_zip(path, members: list):
     """A zip written byte by byte, so its headers can lie: members are ``(name, raw, method, crc, declared_size)``
-    with ``raw`` the bytes as stored (a deflate stream for method 8); both headers declare ``declared_size``."""
+    (and optionally general-purpose flags) with ``raw`` the bytes as stored (a deflate stream for method 8); both
+    headers declare ``declared_size``."""
     out, central = bytearray(), bytearray()
-    for name, raw, method, crc, declared in members:
-        nb = name.encode()
+    for name, raw, method, crc, declared, *flags in members:
+        nb, flags = name.encode(), (flags or [0])[0]
         offset = len(out)
-        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0x21, crc, len(raw), declared, len(nb), 0)
+        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, flags, method, 0, 0x21, crc, len(raw), declared, len(nb), 0)
         out += nb + raw
-        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0x21, crc, len(raw), declared,
-                               len(nb), 0, 0, 0, 0, 0, offset) + nb
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, flags, method, 0, 0x21, crc, len(raw),
+                               declared, len(nb), 0, 0, 0, 0, 0, offset) + nb
     cd = len(out)
     out += central + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(central), cd, 0)
     path.write_bytes(bytes(out))
@@ -357,16 +358,18 @@ def test_overlapping_members_cannot_multiply_what_a_small_file_inflates(tmp_path
         featx.load_features(path)
 
 
-def test_a_store_whose_meta_disagrees_with_its_width_is_refused(tmp_path):
+def test_fit_refuses_a_store_whose_meta_disagrees_with_its_width(tmp_path):
     """meta says 1280 values per image, the matrix has 4: a head fitted on it fails on every image at predict."""
     members = _good_members(meta={**META, "feature_dim": 1280})
-    with pytest.raises(ArtifactError, match="1280 values per image"):
-        featx.load_features(_write_zip(tmp_path / "f.npz", members))
+    path = _write_zip(tmp_path / "f.npz", members)
+    assert featx.load_features(path).dim == 4  # readable (audit does not care), but no head is fitted on it
+    _one_line(_run("fit", path, "-o", tmp_path / "h.skops"), 5, "1280 values per image")
+    assert not (tmp_path / "h.skops").exists()
     pytest.importorskip("pyarrow")
     from featx.export.parquet import write_features
 
-    write_features(FeatureSet(np.ones((2, 4), np.float32), ["a.png", "b.png"], meta={**META, "feature_dim": 8}),
-                   tmp_path / "f.parquet")
+    write_features(FeatureSet(np.ones((2, 4), np.float32), ["a.png", "b.png"], labels=["a", "b"],
+                              meta={**META, "feature_dim": 8}), tmp_path / "f.parquet")
     _one_line(_run("fit", tmp_path / "f.parquet", "-o", tmp_path / "h.skops"), 5, "8 values per image")
 
 
@@ -450,3 +453,18 @@ def test_a_parquet_store_with_tampered_featx_metadata_is_one_line(tmp_path, doc)
     pq.write_table(table.replace_schema_metadata({b"featx": json.dumps(doc).encode()}), tmp_path / "t.parquet")
     with pytest.raises(ArtifactError, match="t.parquet"):
         featx.load_features(tmp_path / "t.parquet")
+
+
+def test_an_encrypted_member_is_one_line(tmp_path, head_file):
+    """zipfile raises RuntimeError ('password required') for an encrypted member: a traceback before."""
+    from featx.heads.store import is_head_file, load_head
+
+    members = [(*_stored(n, d), 0x1) if n == "meta.npy" else _stored(n, d) for n, d in _good_members().items()]
+    with pytest.raises(ArtifactError, match="encrypted"):
+        featx.load_features(forge_zip(tmp_path / "e.npz", members))
+    with zipfile.ZipFile(head_file) as zf:
+        members = [(*_stored(i.filename, zf.read(i)), 0x1) for i in zf.infolist()]
+    forge_zip(tmp_path / "e.skops", members)
+    with pytest.raises(ArtifactError, match="encrypted"):
+        load_head(tmp_path / "e.skops")
+    assert not is_head_file(tmp_path / "e.skops")

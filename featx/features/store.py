@@ -338,11 +338,15 @@ def load_features(path) -> FeatureSet:
 
 
 def _checked(fs: FeatureSet, where: str) -> FeatureSet:
-    """What every loaded store must also be: paths inside the image root, each once, and as many values per image
-    as its metadata says the backbone gives (a head fitted on the rest could never be applied to images)."""
+    """What every loaded store must also be: paths inside the image root, each once."""
     check_paths(fs.paths, where)
+    return fs
+
+
+def check_feature_dim(fs: FeatureSet, where: str) -> None:
+    """Refuse features with another number of values per image than their metadata says the backbone gives: a head
+    fitted on them would fail on every image at predict time (the rebuilt backbone gives meta's number)."""
     said = fs.meta.get("feature_dim")
     if isinstance(said, (int, float)) and not isinstance(said, bool) and len(fs) and int(said) != fs.dim:
-        raise ArtifactError(f"{where} says its backbone gives {int(said)} values per image (meta feature_dim) but its "
-                            f"features have {fs.dim}; it was edited or damaged. Re-extract it with `featx extract`")
-    return fs
+        raise ArtifactError(f"{where} say their backbone gives {int(said)} values per image (meta feature_dim) but "
+                            f"hold {fs.dim}; they were edited or damaged. Re-extract them with `featx extract`")

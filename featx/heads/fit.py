@@ -16,7 +16,8 @@ import numpy as np
 
 from ..data.split import VAL_NAMES, plan_split
 from ..errors import ArtifactError, DataError, UsageError
-from ..features.store import FeatureSet, check_finite, load_features, provenance_fingerprint, provenance_key
+from ..features.store import (FeatureSet, check_feature_dim, check_finite, load_features, provenance_fingerprint,
+                              provenance_key)
 from ..report import classification_metrics, summary
 from .pipelines import HEADS, SPECS, c_to_param, check_head_name, estimator_params, make_estimator, value_label
 from .search import cross_validate_one, grid_search, resolve_folds
@@ -288,6 +289,7 @@ def _as_features(obj, what: str) -> FeatureSet:
         raise ArtifactError(f"the {what} record no backbone provenance (meta['backbone']), so a head fitted on them "
                             f"could never be applied to images; re-extract them with `featx extract`, or in Python set "
                             f"fs.meta['backbone'] (and its weights and preprocessing) to what made them")
+    check_feature_dim(fs, f"the {what}" + (f" ({obj})" if isinstance(obj, (str, Path)) else ""))
     check_finite(fs, what)
     return fs
 
