@@ -110,7 +110,8 @@ def _peak(fn) -> tuple:
 
 def test_a_store_of_n_by_0_features_is_one_line_in_load_fit_and_audit(tmp_path):
     """N x 0 features: fit raised sklearn's ValueError, audit ZeroDivisionError."""
-    path = _write_zip(tmp_path / "empty-dim.npz", {**_good_members(), "features.npy": _npy(np.zeros((6, 0), np.float32))})
+    members = {**_good_members(), "features.npy": _npy(np.zeros((6, 0), np.float32))}
+    path = _write_zip(tmp_path / "empty-dim.npz", members)
     with pytest.raises(ArtifactError, match="0 values per image"):
         featx.load_features(path)
     _one_line(_run("fit", path, "-o", tmp_path / "h.skops"), 5, "0 values per image")
@@ -345,7 +346,8 @@ def test_overlapping_members_cannot_multiply_what_a_small_file_inflates(tmp_path
     one = ("features.npy", raw, 8, zlib.crc32(data), len(data))
     out = bytearray()
     nb = b"x.npy"
-    out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0x21, one[3], len(raw), len(data), len(nb), 0) + nb + raw
+    out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0x21, one[3], len(raw), len(data), len(nb), 0)
+    out += nb + raw
     central = bytearray()
     for k in range(40):  # 40 names, one stream: 320 MiB declared by a file of ~10 kB
         name = f"m{k}.npy".encode()

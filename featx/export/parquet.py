@@ -129,7 +129,8 @@ def _embeddings(table, shown: str) -> np.ndarray:
 
     col = table.column("embedding").combine_chunks()
     value_type = col.type.value_type if pa.types.is_fixed_size_list(col.type) else None
-    if value_type is None or col.null_count or not (pa.types.is_floating(value_type) or pa.types.is_integer(value_type)):
+    numeric = value_type is not None and (pa.types.is_floating(value_type) or pa.types.is_integer(value_type))
+    if not numeric or col.null_count:
         raise ArtifactError(f"{shown}: the embedding column must be a fixed-size list of numbers with no nulls (it "
                             f"holds {col.type}); re-create it with `featx export`")
     dim = col.type.list_size

@@ -261,8 +261,8 @@ def check_paths(paths, where) -> None:
     for i, p in enumerate(paths):
         if not p or p.startswith("/") or "\x00" in p or (".." in p and ".." in p.split("/")):
             raise ArtifactError(f"{where} lists {safe_str(repr(p))}, which is not a path inside the image root "
-                                f"(absolute, empty, or climbing out with '..'); featx stores only paths relative to the "
-                                f"image root. Re-extract it with `featx extract`")
+                                f"(absolute, empty, or climbing out with '..'); featx stores only paths relative to "
+                                f"the image root. Re-extract it with `featx extract`")
         j = seen.setdefault(p, i)
         if j != i:
             raise ArtifactError(f"{where} lists {safe_str(repr(p))} twice (rows {j} and {i}); featx stores each image "
