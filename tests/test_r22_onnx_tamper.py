@@ -136,12 +136,13 @@ CASES = {
     "no std": (lambda m: _edit_json(m, "featx.preprocess", lambda d: {k: v for k, v in d.items() if k != "std"}),
                "no 'std'"),
     "zero std": (lambda m: _edit_json(m, "featx.preprocess", lambda d: {**d, "std": [0, 0, 0]}),
-                 "std (0, 0, 0) is not three finite numbers above 0"),
+                 "std [0, 0, 0] is not three finite numbers above 0"),
     "unknown score kind": (lambda m: _set_props(m, **{"featx.score_kind": "vibes"}), "score kind 'vibes'"),
     "no input record": (lambda m: _set_props(m, **{"featx.input": None}), "no 'input'"),
     "garbage format version": (lambda m: _set_props(m, **{"featx.format_version": "x1"}), "format version 'x1'"),
     "a huge ConstantOfShape": (_huge_constant, "failed in onnxruntime"),
-    "symbolic class axis, 5 names": (_dynamic_classes, "returned scores of shape (6, 2) for 6 images and 5 class names"),
+    "symbolic class axis, 5 names": (_dynamic_classes,
+                                     "returned scores of shape (6, 2) for 6 images and 5 class names"),
 }
 
 

@@ -94,6 +94,24 @@ class Preprocess:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
 
+    @classmethod
+    def from_record(cls, d, where: str) -> "Preprocess":
+        """A recipe read from an artifact (`where`: "model.json", an ONNX file...) -> Preprocess, checked: an
+        ArtifactError (one line, exit 5) for one featx cannot apply, e.g. a crop size edited to 99,999 px, which
+        would allocate 30 GB per image, or an interpolation PIL does not have."""
+        from ..errors import ArtifactError
+
+        try:
+            if not isinstance(d, dict):
+                raise ValueError(f"a {type(d).__name__}, not a recipe")
+            pre = cls.from_dict(d)
+            pre.check()
+        except (KeyError, TypeError, ValueError) as exc:
+            what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise ArtifactError(f"{where} records a preprocessing featx cannot use ({what}); make the model again "
+                                "with featx") from exc
+        return pre
+
     def fingerprint(self) -> str:
         return fingerprint(self.to_dict())
 
@@ -122,7 +140,9 @@ class Preprocess:
             ok = isinstance(values, (tuple, list)) and len(values) == 3 and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
             if not ok or (name == "std" and min(values) <= 0):
-                raise ValueError(f"{name} {values!r} is not three finite numbers" + (" above 0" if name == "std" else ""))
+                above = " above 0" if name == "std" else ""
+                shown = list(values) if isinstance(values, (tuple, list)) else values
+                raise ValueError(f"{name} {shown!r} is not three finite numbers{above}")
 
     # -- CPU side -------------------------------------------------------------------------------------
     def crop_geometry(self, w: int, h: int) -> tuple:

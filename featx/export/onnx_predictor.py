@@ -191,7 +191,7 @@ def _featx_meta(sess, shown: str) -> dict:
         if not isinstance(meta["input"], dict) or not isinstance(meta["preprocess"], dict):
             raise ValueError("input and preprocess must be JSON objects")
         pre = Preprocess.from_dict(meta["preprocess"])
-        pre.check()  # crop size within 8..2048 px, a known interpolation, three means and stds
+        pre.check()  # crop size within 8..2048 px, a known interpolation, three means and stds (as from_record)
         size = meta["input"]["size"]
         if size != pre.input_size:
             raise ValueError(f"the input size {_brief(size)} is not the preprocessing's crop size {pre.input_size}")
