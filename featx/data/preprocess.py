@@ -43,7 +43,7 @@ def _source_window(n_in: int, n_out: int, start: int, size: int, reach: float) -
     """Source pixels [lo, hi) that output pixels [start, start + size) of a resize n_in -> n_out read, and where
     those outputs' box lies inside that window: (lo, hi, box start, box end)."""
     scale = n_in / n_out
-    a, b = start * scale, (start + size) * scale
+    a, b = start * scale, min(n_in, (start + size) * scale)  # min: a crop that ends at the edge, rounded past it
     margin = reach * max(scale, 1.0) + 1  # the filter widens when shrinking; +1 for rounding at the edges
     lo, hi = max(0, math.floor(a - margin)), min(n_in, math.ceil(b + margin))
     return lo, hi, a - lo, b - lo
