@@ -166,6 +166,10 @@ def _settings(settings: Optional[CompareSettings], kw: dict) -> CompareSettings:
         raise UsageError(f"--budget must be a positive number of seconds, got {s.budget}")
     if int(s.repeats) != s.repeats or s.repeats < 1:
         raise UsageError(f"--repeats must be a whole number >= 1, got {s.repeats}")
+    from ..data.preprocess import check_image_size
+
+    if s.image_size is not None:
+        check_image_size(s.image_size)  # before any method runs, not when the first one that uses it starts
     from ..training import zoo
 
     for a in s.archs:

@@ -31,6 +31,7 @@ import numpy as np
 
 from .._io import (OutputLock, check_outputs, check_writable_folder, claim_outputs, refuse_inside, safe_str,
                    written_by_featx)
+from ..data.preprocess import check_image_size
 from ..errors import DataError, FeatxError, OutputError, StrictModeError, UsageError, interruptible
 from .predictor import Predictor, load_predictor, model_device
 from .sort import EARLIER, MODES, MoveJournal, SortAction, check_sort_targets, sort_counts, sort_images
@@ -79,8 +80,8 @@ class PredictSettings:
             raise UsageError(f"sort mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.image_size is not None and self.image_size < 1:
-            raise UsageError(f"--image-size must be at least 1, got {self.image_size}")
+        if self.image_size is not None:
+            check_image_size(self.image_size)
         if self.min_confidence is not None and self.sort_into is None:
             raise UsageError("--min-confidence only applies when sorting; add --sort-into DIR")
         if self.min_confidence is not None and not np.isfinite(self.min_confidence):
