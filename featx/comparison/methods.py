@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..errors import DataError, FeatxError, Interrupted
-from .core import QUICK, CompareSettings, MethodResult
+from .types import QUICK, CompareSettings, MethodResult
 
 
 def _clock() -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .._io import write_json, write_markdown
-from .core import CompareResult
+from .types import CompareResult
 
 
 def write_outputs(result: CompareResult) -> None:

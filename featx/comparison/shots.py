@@ -22,13 +22,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
 from ..errors import FeatxError, Interrupted, UsageError
 from . import methods as M
+from .types import Curve, ShotRun
 
 AUTO_SERIES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)  # "auto": this series below the smallest class
 QUICK_MAX_SHOT = 20  # --quick with "auto": up to 20 images per class (each size costs about one full run)
@@ -109,61 +110,6 @@ def head_params_at(kind: str, k: int, cv: int) -> dict:
     if kind == "knn":
         return {"cv": 0, "k": k if k % 2 else k - 1}
     return {"cv": 0}
-
-
-@dataclass
-class ShotRun:
-    """One training run on a subset (``k`` images per class; None: the whole training split, the main table's run)."""
-
-    method: str
-    family: str
-    k: Optional[int]
-    draw: int
-    n_train: int
-    accuracy: Optional[float] = None
-    balanced_accuracy: Optional[float] = None
-    seconds: float = 0.0
-    train_images: list = field(default_factory=list)  # relative paths (empty for k=None: the whole split)
-    artifact: Optional[str] = None
-    error: Optional[str] = None
-    skipped: Optional[str] = None
-
-
-@dataclass
-class Curve:
-    ks: list
-    repeats: int
-    n_classes: int
-    n_train: int  # images in the whole training split: the "all" point
-    val_images: list  # relative paths every run was scored on
-    labels: dict = field(default_factory=dict)  # method -> words for the plot and the sentence
-    runs: list = field(default_factory=list)
-    notes: list = field(default_factory=list)
-    sentence: str = ""
-
-    @property
-    def per_class_all(self) -> float:
-        return self.n_train / max(1, self.n_classes)
-
-    def points(self) -> list:
-        """Mean, standard deviation (over draws), min, max and number of draws per method and size."""
-        groups: dict = {}
-        for r in self.runs:
-            if r.accuracy is not None:
-                groups.setdefault((r.method, r.k), []).append(r)
-        out = []
-        for (method, k), rs in groups.items():
-            a = np.array([r.accuracy for r in rs], dtype=float)
-            out.append({"method": method, "family": rs[0].family, "label": self.labels.get(method, method),
-                        "k": k, "images_per_class": float(k) if k is not None else self.per_class_all,
-                        "mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-                        "min": float(a.min()), "max": float(a.max()), "n": int(len(a))})
-        return out
-
-    def to_dict(self) -> dict:
-        return {"ks": list(self.ks), "repeats": self.repeats, "n_classes": self.n_classes, "n_train": self.n_train,
-                "points": self.points(),
-                "runs": [asdict(r) for r in self.runs], "sentence": self.sentence, "notes": list(self.notes)}
 
 
 @dataclass
