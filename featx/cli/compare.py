@@ -87,14 +87,16 @@ def _table(res) -> Table:
 
 
 def _curve_table(curve) -> Table:
-    from ..comparison.render import point_cell
+    from ..comparison.render import draws_title, point_cell
 
-    pts = {(p["method"], p["k"]): p for p in curve.points()}
-    t = Table(title=f"validation accuracy by training images per class (mean±sd over {curve.repeats} draws)")
+    points = curve.points()
+    pts = {(p["method"], p["k"]): p for p in points}
+    draws, with_n = draws_title(points)  # the draws that ran, not the --repeats asked for
+    t = Table(title=f"validation accuracy by training images per class ({draws})")
     t.add_column("method", justify="left", no_wrap=True)
     for k in curve.ks:
         t.add_column(str(k), justify="right")
     t.add_column(f"all ({curve.per_class_all:.0f})", justify="right")
     for method, label in curve.labels.items():
-        t.add_row(label, *[point_cell(pts.get((method, k)), compact=True) for k in [*curve.ks, None]])
+        t.add_row(label, *[point_cell(pts.get((method, k)), compact=True, with_n=with_n) for k in [*curve.ks, None]])
     return t

@@ -23,6 +23,7 @@ def write_outputs(result: CompareResult) -> None:
         try:
             result.curve_path = report.save_shots_curve_png(
                 result.curve.points(), run_dir / "learning_curve.png", all_label=f"all ({result.curve.per_class_all:.0f})",
+                sizes=[*result.curve.ks, result.curve.per_class_all],
                 title=f"validation accuracy ({result.n_val} images) vs training images per class")
         except Exception as exc:  # noqa: BLE001
             result.notes.append(f"learning curve not drawn: {exc}")
@@ -105,10 +106,23 @@ def render_curve(result: CompareResult) -> list:
     return lines
 
 
-def point_cell(p: Optional[dict], state: Optional[str] = None, compact: bool = False) -> str:
+def point_cell(p: Optional[dict], state: Optional[str] = None, compact: bool = False, with_n: bool = True) -> str:
     """A curve point as text: mean, and ± standard deviation (n = draws) where there were several draws."""
     if p is None:
         return state or "-"
     if p["n"] == 1:
         return f"{p['mean']:.3f}"
-    return f"{p['mean']:.2f}±{p['std']:.2f}" if compact else f"{p['mean']:.3f} ± {p['std']:.3f} (n={p['n']})"
+    if compact:
+        return f"{p['mean']:.2f}±{p['std']:.2f}" + (f" (n={p['n']})" if with_n else "")
+    return f"{p['mean']:.3f} ± {p['std']:.3f} (n={p['n']})"
+
+
+def draws_title(points: list) -> tuple:
+    """(words for a curve table's title, whether each cell must give its n): the draws that ran, never the planned
+    --repeats (a --budget may have skipped some)."""
+    ns = sorted({p["n"] for p in points if p["k"] is not None and p["n"] > 1})
+    if not ns:
+        return "one draw per size", False
+    if len(ns) == 1:
+        return f"mean±sd over {ns[0]} draws where a size has several", False
+    return "mean±sd over the draws that ran (n)", True
