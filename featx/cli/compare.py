@@ -11,9 +11,10 @@ from rich.table import Table
 from .app import app, run_boundary
 from .common import out, print_json, styled, warn
 from .finetune import epoch_line, log_message
+from .plain_help import PlainHelpCommand
 
 
-@app.command("compare")
+@app.command("compare", cls=PlainHelpCommand)
 @run_boundary
 def compare_cmd(
     images: Path = typer.Argument(..., help="Labelled image folder: class subfolders, optionally inside train/ and val/."),
@@ -37,7 +38,8 @@ def compare_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="The report goes to RUNS_DIR/compare/NAME."),
     name: Optional[str] = typer.Option(None, "--name", help="Run folder name (default: exp, exp2, ...)."),
-    exist_ok: bool = typer.Option(False, "--exist-ok", help="Allow overwriting an existing --name folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --name folder."),
+    exist_ok: bool = typer.Option(False, "--exist-ok", hidden=True, help="Old name of --overwrite."),
     json_: bool = typer.Option(False, "--json", help="Print one entry per method (with --shots: the whole results.json document)."),
 ):
     """Is transfer learning worth it here? Heads on frozen features vs fine-tuning vs small CNNs from scratch."""
@@ -49,7 +51,7 @@ def compare_cmd(
         skip_scratch=skip_scratch, finetune_epochs=finetune_epochs, scratch_epochs=scratch_epochs,
         image_size=image_size, pretrained=not no_pretrained, weights=str(weights) if weights else None,
         val_split=val_split, seed=seed, device=device, workers=workers, runs_dir=str(runs_dir), name=name,
-        exist_ok=exist_ok, shots=shots, repeats=repeats, budget=budget, log=log_message,
+        exist_ok=overwrite or exist_ok, shots=shots, repeats=repeats, budget=budget, log=log_message,
         on_epoch=None if json_ else epoch_line, **kw,
     )
     if json_:
