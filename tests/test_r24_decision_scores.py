@@ -24,6 +24,8 @@ def heads(tmp_path_factory):
     calibrated with --calibrate, all on 32-px random-init features of 2 colour classes."""
     base = tmp_path_factory.mktemp("r24_heads")
     data = make_folder(base / "data", classes=("ant", "bee"), n_per_class=6, splits=("train", "val"), size=32)
+    # one ant-coloured image filed under bee: a mistake on val, without which --calibrate has nothing to learn from
+    (data / "val" / "ant" / "ant_000.jpg").rename(data / "val" / "bee" / "ant_000.jpg")
     featx.extract_features(data, base / "f.npz", backbone=TINY, pretrained=False, image_size=32, workers=0,
                            device="cpu")
     out = {}
