@@ -38,7 +38,7 @@ def compare_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="The report goes to RUNS_DIR/compare/NAME."),
     name: Optional[str] = typer.Option(None, "--name", help="Run folder name (default: exp, exp2, ...)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --name folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an existing --name folder (featx replaces only the files it wrote there)."),
     exist_ok: bool = typer.Option(False, "--exist-ok", hidden=True, help="Old name of --overwrite."),
     json_: bool = typer.Option(False, "--json", help="Print one entry per method (with --shots: the whole results.json document)."),
 ):

@@ -85,7 +85,7 @@ def finetune_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes (default: one per CPU, at most 8)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Run folders go to RUNS_DIR/finetune/NAME."),
     name: Optional[str] = typer.Option(None, "--name", help="Run folder name (default: exp, exp2, ...)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --name folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an existing --name folder (featx replaces only the files it wrote there)."),
     exist_ok: bool = typer.Option(False, "--exist-ok", hidden=True, help="Old name of --overwrite."),
     resume: bool = typer.Option(False, "--resume", help="Continue the --name run (or the latest one) from its last epoch."),
     max_epochs: Optional[int] = typer.Option(None, "--stop-after", min=1, help="Stop after this epoch (resumable), e.g. to time-box a job."),

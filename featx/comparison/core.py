@@ -50,7 +50,7 @@ def compare(images: str | os.PathLike, *, settings: Optional[CompareSettings] = 
         except Interrupted as exc:  # a fine-tuning or scratch run inside says "--resume", which compare does not have
             what = "SIGTERM" if exc.signum == signal.SIGTERM else "Ctrl-C"
             raise Interrupted(f"stopped by {what}; compare cannot continue a stopped comparison: re-run the "
-                              f"same command (with --exist-ok --name {safe_str(claim.path.name)} to reuse its "
+                              f"same command (with --overwrite --name {safe_str(claim.path.name)} to reuse its "
                               f"folder)", exc.signum) from None
         result = CompareResult(run_dir=claim.path, rows=rows, report_path=claim.path / "report.md", chart_path=None,
                                split=split.source, n_train=len(split.train), n_val=len(split.val),

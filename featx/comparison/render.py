@@ -97,11 +97,12 @@ def render_curve(result: CompareResult) -> list:
     if result.curve_path:
         lines += ["", "![learning curve](learning_curve.png)"]
     lines += ["", f"How: k images per class are drawn (seeded) from the training split only; the smallest size is "
-              f"drawn {c.repeats} times (the head: every size), each draw's subsets nested. The head is the kind "
-              f"best on the whole split, refitted per subset on the features extracted once; below 5 images per "
-              f"class its parameter is fixed (the kind's default; k-NN 1 or 3 neighbours), from 5 it is "
-              f"cross-validated. Fine-tuning and scratch runs keep the full run's recipe and epochs, each epoch "
-              f"filled with copies of the subset to the full split's size, so every size costs about the same.", ""]
+              f"drawn {c.repeats} times (the head: every size; n in each cell counts the draws that ran), each "
+              f"draw's subsets nested. The head is the kind best on the whole split, refitted per subset on the "
+              f"features extracted once; below 5 images per class its parameter is fixed (the kind's default; "
+              f"k-NN 1 or 3 neighbours), from 5 it is cross-validated. Fine-tuning and scratch runs keep the full "
+              f"run's recipe and epochs, each epoch filled with copies of the subset to the full split's size, so "
+              f"every size costs about the same.", ""]
     lines += [f"- {n}" for n in c.notes] + ([""] if c.notes else [])
     return lines
 
