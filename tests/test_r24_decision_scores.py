@@ -74,3 +74,15 @@ def test_the_table_column_is_named_for_what_it_holds(heads, tmp_path):
         # a re-run replaces featx's own table of either kind without --overwrite
         featx.predict_folder(val, paths["logistic" if column != "probability" else "svm"], output=table, workers=0)
         featx.predict_folder(val, paths["logistic" if column != "probability" else "svm"], output=jl, workers=0)
+
+
+def test_an_exported_svm_is_refused_too_and_told_to_export_again(heads, tmp_path):
+    pytest.importorskip("onnxruntime")
+    val, paths = heads
+    onnx = featx.export_model(paths["svm"], tmp_path / "svm.onnx", check=val, exporter="torchscript").output
+    r = CliRunner().invoke(app, ["predict", str(val), "--model", str(onnx), "-o", str(tmp_path / "p.csv"),
+                                 "--sort-into", str(tmp_path / "s"), "--min-confidence", "0.5", "--workers", "0"])
+    assert r.exit_code == 2 and "fit --calibrate` and export it again" in r.stderr, r.output
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "s").exists()
+    featx.predict_folder(val, onnx, output=tmp_path / "p.csv", workers=0, top_k=0)
+    assert (tmp_path / "p.csv").read_text(encoding="utf-8").startswith("path,label,decision_score,")
