@@ -26,7 +26,7 @@ def compare_cmd(
     skip_scratch: bool = typer.Option(False, "--skip-scratch", help="Do not train CNNs from scratch."),
     shots: Optional[str] = typer.Option(None, "--shots", metavar="K,K,...|auto", help="Also train every method on K images per class drawn from the training split (e.g. 1,2,5,10,20,all; auto = 1,2,5,10,20,50,... below the smallest class) and draw learning_curve.png."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="With --shots: draws of the smallest K (of every K for the heads)."),
-    budget: Optional[float] = typer.Option(None, "--budget", metavar="SECONDS", help="Cap the total time: runs that would not fit are skipped and listed."),
+    budget: Optional[float] = typer.Option(None, "--budget", metavar="SECONDS", help="Cap the total time: fine-tuning and scratch runs that would not fit are skipped and listed; the heads (seconds in all) run first and always."),
     finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", min=1, help="Fine-tuning epochs (default 15, or 4 with --quick)."),
     scratch_epochs: Optional[int] = typer.Option(None, "--scratch-epochs", min=1, help="Scratch epochs (default 30, or 8 with --quick)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size for extraction and fine-tuning (default: the backbone's)."),
