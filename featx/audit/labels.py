@@ -97,7 +97,8 @@ def find_label_issues(X: np.ndarray, labels: np.ndarray, *, C: float = 0.1, fold
     rows, folds, notes = usable_rows(labels, folds)
     empty = {"rows": [], "given": [], "suggested": [], "given_probability": [], "suggested_probability": [],
              "classes": [], "folds": folds, "n_checked": 0, "notes": notes, "cv_accuracy": None,
-             "majority_rate": None, "chance_level": None}
+             "majority_rate": None, "chance_level": None, "checked_rows": rows, "y": np.zeros(0, np.int64),
+             "probabilities": np.zeros((0, 0))}
     if len(rows) == 0:
         return empty
     classes, y = np.unique(np.asarray(labels)[rows].astype(str), return_inverse=True)
@@ -127,4 +128,8 @@ def find_label_issues(X: np.ndarray, labels: np.ndarray, *, C: float = 0.1, fold
         "cv_accuracy": round(accuracy, 4),
         "majority_rate": round(majority, 4),
         "chance_level": bool(at_chance),
+        # every checked row, flagged or not (the scores table): row indices into X, class indices, N x C probabilities
+        "checked_rows": rows,
+        "y": y,
+        "probabilities": probs,
     }
