@@ -30,11 +30,9 @@ CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src
 
 def html_is_ours(path) -> bool:
     """Recogniser for check_outputs: featx's stamp on the page's second line (after the doctype)."""
-    try:
-        with open(path, "rb") as fh:
-            return MD_STAMP_PREFIX.encode() in fh.read(256)
-    except OSError:
-        return False
+    from ._io import _html_is_ours
+
+    return _html_is_ours(Path(path))
 
 
 def esc(v) -> str:
@@ -49,6 +47,7 @@ class Thumbnails:
         self.cap = cap
         self.cache: dict = {}
         self.refused = 0  # requests past the cap
+        self.placed: dict = {}  # path -> thumbnail number, once its data: URI is on the page
 
     def file(self, path) -> Optional[Path]:
         if path is None:
@@ -67,11 +66,18 @@ class Thumbnails:
         self.cache[key] = _encode(self.file(path))
 
     def img(self, path, alt: str = "") -> str:
-        uri = self.cache.get(str(path))
+        """The first <img> of an image carries its data: URI; later ones name it (``data-same``) and the page's
+        script copies the URI over, so an image listed in three tables is stored once."""
+        key = str(path)
+        uri = self.cache.get(key)
         if uri is None:
-            why = "not inlined (cap)" if str(path) not in self.cache else "no image"
+            why = "not inlined (cap)" if key not in self.cache else "no image"
             return f'<span class="nothumb">{why}</span>'
-        return f'<img class="thumb" src="{uri}" alt="{esc(alt)}" width="{THUMB}" height="{THUMB}">'
+        size = f'alt="{esc(alt)}" width="{THUMB}" height="{THUMB}"'
+        if key in self.placed:
+            return f'<img class="thumb" data-same="{self.placed[key]}" {size}>'
+        self.placed[key] = n = len(self.placed)
+        return f'<img class="thumb" data-thumb="{n}" src="{uri}" {size}>'
 
     @property
     def inlined(self) -> int:
@@ -242,28 +248,47 @@ def confusion(page: Page, classes: Sequence[str], items: list, cell_cap: int = 2
              f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></section>")
 
 
-def evaluation_page(path, *, title: str, summary: Sequence[str], classes: Sequence[str], items: list,
-                    per_class: Optional[list] = None, root=None, score_name: str = "confidence") -> Path:
-    """report.html of scoring a model on labelled images: summary, per-class table, confusion matrix with its
-    images, and every image as a sortable table (mistakes first). ``items``: ``{"path", "file", "true", "pred",
-    "confidence"}`` for every evaluated image."""
-    page = Page(title=title, thumbs=Thumbnails(root))
+def evaluation_page(path, metrics: dict, items: list, *, title: str, notes: Sequence[str] = (),
+                    score_name: str = "confidence") -> Path:
+    """report.html of scoring a model on labelled images: summary, per-class table, the confusion matrix whose
+    cells list their images, and every image as a sortable table (mistakes first). ``metrics``: as
+    featx.report.classification_metrics returns them; ``items``: ``{"path", "file", "true", "pred", "confidence"}``
+    for every evaluated image (``file``: the image to show, ``path``: as listed)."""
+    page = Page(title=title, thumbs=Thumbnails())
     page.heading("Summary")
-    page.bullets(summary)
+    nums = [f"{k.replace('_', ' ')}: {metrics[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "macro_f1")
+            if isinstance(metrics.get(k), float)]
+    wrong = sum(it["true"] != it["pred"] for it in items)
+    page.bullets([f"{metrics.get('n', len(items))} labelled images, {wrong} misclassified"] + nums + list(notes))
+    per_class = metrics.get("per_class") or {}
     if per_class:
         page.table(Table("Per class", ["class", "precision", "recall", "f1", "support"],
-                         [[c.get("class"), c.get("precision"), c.get("recall"), c.get("f1"), c.get("support")]
-                          for c in per_class], numeric=("precision", "recall", "f1", "support"), id="per-class"))
-    confusion(page, classes, items)
+                         [[c, v.get("precision"), v.get("recall"), v.get("f1"), v.get("support")]
+                          for c, v in per_class.items()], numeric=("precision", "recall", "f1", "support"),
+                         id="per-class"))
+    confusion(page, metrics.get("classes") or sorted({it["true"] for it in items}), items)
     ordered = sorted(items, key=lambda it: (it["true"] == it["pred"], -(it.get("confidence") or 0.0)))
-    for it in ordered[:ROW_CAP]:
-        page.thumbs.want(it.get("file", it["path"]))
     shown = ordered[:ROW_CAP]
+    for it in shown:
+        page.thumbs.want(it.get("file", it["path"]))
     page.table(Table("Every image (mistakes first)", ["path", "true", "predicted", score_name, "correct"],
                      [[it["path"], it["true"], it["pred"], it.get("confidence"), it["true"] == it["pred"]]
                       for it in shown], image=[it.get("file", it["path"]) for it in shown],
                      numeric=(score_name, "correct"), total=len(items),
                      marks=["flagged" if it["true"] != it["pred"] else None for it in shown], id="images"))
+    return page.write(path)
+
+
+def compare_page(path, *, title: str, summary: Sequence[str], columns: Sequence[str], rows: list,
+                 numeric: Sequence[str] = (), charts: Sequence = (), notes: Sequence[str] = ()) -> Path:
+    """report.html of `featx compare`: the summary, the methods as a sortable table and the charts, inline."""
+    page = Page(title=title, thumbs=Thumbnails())
+    page.heading("Summary")
+    page.bullets(list(summary) + [f"note: {n}" for n in notes])
+    page.table(Table("Methods (best first)", columns, rows, numeric=numeric, id="methods"))
+    for chart, alt in charts:
+        if chart is not None:
+            page.chart(chart, alt)
     return page.write(path)
 
 
@@ -287,6 +312,8 @@ ul.cell li{display:flex;gap:.4em;align-items:center;margin:2px 0}
 # click reverses; the filter keeps rows whose text contains every word typed; paging shows PAGE_ROWS at a time.
 _JS = r"""
 (function(){
+document.querySelectorAll('img[data-same]').forEach(function(im){
+  var src=document.querySelector('img[data-thumb="'+im.getAttribute('data-same')+'"]'); if(src) im.src=src.src;});
 document.querySelectorAll('section.tbl').forEach(function(sec){
   var table=sec.querySelector('table'), tbody=table.tBodies[0], rows=Array.prototype.slice.call(tbody.rows);
   var filter=sec.querySelector('.filter'), pos=sec.querySelector('.pos'), page=0, size=PAGE_ROWS, kept=rows;

@@ -42,13 +42,13 @@ class ScoreTable:
         return len(self.columns["path"])
 
     def row(self, i: int) -> dict:
-        return {c: _plain(self.columns[c][i]) for c in COLUMNS}
+        return {c: _plain(self.columns[c][i], c in RANK_COLUMNS) for c in COLUMNS}
 
     def rows(self) -> Iterator[list]:
         """Every row as a list in COLUMNS order (None for an empty cell), for the CSV."""
-        cols = [self.columns[c] for c in COLUMNS]
+        cols = [(self.columns[c], c in RANK_COLUMNS) for c in COLUMNS]
         for i in range(len(self)):
-            yield [_plain(col[i]) for col in cols]
+            yield [_plain(col[i], whole) for col, whole in cols]
 
     def ranked(self, name: str, top: Optional[int] = None) -> list:
         """Rows by ranking ``name`` (label / outlier / duplicate), most suspicious first; rows without a score left
@@ -66,12 +66,15 @@ class ScoreTable:
                 if not np.isnan(np.asarray(self.columns[rank_col], dtype=np.float64)).all()]
 
 
-def _plain(v):
-    """numpy scalars -> Python; NaN -> None (an empty cell)."""
+RANK_COLUMNS = {rank for _, rank, _ in RANKINGS.values()}
+
+
+def _plain(v, whole: bool = False):
+    """numpy scalars -> Python; NaN -> None (an empty cell); ``whole``: a rank, written as an integer."""
     if v is None:
         return None
     if isinstance(v, (np.floating, float)):
-        return None if np.isnan(v) else round(float(v), 4)
+        return None if np.isnan(v) else int(v) if whole else round(float(v), 4)
     if isinstance(v, np.integer):
         return int(v)
     if isinstance(v, np.bool_):

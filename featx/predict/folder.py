@@ -204,7 +204,10 @@ class _Plan:
 
         files = {self.table: is_featx_table} if self.table is not None else {}
         if self.report_dir is not None:
+            from ..report_html import html_is_ours
+
             files.update({p: None for p in evaluation_files(self.report_dir).values()})
+            files[self.report_dir / "report.html"] = html_is_ours
         return files
 
 
@@ -549,6 +552,14 @@ def _write_report(res: PredictResult, folder, rep_dir: Path) -> None:
         extra={"split_metrics": res.split_metrics, "unknown_classes": res.unknown_classes, "n_errors": res.n_errors},
         score_name=res.confidence_kind, what="predictions vs folder labels")
     res.report_dir, res.confusion_png, res.gallery_png = rep_dir, files["confusion"], files["gallery"]
+    from ..report_html import evaluation_page  # report.html: the confusion matrix with its images, sortable
+
+    evaluation_page(rep_dir / "report.html", res.metrics,
+                    [{"path": r["path"], "file": folder.records[i].path, "true": r["true_label"], "pred": r["label"],
+                      "confidence": r["confidence"]} for i, r in enumerate(res.rows)
+                     if r["error"] is None and r.get("true_label") is not None],
+                    title=f"featx predict: {res.model} on {folder.root}", score_name=res.confidence_kind,
+                    notes=res.warnings)
 
 
 def _strict_skips(skipped: list) -> StrictModeError:
