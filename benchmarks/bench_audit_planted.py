@@ -159,7 +159,8 @@ def rankings_after(res) -> dict:
     vote = 1.0 - np.asarray(c["neighbour_agreement"], dtype=np.float64)
     glob = percentile_of(np.asarray(c["knn_distance"], dtype=np.float64))
     cls = percentile_of(np.asarray(c["class_knn_distance"], dtype=np.float64))
-    out = {"label_errors": _by(t, "label_score"), "outliers": _by(t, "outlier_score"),
+    ranked = lambda col: _by(t, "", -np.asarray(c[col], dtype=np.float64))  # noqa: E731 - rank 1 first
+    out = {"label_errors": ranked("label_rank"), "outliers": ranked("outlier_rank"),
            "duplicates": _pairs(zip(c["path"], c["nearest"], c["nearest_similarity"])),
            "label_errors [1 - p(given) only]": _by(t, "", doubt),
            "label_errors [neighbour vote only]": _by(t, "", vote)}

@@ -82,11 +82,14 @@ def _plain(v, whole: bool = False):
     return v
 
 
-def _ranks(score: np.ndarray) -> np.ndarray:
-    """1 = highest score; NaN stays NaN (float array)."""
+def _ranks(score: np.ndarray, tie: Optional[np.ndarray] = None) -> np.ndarray:
+    """1 = highest score (among equal scores, the highest ``tie``); NaN stays NaN (float array)."""
     out = np.full(len(score), np.nan)
     have = np.flatnonzero(~np.isnan(score))
-    order = have[np.argsort(-score[have], kind="stable")]
+    if tie is None:
+        order = have[np.argsort(-score[have], kind="stable")]
+    else:
+        order = have[np.lexsort((-np.nan_to_num(tie[have]), -score[have]))]
     out[order] = np.arange(1, len(order) + 1)
     return out
 
@@ -178,11 +181,10 @@ def build(fs, *, roles, knn=None, class_knn=None, label_found=None, pairs=None, 
         glob = percentile_of(dist)
         cls = percentile_of(cdist)
         outlier = np.where(np.isnan(cls), glob, (1 - CLASS_WEIGHT) * glob + CLASS_WEIGHT * cls) / 100.0
-        outlier = outlier + 1e-6 * dist  # ties in percentile: the farther image first
     oflag = np.zeros(n, dtype=bool)
     for r in outliers or []:
         oflag[at[r["path"]]] = True
-    cols.update(outlier_rank=_ranks(outlier), outlier_score=outlier, outlier_percentile=percentile_of(outlier),
+    cols.update(outlier_rank=_ranks(outlier, tie=dist), outlier_score=outlier, outlier_percentile=percentile_of(outlier),
                 knn_distance=dist, class_knn_distance=cdist,
                 outlier_flagged=[bool(f) if knn is not None else None for f in oflag])
     # nearest image and duplicate groups
