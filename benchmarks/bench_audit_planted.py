@@ -3,6 +3,7 @@
     python benchmarks/bench_audit_planted.py plant   [--data ../shared/data/hymenoptera] [--work /work/cache-h]
     python benchmarks/bench_audit_planted.py extract [--work /work/cache-h]     # once: WORK/features.npz
     python benchmarks/bench_audit_planted.py recall  [--work /work/cache-h]     # before (issue 16) vs after
+    python benchmarks/bench_audit_planted.py scale   [--n 100000 --dim 1280] [--code ../main .]   # whole audit
 
 plant: copies hymenoptera to WORK/planted and plants three kinds of problem (the truth goes to WORK/planted.json):
 - 10 copies across splits, each resized to 55-70 %, cropped by 5-10 % on two sides and re-encoded at JPEG 35-60
@@ -28,6 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hymenoptera"
 DEFAULT_WORK = Path("/work/cache-h")
 
@@ -191,15 +193,59 @@ def recall(work: Path, **settings) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------------- scale
+WHOLE = """
+import json, os, sys, time
+t = time.perf_counter()
+from featx.audit import audit
+res = audit(sys.argv[1], report_dir=sys.argv[2], overwrite=True)
+wall = time.perf_counter() - t
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+sizes = {f.name: f.stat().st_size for f in __import__("pathlib").Path(sys.argv[2]).iterdir()}
+print(json.dumps({"seconds": round(wall, 1), "peak_rss_mb": round(int(hwm) / 1024), "steps": res.info["seconds"],
+                  "files": sizes, "load_after": os.getloadavg()}))
+"""
+
+
+def scale(work: Path, n: int, dim: int, code: list) -> dict:
+    """The whole audit (every check, every report file) of a synthetic n x dim store, in a fresh process per code
+    tree (``code``: repository roots, e.g. main and this branch, run one after the other on the same store)."""
+    import os
+    import subprocess
+
+    from bench_audit import synthetic_store
+
+    store = work / f"synthetic-{n}x{dim}.npz"
+    if not store.exists():
+        synthetic_store(store, n, dim)
+    out = {}
+    for root in code:
+        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}
+        load = os.getloadavg()
+        shutil.rmtree(work / f"scale-report-{Path(root).name}", ignore_errors=True)
+        r = subprocess.run([sys.executable, "-c", WHOLE, str(store), str(work / f"scale-report-{Path(root).name}")],
+                           env=env, capture_output=True, text=True, cwd=str(root))  # -c: cwd comes first on sys.path
+        doc = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-2000:]}
+        doc["load_before"] = load
+        out[str(root)] = doc
+        print(root, json.dumps(doc), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["plant", "extract", "recall"])
+    ap.add_argument("what", choices=["plant", "extract", "recall", "scale"])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=1280)
+    ap.add_argument("--code", nargs="+", default=[str(ROOT)], help="scale: repository roots to time, in turn")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     if a.what == "plant":
         print(json.dumps(plant(a.data, a.work), indent=1))
+    elif a.what == "scale":
+        scale(a.work, a.n, a.dim, a.code)
     elif a.what == "extract":
         print(extract(a.work))
     else:

@@ -240,3 +240,40 @@ def test_audit_page_renders_offline_in_headless_chromium_and_sorts(audited):
             assert all(u.startswith(("file:", "data:")) for u in requests), requests
         finally:
             browser.close()
+
+
+def test_predict_evaluation_writes_report_html_with_the_confusion_images(tmp_path):
+    import featx
+    from tests.imagegen import class_color, make_folder
+
+    data = make_folder(tmp_path / "data", classes=("ant", "bee"), n_per_class=4, splits=("train", "val"), size=32)
+    bb = featx.create_backbone("efficientnet_lite0", image_size=32)
+    featx.extract_features(data / "train", tmp_path / "f.npz", backbone=bb, workers=0)
+    featx.fit_head(tmp_path / "f.npz", output=tmp_path / "head.skops", C=1.0, cv=0)
+    make_image(data / "val" / "bee" / "odd.jpg", size=32, color=class_color(0), seed=999)  # an ant filed as bee
+    res = featx.predict_folder(data / "val", tmp_path / "head.skops", output=tmp_path / "preds.csv", workers=0)
+    page = res.report_dir / "report.html"
+    p = parse(page)
+    assert_self_contained(p)
+    assert p.rows["images"] == res.metrics["n"] == 5 + 4
+    cells = page.read_text().split('<table class="cm">')[1].split("</table>")[0]
+    assert "<span>bee/odd.jpg (" in cells and cells.count('<img class="thumb"') == 9
+
+
+def test_compare_writes_report_html_beside_report_md(tmp_path):
+    from featx.comparison.core import CompareResult, CompareSettings, MethodResult
+    from featx.comparison.render import write_outputs
+
+    rows = [MethodResult(method="heads:logistic", accuracy=0.9, balanced_accuracy=0.88, seconds=3.0,
+                         trainable_params=2562, family="heads", best_in_family=True, artifact="h.skops"),
+            MethodResult(method="scratch:lenet5", accuracy=None, balanced_accuracy=None, seconds=0.0,
+                         trainable_params=None, family="scratch", skipped="the --budget was spent")]
+    result = CompareResult(run_dir=tmp_path, rows=rows, report_path=tmp_path / "report.md", chart_path=None,
+                           split="val/ folder", n_train=10, n_val=4, seconds=5.0, settings=CompareSettings())
+    write_outputs(result)
+    p = parse(tmp_path / "report.html")
+    assert_self_contained(p)
+    assert p.rows["methods"] == 2
+    text = (tmp_path / "report.html").read_text()
+    assert "heads:logistic" in text and "skipped (the --budget was spent)" in text
+    assert [a for t, a in p.tags if t == "img" and a.get("src", "").startswith("data:image/png")]  # the chart
