@@ -277,3 +277,19 @@ def test_compare_writes_report_html_beside_report_md(tmp_path):
     text = (tmp_path / "report.html").read_text()
     assert "heads:logistic" in text and "skipped (the --budget was spent)" in text
     assert [a for t, a in p.tags if t == "img" and a.get("src", "").startswith("data:image/png")]  # the chart
+
+
+def test_markup_in_file_names_is_shown_as_text_not_run(tmp_path):
+    from featx.features.store import FeatureSet, save_features
+
+    names = ["a<b>bold.jpg", "x<script>alert(1)<\\script>.jpg", 'q"uote&amp.jpg', "caf\udce9.jpg", "plain.jpg"]
+    X = np.random.default_rng(0).random((len(names), 16)).astype(np.float32)
+    save_features(FeatureSet(features=X, paths=names, labels=None, splits=None, classes=[],
+                             meta={"backbone": "synthetic"}), tmp_path / "f.npz")
+    res = audit(tmp_path / "f.npz", k=2)
+    p = parse(res.report_dir / "report.html")
+    assert_self_contained(p)
+    assert not [t for t, _ in p.tags if t in ("b",)]
+    assert [t for t, _ in p.tags].count("script") == 1  # the page's own, nothing from a name
+    text = (res.report_dir / "report.html").read_text(encoding="utf-8")
+    assert "a&lt;b&gt;bold.jpg" in text and "q&quot;uote&amp;amp.jpg" in text and "caf\ufffd.jpg" in text
