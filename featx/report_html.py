@@ -170,7 +170,7 @@ class Page:
                 cells.append(f'<td class="img">{self.thumbs.img(p, alt=str(p)) if p is not None else ""}</td>')
             for c, v in zip(t.columns, row):
                 if c in t.numeric:
-                    sv = "" if v is None else esc(v)
+                    sv = "" if v is None else int(v) if isinstance(v, bool) else esc(v)  # a flag sorts as 0 / 1
                     cells.append(f'<td class="num" data-v="{sv}">{_num(v)}</td>')
                 else:
                     cells.append(f"<td>{esc(v)}</td>")
@@ -204,7 +204,7 @@ def _num(v) -> str:
     if v is None:
         return ""
     if isinstance(v, bool):
-        return "yes" if v else ""
+        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4f}".rstrip("0").rstrip(".") if abs(v) < 1e6 else f"{v:.4g}"
     return esc(v)

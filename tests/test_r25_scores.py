@@ -151,3 +151,32 @@ def test_neighbour_agreement_and_class_distance():
     lab = np.array(["a", "a", "a", "b", "b", "b"], dtype=object)  # the last row is a "b" sitting among the a's
     d = class_kth_distance(neighbors.build_index(X, project=False), lab, 1)
     assert d[5] == d.max() and d[5] > 0.2
+
+
+def test_large_store_sampled_reference_table_complete_page_capped(tmp_path, monkeypatch):
+    """Beyond KNN_REFERENCE images the k-NN pass sees a sample: every image still has its row and a nearest image,
+    a planted copy's nearest is its original (from the exact pair search), and the page stays capped and paged."""
+    from featx import report_html
+    from featx.audit import neighbors
+
+    monkeypatch.setattr(neighbors, "KNN_REFERENCE", 400)
+    monkeypatch.setattr(report_html, "ROW_CAP", 100)
+    monkeypatch.setattr("featx.audit.html.ROW_CAP", 100)
+    rng = np.random.default_rng(1)
+    n, dim = 3000, 24
+    X = rng.standard_normal((n, dim)).astype(np.float32)
+    copies = {int(c): int(o) for c, o in zip(rng.choice(n, 5, replace=False), rng.choice(n, 5, replace=False))
+              if c != o}
+    for c, o in copies.items():
+        X[c] = X[o] * (1 + 0.001 * rng.standard_normal(dim)).astype(np.float32)
+    paths = [f"img{i:05d}.jpg" for i in range(n)]
+    save_features(FeatureSet(features=X, paths=paths, labels=None, splits=None, classes=[],
+                             meta={"backbone": "synthetic"}), tmp_path / "f.npz")
+    res = audit(tmp_path / "f.npz", k=10, checks=["duplicates", "outliers"])
+    assert res.info["outlier_knn"]["reference"] == 400
+    rows = _read_scores(res.report_dir)
+    assert len(rows) == n and all(r["nearest"] and r["outlier_score"] for r in rows)
+    for c, o in copies.items():
+        assert rows[c]["nearest"] == paths[o] and float(rows[c]["nearest_similarity"]) > 0.99
+    page = (res.report_dir / "report.html").read_text(encoding="utf-8")
+    assert f"Showing the first 100 of {n} rows" in page and page.count("<tr") < 500
