@@ -250,7 +250,8 @@ def main() -> None:
         print(extract(a.work))
     else:
         for kind, r in recall(a.work).items():
-            print(f"{kind:45s} top10 {r['top10']:2d}  top20 {r['top20']:2d}  of {r['planted']:2d}  (list {r['listed']})")
+            print(f"{kind:45s} top10 {r['top10']:2d}  top20 {r['top20']:2d}  of {r['planted']:2d}  "
+                  f"(list {r['listed']})")
 
 
 if __name__ == "__main__":

@@ -318,13 +318,16 @@ document.querySelectorAll('section.tbl').forEach(function(sec){
   var table=sec.querySelector('table'), tbody=table.tBodies[0], rows=Array.prototype.slice.call(tbody.rows);
   var filter=sec.querySelector('.filter'), pos=sec.querySelector('.pos'), page=0, size=PAGE_ROWS, kept=rows;
   function key(r,c,num){var td=r.cells[c]; if(!td) return num?null:'';
-    if(num){var v=td.getAttribute('data-v'); return (v===null||v==='')?null:parseFloat(v);} return td.textContent.toLowerCase();}
+    if(num){var v=td.getAttribute('data-v'); return (v===null||v==='')?null:parseFloat(v);}
+    return td.textContent.toLowerCase();}
   function show(){var pages=Math.max(1,Math.ceil(kept.length/size)); page=Math.min(Math.max(page,0),pages-1);
     rows.forEach(function(r){r.style.display='none';});
     kept.slice(page*size,(page+1)*size).forEach(function(r){r.style.display='';});
-    pos.textContent=kept.length?('rows '+(page*size+1)+'-'+Math.min(kept.length,(page+1)*size)+' of '+kept.length):'no rows';}
+    pos.textContent=kept.length?('rows '+(page*size+1)+'-'+Math.min(kept.length,(page+1)*size)+' of '+kept.length)
+      :'no rows';}
   function refilter(){var words=filter.value.toLowerCase().split(/\s+/).filter(Boolean);
-    kept=rows.filter(function(r){var t=r.textContent.toLowerCase(); return words.every(function(w){return t.indexOf(w)>=0;});});
+    kept=rows.filter(function(r){var t=r.textContent.toLowerCase();
+      return words.every(function(w){return t.indexOf(w)>=0;});});
     page=0; show();}
   Array.prototype.forEach.call(table.tHead.rows[0].cells,function(th){
     th.addEventListener('click',function(){

@@ -88,8 +88,9 @@ def find_label_issues(X: np.ndarray, labels: np.ndarray, *, C: float = 0.1, fold
     """Ranked likely label errors among the labelled rows of ``X``.
 
     Returns ``{"rows", "given", "suggested", "given_probability", "suggested_probability", "classes", "folds",
-    "n_checked", "notes", "cv_accuracy", "majority_rate", "chance_level"}``: row indices into X, most likely error first (cleanlab's
-    ``find_label_issues`` with its default noise-rate pruning, ranked by self-confidence).
+    "n_checked", "notes", "cv_accuracy", "majority_rate", "chance_level", "checked_rows", "y", "probabilities"}``:
+    row indices into X, most likely error first (cleanlab's ``find_label_issues`` with its default noise-rate
+    pruning, ranked by self-confidence); the last three cover every checked row, flagged or not (the scores table).
     """
     require_cleanlab()
     from cleanlab.filter import find_label_issues as cl_find

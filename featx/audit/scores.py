@@ -184,7 +184,8 @@ def build(fs, *, roles, knn=None, class_knn=None, label_found=None, pairs=None, 
     oflag = np.zeros(n, dtype=bool)
     for r in outliers or []:
         oflag[at[r["path"]]] = True
-    cols.update(outlier_rank=_ranks(outlier, tie=dist), outlier_score=outlier, outlier_percentile=percentile_of(outlier),
+    cols.update(outlier_rank=_ranks(outlier, tie=dist), outlier_score=outlier,
+                outlier_percentile=percentile_of(outlier),
                 knn_distance=dist, class_knn_distance=cdist,
                 outlier_flagged=[bool(f) if knn is not None else None for f in oflag])
     # nearest image and duplicate groups
