@@ -42,9 +42,9 @@ def esc(v) -> str:
 class Thumbnails:
     """Base64 JPEG thumbnails of image files, each encoded once, at most ``cap`` of them per page."""
 
-    def __init__(self, root: Optional[Path] = None, cap: int = THUMB_CAP):
+    def __init__(self, root: Optional[Path] = None, cap: Optional[int] = None):
         self.root = None if root is None else Path(root)
-        self.cap = cap
+        self.cap = THUMB_CAP if cap is None else cap
         self.cache: dict = {}
         self.refused = 0  # requests past the cap
         self.placed: dict = {}  # path -> thumbnail number, once its data: URI is on the page

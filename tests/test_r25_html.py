@@ -106,9 +106,7 @@ def test_audit_page_is_self_contained_with_every_row_and_thumbnail(audited):
 def test_audit_page_caps_thumbnails_and_rows_and_says_so(tmp_path, monkeypatch):
     _with_real_images(tmp_path)
     monkeypatch.setattr(report_html, "ROW_CAP", 12)
-    monkeypatch.setattr("featx.audit.html.ROW_CAP", 12)
     monkeypatch.setattr(report_html, "THUMB_CAP", 5)
-    monkeypatch.setattr(report_html.Thumbnails.__init__, "__defaults__", (None, 5))
     res = audit(tmp_path / "features.npz", k=3, checks=["duplicates", "outliers"])
     p = parse(res.report_dir / "report.html")
     imgs = assert_self_contained(p)

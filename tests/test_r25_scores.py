@@ -161,7 +161,6 @@ def test_large_store_sampled_reference_table_complete_page_capped(tmp_path, monk
 
     monkeypatch.setattr(neighbors, "KNN_REFERENCE", 400)
     monkeypatch.setattr(report_html, "ROW_CAP", 100)
-    monkeypatch.setattr("featx.audit.html.ROW_CAP", 100)
     rng = np.random.default_rng(1)
     n, dim = 3000, 24
     X = rng.standard_normal((n, dim)).astype(np.float32)

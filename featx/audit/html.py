@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report_html import ROW_CAP, Page, Table, Thumbnails
+from .. import report_html
+from ..report_html import Page, Table, Thumbnails
 from .report import RANKING_RANK, RANKING_TITLES, ordinal, ranking_explained
 
 RANKING_COLUMNS = {
@@ -40,9 +41,9 @@ def write_page(res, path: Path) -> Path:
     page.heading("Summary")
     page.bullets(summary)
 
-    rankings = {} if res.scores is None else {n: res.scores.ranked(n, ROW_CAP) for n in res.scores.available()}
-    groups = res.duplicates[:ROW_CAP]
-    members = [(g, m) for g in groups for m in g["members"]][:ROW_CAP]
+    cap = report_html.ROW_CAP
+    rankings = {} if res.scores is None else {n: res.scores.ranked(n, cap) for n in res.scores.available()}
+    members = [(g, m) for g in res.duplicates[:cap] for m in g["members"]][:cap]
     # thumbnails in order of interest: duplicate groups (leakage first), then the rankings rank by rank
     for _, m in members[:200]:
         page.thumbs.want(m["path"])
