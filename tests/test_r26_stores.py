@@ -1,0 +1,158 @@
+"""Issue 26: one registry of store formats, sharded stores (mmap, float16, append), extraction by N workers."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import featx
+from featx.errors import ArtifactError, UsageError
+from tests.imagegen import make_bad_files, make_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path, package: str) -> set:
+    """Absolute names of the featx modules ``path`` imports (anywhere in it, lazily or not)."""
+    out = set()
+    parts = package.split(".")
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = parts[:len(parts) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in node.names}
+    return out
+
+
+def test_features_package_never_imports_export():
+    """features/ is a lower floor than export/: no import of it, even inside a function (the old circle)."""
+    pkg = ROOT / "featx" / "features"
+    bad = {f.name: sorted(m for m in _imports(f, "featx.features") if m.startswith("featx.export"))
+           for f in pkg.glob("*.py")}
+    assert not {k: v for k, v in bad.items() if v}
+    # the registry names its readers as strings: none of them may live in export/ either
+    from featx.features.formats import FORMATS
+    assert all(not spec.startswith("featx.export") for f in FORMATS.values()
+               for spec in (f.reader, f.writer, f.recogniser))
+
+
+def _fs(n=10, dim=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return featx.FeatureSet(features=rng.normal(size=(n, dim)).astype(np.float32),
+                            paths=[f"c{i % 2}/img{i}.jpg" for i in range(n)], labels=[f"c{i % 2}" for i in range(n)],
+                            splits=["train"] * (n - 3) + ["val"] * 3, classes=["c0", "c1"], meta={"backbone": "x"})
+
+
+def _same(a, b, exact=True):
+    assert a.paths == b.paths and a.classes == b.classes
+    assert list(a.labels) == list(b.labels) and list(a.splits) == list(b.splits)
+    if exact:
+        assert np.array_equal(a.features, b.features)
+
+
+def test_sharded_roundtrip_is_memory_mapped_and_readable_without_featx(tmp_path):
+    from featx.features.sharded import open_sharded, write_sharded
+
+    fs = _fs(10)
+    write_sharded(fs, tmp_path / "s", shard_size=4)
+    back = featx.load_features(tmp_path / "s")
+    _same(fs, back)
+    store = open_sharded(tmp_path / "s")
+    assert [s["n"] for s in store.shards] == [4, 4, 2]
+    assert isinstance(store.features(0), np.memmap)  # lazily mapped, not read
+    # plain numpy, as the module docstring tells pandas / DuckDB users
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    x = np.concatenate([np.load(tmp_path / "s" / s["features"], mmap_mode="r") for s in m["shards"]])
+    p = np.concatenate([np.load(tmp_path / "s" / s["rows"])["paths"] for s in m["shards"]])
+    assert np.array_equal(x, fs.features) and p.tolist() == fs.paths
+
+
+def test_save_features_chooses_format_by_path_and_float16_halves_the_shards(tmp_path):
+    fs = _fs(50, dim=64)
+    featx.save_features(fs, str(tmp_path / "s32") + "/")  # trailing slash: a sharded folder
+    featx.save_features(fs, tmp_path / "s16", format="sharded", dtype="float16")
+    assert (tmp_path / "s32" / "manifest.json").is_file()
+    a, b = featx.load_features(tmp_path / "s32"), featx.load_features(tmp_path / "s16")
+    _same(fs, a)
+    _same(fs, b, exact=False)
+    assert b.features.dtype == np.float32 and np.abs(b.features - fs.features).max() < 1e-2
+    size = lambda d: sum(f.stat().st_size for f in d.glob("features-*.npy"))  # noqa: E731
+    assert size(tmp_path / "s16") < 0.55 * size(tmp_path / "s32")
+    with pytest.raises(UsageError, match="float16"):
+        featx.save_features(fs, tmp_path / "x.parquet", dtype="float16")
+    with pytest.raises(UsageError, match="--format"):
+        featx.save_features(fs, tmp_path / "x", format="hdf5")
+
+
+def test_sharded_store_appends_and_refuses_a_forged_shard(tmp_path):
+    from featx.features.sharded import ShardWriter
+
+    fs = _fs(9)
+    w = ShardWriter(tmp_path / "s", dim=fs.dim, classes=fs.classes, meta=fs.meta, shard_size=4)
+    w.add(fs.features[:5], fs.paths[:5], fs.labels[:5], fs.splits[:5])
+    w.close()
+    w = ShardWriter(tmp_path / "s", dim=fs.dim, classes=fs.classes, shard_size=4, append=True)
+    w.add(fs.features[5:], fs.paths[5:], fs.labels[5:], fs.splits[5:])
+    w.close()
+    _same(fs, featx.load_features(tmp_path / "s"))
+    # a shard whose header declares more rows than the manifest (and the file) hold: refused before mapping
+    shard = tmp_path / "s" / "features-000000.npy"
+    raw = shard.read_bytes()
+    shard.write_bytes(raw.replace(b"(4, 6)", b"(9, 6)"))
+    with pytest.raises(ArtifactError, match="declares|holds"):
+        featx.load_features(tmp_path / "s")
+    # a manifest naming a file outside the folder
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    m["shards"][0]["features"] = "../../etc/passwd"
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="damaged"):
+        featx.load_features(tmp_path / "s")
+
+
+def test_unfinished_sharded_store_says_workers_are_missing(tmp_path):
+    from featx.features.sharded import part_name
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / part_name(0, 2)).write_text("{}")
+    with pytest.raises(ArtifactError, match="not finished"):
+        featx.load_features(tmp_path / "s")
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return featx.create_backbone("efficientnet_lite0", pretrained=False, image_size=32)
+
+
+def test_two_workers_write_the_same_store_as_one_process(bb, tmp_path):
+    """--shard 0/2 and 1/2 (as a Slurm array would run them) merge into the single-process store, row for row."""
+    folder = make_folder(tmp_path / "imgs", classes=("cat", "dog"), n_per_class=7, splits=("train", "val"), size=36)
+    make_bad_files(folder / "train" / "cat")
+    one = featx.extract_features(folder, tmp_path / "one.npz", backbone=bb, workers=0, chunk_size=5)
+    out = tmp_path / "many"
+    first = featx.extract_features(folder, out, backbone=bb, workers=0, chunk_size=5, format="sharded", shard="1/2")
+    assert not (out / "manifest.json").exists() and any("readable once all 2" in w for w in first.warnings)
+    featx.extract_features(folder, out, backbone=bb, workers=0, chunk_size=5, format="sharded", shard=(0, 2))
+    a, b = featx.load_features(one.path), featx.load_features(out)
+    _same(a, b)
+    assert a.meta["skipped"] == b.meta["skipped"] and b.meta["n_images"] == len(a) and b.meta["world_size"] == 2
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(("features-", "rows-"))) == ["manifest.json"]
+    # fit reads a sharded store like an .npz
+    res = featx.fit_head(out, head="logistic", C=1.0)
+    assert res.n_train + res.n_val == len(a) if hasattr(res, "n_train") else res
+
+
+def test_shard_option_is_checked(bb, tmp_path):
+    folder = make_folder(tmp_path / "imgs", classes=("a",), n_per_class=2, splits=None, size=24)
+    for bad in ("2/2", "1", "a/b"):
+        with pytest.raises(UsageError, match="--shard"):
+            featx.extract_features(folder, tmp_path / "s", backbone=bb, workers=0, format="sharded", shard=bad)
+    with pytest.raises(UsageError, match="sharded"):
+        featx.extract_features(folder, tmp_path / "f.npz", backbone=bb, workers=0, shard="0/2")
+    assert not os.path.exists(tmp_path / "f.npz")
