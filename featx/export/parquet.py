@@ -8,8 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import Optional
 
 from .._deps import require
 from .._io import OutputLock, check_outputs, safe_str
@@ -21,7 +20,7 @@ from ..features.parquet import (COLUMNS, DEFAULT_PARQUET_OUTPUT, FORMAT, FORMAT_
 @dataclass
 class FeaturesExportResult:
     output: Path
-    format: str  # parquet | npz
+    format: str  # parquet | npz | sharded
     n: int
     dim: int
     classes: list
@@ -33,32 +32,29 @@ class FeaturesExportResult:
                 "classes": self.classes, "bytes": self.bytes, "seconds": round(self.seconds, 3)}
 
 
-def _npz_written_by_featx(path: Path) -> bool:
-    """Recogniser for check_outputs: an .npz with featx's store keys (reads only the zip directory)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {"features", "paths", "meta"} <= set(z.files)
-    except Exception:  # not an npz at all
-        return False
-
-
-def export_features(features, output=DEFAULT_PARQUET_OUTPUT, *, overwrite: bool = False) -> FeaturesExportResult:
-    """Convert a feature store: ``.npz`` (or a FeatureSet) to ``.parquet``, or a featx ``.parquet`` back to ``.npz``."""
+def export_features(features, output=DEFAULT_PARQUET_OUTPUT, *, overwrite: bool = False,
+                    format: Optional[str] = None) -> FeaturesExportResult:
+    """Convert a feature store (a path in any format of ``featx.features.formats``, or a FeatureSet) to another:
+    ``.parquet``, ``.npz``, or a sharded folder (``format="sharded"``, an existing folder, or a path ending in "/")."""
+    from ..features import formats
     from ..features.store import FeatureSet, load_features, save_features
 
     t0 = time.perf_counter()
+    fmt = formats.format_of(output, format)
     output = Path(output)
-    fmt = output.suffix.lower().lstrip(".")
-    if fmt not in ("parquet", "npz"):
-        raise UsageError(f"a feature store exports to .parquet (or back to .npz), not {safe_str(str(output))}")
+    if fmt == "npz" and output.suffix.lower() != ".npz":
+        raise UsageError(f"a feature store exports to .parquet, .npz or a sharded folder, not {safe_str(str(output))}")
     if fmt == "parquet":
         require("pyarrow")
     if not isinstance(features, FeatureSet) and Path(features).resolve() == output.resolve():
         raise UsageError("the output is the input file; choose another -o")
-    recognise = parquet_written_by_featx if fmt == "parquet" else _npz_written_by_featx
-    check_outputs({output: recognise}, overwrite=overwrite)
-    with OutputLock(output):
+    target = output / formats.MANIFEST if fmt == "sharded" else output  # a folder is claimed by its manifest
+    if fmt == "sharded" and output.exists() and not output.is_dir():
+        raise UsageError(f"{safe_str(str(output))} is a file; a sharded store is a folder")
+    check_outputs({target: formats.recogniser(fmt)}, overwrite=overwrite)
+    with OutputLock(target):
         fs = features if isinstance(features, FeatureSet) else load_features(features)
-        (write_features if fmt == "parquet" else save_features)(fs, output)
+        save_features(fs, output, format=fmt)
+    size = sum(p.stat().st_size for p in output.iterdir() if p.is_file()) if fmt == "sharded" else output.stat().st_size
     return FeaturesExportResult(output=output, format=fmt, n=len(fs), dim=fs.dim, classes=list(fs.classes),
-                                bytes=output.stat().st_size, seconds=time.perf_counter() - t0)
+                                bytes=size, seconds=time.perf_counter() - t0)
