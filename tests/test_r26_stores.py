@@ -176,8 +176,38 @@ def test_fit_audit_export_read_a_sharded_store(tmp_path):
                             "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)  # one JSON summary
-    r = runner.invoke(app, ["audit", str(tmp_path / "s"), "--no-report", "--json"])
+    r = runner.invoke(app, ["audit", str(tmp_path / "s"), "--checks", "duplicates", "--no-report", "--json"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["export", str(tmp_path / "s"), "-o", str(tmp_path / "back.npz")])
     assert r.exit_code == 0, r.output
     _same(featx.load_features(tmp_path / "s"), featx.load_features(tmp_path / "back.npz"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FEATX_TEST_TORCHRUN") != "1",
+                    reason="~25 s of torch start-up in 2 processes: set FEATX_TEST_TORCHRUN=1 (the in-process "
+                           "two-worker test above covers the same merge)")
+def test_torchrun_two_ranks_write_one_sharded_store(bb, tmp_path):
+    """Under torchrun, each rank is one independent worker (RANK/WORLD_SIZE); no process group, no shared file."""
+    import subprocess
+    import sys
+
+    import torch
+
+    folder = make_folder(tmp_path / "imgs", classes=("a", "b"), n_per_class=6, splits=("train", "val"), size=32)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "FEATX_NO_PROGRESS": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "featx",
+           "extract", str(folder), "-o", str(tmp_path / "out") + "/", "--no-pretrained", "--image-size", "32",
+           "--workers", "0", "--device", "cpu", "--chunk-size", "4"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank ran: the same kernels, bit-identical features
+    try:
+        one = featx.extract_features(folder, tmp_path / "one.npz", backbone=bb, workers=0, chunk_size=4)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = featx.load_features(one.path), featx.load_features(tmp_path / "out")
+    _same(a, b)
+    assert b.meta["world_size"] == 2
