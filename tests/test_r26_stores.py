@@ -211,3 +211,19 @@ def test_torchrun_two_ranks_write_one_sharded_store(bb, tmp_path):
     a, b = featx.load_features(one.path), featx.load_features(tmp_path / "out")
     _same(a, b)
     assert b.meta["world_size"] == 2
+
+
+def test_sharded_store_never_writes_into_a_users_folder_or_overflows_float16(tmp_path):
+    from featx.errors import DataError, OutputError
+
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "features-000000.npy").write_bytes(b"the user's own file")
+    (mine / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(OutputError, match="did not write"):
+        featx.save_features(_fs(), mine, format="sharded")
+    assert (mine / "features-000000.npy").read_bytes() == b"the user's own file"
+    big = _fs()
+    big.features[0, 0] = 1e6
+    with pytest.raises(DataError, match="float16"):
+        featx.save_features(big, tmp_path / "s", format="sharded", dtype="float16")

@@ -423,7 +423,7 @@ def extract_features(
     root = Path(images)
     fmt = formats.format_of(output, format)
     output = Path(output)
-    store = _Store(fmt, formats.check_dtype(fmt, dtype), _shard_of(shard, fmt))
+    store = _Store(fmt, formats.check_dtype(fmt, dtype), _shard_of(shard, fmt), overwrite)
     image_size = parse_image_size(image_size)  # an absurd size is refused before the folder is even listed
     folder = discover(root)
     refuse_inside(output, root)
@@ -462,15 +462,15 @@ class _Store:
     fmt: str = "npz"
     dtype: str = "float32"
     shard: Optional[tuple] = None
+    overwrite: bool = False
 
     def target(self, output: Path) -> Path:
         """The file this run claims and locks: the store, or in a sharded store this worker's part manifest."""
         if self.shard is None:
             return output
-        from .sharded import part_name
+        from .sharded import check_folder, part_name
 
-        if output.exists() and not output.is_dir():
-            raise UsageError(f"{safe_str(str(output))} is a file; a sharded store is a folder (choose another -o)")
+        check_folder(output, self.overwrite)
         return output / part_name(*self.shard)
 
     def recogniser(self):

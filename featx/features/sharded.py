@@ -37,7 +37,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .._io import atomic_write, open_beside, safe_str, write_json
-from ..errors import ArtifactError, OutputError, UsageError
+from ..errors import ArtifactError, DataError, OutputError, UsageError
 from .formats import MANIFEST
 from .store import FORMAT as NPZ_FORMAT
 from .store import FeatureSet, _check_member, _str_array, npy_layout, read_npz
@@ -83,12 +83,35 @@ def parse_shard(spec) -> Optional[tuple]:
 
 
 # -- writing ----------------------------------------------------------------------------------------------------------
+_OURS = re.compile(r"(features-\d{6,9}\.npy|rows-\d{6,9}\.npz|manifest(-part-\d{5}-of-\d{5})?\.json"
+                   r"|manifest-part-\d{5}-of-\d{5}\.json\.partial|\.featx-.*|\..*\.featx-(merge-)?lock)")
+
+
+def check_folder(folder, overwrite: bool = False) -> None:
+    """Refuse to write shards into a folder holding files featx did not write (unless ``overwrite``): old shards are
+    removed by name once a new manifest replaces them, and a user's ``features-000001.npy`` must never be one."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{safe_str(str(folder))} is a file; a sharded store is a folder (choose another -o)")
+    if overwrite or not folder.is_dir():
+        return
+    foreign = sorted(p.name for p in folder.iterdir() if not _OURS.fullmatch(p.name))
+    if foreign:
+        raise OutputError(f"{safe_str(str(folder))} holds files featx did not write (e.g. {safe_str(foreign[0])}); a "
+                          f"sharded store needs a folder of its own: choose a new or empty folder")
+
+
 def write_shard(folder: Path, index: int, features: np.ndarray, paths, labels=None, splits=None,
                 dtype: str = "float32") -> dict:
     """Write shard ``index`` (features + rows), each file atomically; -> its manifest entry."""
     folder = Path(folder)
+    with np.errstate(over="ignore"):  # an overflow is refused just below, with the number that caused it
+        stored = np.ascontiguousarray(features, dtype=dtype)
+    if dtype != "float32" and not np.isfinite(stored).all() and np.isfinite(features).all():
+        big = float(np.abs(features).max())
+        raise DataError(f"features as large as {big:.4g} do not fit in {dtype} (at most 65504); store them as float32")
     with atomic_write(folder / features_name(index)) as fh:
-        np.save(fh, np.ascontiguousarray(features, dtype=dtype), allow_pickle=False)
+        np.save(fh, stored, allow_pickle=False)
     rows = {"paths": _str_array(paths)}
     if labels is not None:
         rows["labels"] = _str_array(labels)
@@ -115,12 +138,11 @@ class ShardWriter:
     """
 
     def __init__(self, folder, *, dim: int, classes=(), meta: Optional[dict] = None, dtype: str = "float32",
-                 shard_size: int = DEFAULT_SHARD_SIZE, append: bool = False):
+                 shard_size: int = DEFAULT_SHARD_SIZE, append: bool = False, overwrite: bool = False):
         if shard_size < 1:
             raise UsageError("shard size must be at least 1")
         self.folder = Path(folder)
-        if self.folder.exists() and not self.folder.is_dir():
-            raise OutputError(f"{safe_str(str(self.folder))} is a file; a sharded store is a folder")
+        check_folder(self.folder, overwrite)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.dim, self.dtype, self.shard_size = int(dim), dtype, int(shard_size)
         self.classes, self.meta = list(classes), dict(meta or {})
