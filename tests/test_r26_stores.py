@@ -225,5 +225,7 @@ def test_sharded_store_never_writes_into_a_users_folder_or_overflows_float16(tmp
     assert (mine / "features-000000.npy").read_bytes() == b"the user's own file"
     big = _fs()
     big.features[0, 0] = 1e6
-    with pytest.raises(DataError, match="float16"):
-        featx.save_features(big, tmp_path / "s", format="sharded", dtype="float16")
+    for where, fmt in ((tmp_path / "s", "sharded"), (tmp_path / "f.npz", "npz")):
+        with pytest.raises(DataError, match="float16"):
+            featx.save_features(big, where, format=fmt, dtype="float16")
+    assert not (tmp_path / "f.npz").exists()

@@ -37,10 +37,10 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .._io import atomic_write, open_beside, safe_str, write_json
-from ..errors import ArtifactError, DataError, OutputError, UsageError
+from ..errors import ArtifactError, OutputError, UsageError
 from .formats import MANIFEST
 from .store import FORMAT as NPZ_FORMAT
-from .store import FeatureSet, _check_member, _str_array, npy_layout, read_npz
+from .store import FeatureSet, _check_member, _str_array, cast_features, npy_layout, read_npz
 
 FORMAT = "featx.features.sharded"
 FORMAT_VERSION = 1
@@ -105,11 +105,7 @@ def write_shard(folder: Path, index: int, features: np.ndarray, paths, labels=No
                 dtype: str = "float32") -> dict:
     """Write shard ``index`` (features + rows), each file atomically; -> its manifest entry."""
     folder = Path(folder)
-    with np.errstate(over="ignore"):  # an overflow is refused just below, with the number that caused it
-        stored = np.ascontiguousarray(features, dtype=dtype)
-    if dtype != "float32" and not np.isfinite(stored).all() and np.isfinite(features).all():
-        big = float(np.abs(features).max())
-        raise DataError(f"features as large as {big:.4g} do not fit in {dtype} (at most 65504); store them as float32")
+    stored = cast_features(np.asarray(features), dtype)
     with atomic_write(folder / features_name(index)) as fh:
         np.save(fh, stored, allow_pickle=False)
     rows = {"paths": _str_array(paths)}

@@ -152,11 +152,22 @@ def save_features(fs: FeatureSet, path, *, format: Optional[str] = None, dtype: 
     return formats.writer(fmt)(fs, path, dtype=dtype)
 
 
+def cast_features(features: np.ndarray, dtype: str) -> np.ndarray:
+    """``features`` as the storage ``dtype``; DataError when a finite value does not fit (float16 tops at 65504)."""
+    with np.errstate(over="ignore"):  # refused just below, with the number that caused it
+        stored = np.ascontiguousarray(features, dtype=dtype)
+    if stored.dtype != features.dtype and not np.isfinite(stored).all() and np.isfinite(features).all():
+        big = float(np.abs(features).max())
+        raise DataError(f"features as large as {big:.4g} do not fit in {dtype} (at most {np.finfo(dtype).max:.0f}); "
+                        f"store them as float32")
+    return stored
+
+
 def _save_npz(fs: FeatureSet, path, dtype: str = "float32") -> Path:
     path = Path(path)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **fs.meta}
     arrays = {
-        "features": fs.features.astype(dtype, copy=False),
+        "features": cast_features(fs.features, dtype),
         "paths": _str_array(fs.paths),
         "classes": _str_array(fs.classes),
         "meta": np.asarray(json.dumps(meta, default=str)),
