@@ -172,8 +172,8 @@ def test_fit_audit_export_read_a_sharded_store(tmp_path):
                           meta={"backbone": "synthetic"})
     featx.save_features(fs, tmp_path / "s", format="sharded", dtype="float16")
     runner = CliRunner()
-    r = runner.invoke(app, ["fit", str(tmp_path / "s"), "--head", "logistic", "--C", "1", "-o", str(tmp_path / "h.skops"),
-                            "--json"])
+    r = runner.invoke(app, ["fit", str(tmp_path / "s"), "--head", "logistic", "--C", "1",
+                            "-o", str(tmp_path / "h.skops"), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)  # one JSON summary
     r = runner.invoke(app, ["audit", str(tmp_path / "s"), "--checks", "duplicates", "--no-report", "--json"])

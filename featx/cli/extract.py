@@ -45,8 +45,9 @@ def extract_cmd(
         None, "--format", help="npz | parquet | sharded (default: from -o; sharded = a folder of memory-mappable "
                                ".npy shards + manifest.json, for millions of images or many workers)."),
     shard: Optional[str] = typer.Option(
-        None, "--shard", help="I/N: this worker extracts its share (every N-th chunk from the I-th) into the sharded "
-                              "store; the last of the N workers merges them (default under torchrun: RANK/WORLD_SIZE)."),
+        None, "--shard", help="I/N: this worker extracts its share (every N-th chunk from the I-th) into the "
+                              "sharded store; the last of the N workers merges them (default under torchrun: "
+                              "RANK/WORLD_SIZE)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 (half the disk; npz and sharded stores)."),
     json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):

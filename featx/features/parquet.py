@@ -29,7 +29,7 @@ COLUMNS = ("path", "label", "split", "embedding")
 
 
 def write_features(fs, path, dtype: str = "float32") -> Path:
-    """Write FeatureSet ``fs`` to ``path`` as Parquet, atomically (float32 only: Parquet readers disagree on float16)."""
+    """Write FeatureSet ``fs`` to ``path`` as Parquet, atomically (float32 only: readers disagree on float16)."""
     if dtype != "float32":
         raise UsageError(f"a Parquet store holds float32 features; {dtype} storage is for .npz and sharded stores")
     pa = require("pyarrow")

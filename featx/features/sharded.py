@@ -172,13 +172,12 @@ class ShardWriter:
             if need <= 0:
                 rest.append(part)
                 continue
-            f, p, lab, spl = part
-            if len(f) <= need:
+            if len(part[0]) <= need:
                 take.append(part)
-                got += len(f)
+                got += len(part[0])
             else:
-                take.append((f[:need], p[:need], None if lab is None else lab[:need], None if spl is None else spl[:need]))
-                rest.append((f[need:], p[need:], None if lab is None else lab[need:], None if spl is None else spl[need:]))
+                take.append(tuple(None if v is None else v[:need] for v in part))
+                rest.append(tuple(None if v is None else v[need:] for v in part))
                 got += need
         self._buf, self._buffered = rest, self._buffered - got
         labels = None if any(t[2] is None for t in take) else np.concatenate([np.asarray(t[2]) for t in take])
