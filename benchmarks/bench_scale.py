@@ -10,7 +10,7 @@ float16: a logistic head (C fixed, same split) on features stored as float32 and
 digits (raw pixels and a random-projection "embedding" of them) and on a featx store given with --features.
 scale: for each size, synthetic features with class structure (10 classes, Gaussian clusters, 80/20 train/val)
 written shard by shard into a sharded store (never the whole matrix in memory), then `load_features`,
-`fit_head(logistic, C=1)` and `audit(checks)` each in a fresh process: seconds, peak RSS (ru_maxrss), disk size,
+`fit_head(logistic, C=1)` and `audit(checks)` each in a fresh process: seconds, peak RSS (VmHWM), disk size,
 and the slope log(t2/t1)/log(n2/n1) between consecutive sizes (1 = linear). A size whose float32 features would
 not fit twice into the memory available now is skipped with a note. Record `uptime` with any figure: this machine
 is shared.
@@ -36,6 +36,15 @@ SHARD = 65536
 
 
 def _rss_gb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report
+    its parent's peak whenever the parent had been bigger."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1e6  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
