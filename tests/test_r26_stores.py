@@ -141,6 +141,8 @@ def test_two_workers_write_the_same_store_as_one_process(bb, tmp_path):
     out = tmp_path / "many"
     first = featx.extract_features(folder, out, format="sharded", shard="1/2", **kw)
     assert not (out / "manifest.json").exists() and any("readable once all 2" in w for w in first.warnings)
+    from featx.features.sharded import part_name, sharded_written_by_featx
+    assert sharded_written_by_featx(out / part_name(1, 2))  # so a re-run of worker 1 may replace its own part
     featx.extract_features(folder, out, format="sharded", shard=(0, 2), **kw)
     a, b = featx.load_features(one.path), featx.load_features(out)
     _same(a, b)

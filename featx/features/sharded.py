@@ -218,7 +218,7 @@ def write_sharded(fs: FeatureSet, path, dtype: str = "float32", shard_size: int 
 def write_part(folder: Path, rank: int, world: int, doc: dict) -> Path:
     """A worker's share of the store (its shards, its skipped files), published as ``manifest-part-I-of-N.json``."""
     path = Path(folder) / part_name(rank, world)
-    write_json(path, {**doc, "part": [rank, world]})
+    write_json(path, {"format": FORMAT, "format_version": FORMAT_VERSION, **doc, "part": [rank, world]})
     return path
 
 
