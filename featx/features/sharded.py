@@ -409,6 +409,7 @@ class ShardedStore:
         for feats, rows in self.iter_shards():
             x[lo:lo + len(feats)] = feats
             lo += len(feats)
+            del feats  # unmap this shard before the next is mapped: its pages leave this process's RSS
             paths.extend(rows["paths"].tolist())
             labels.append(rows["labels"])
             splits.append(rows["splits"])
