@@ -230,3 +230,40 @@ def test_sharded_store_never_writes_into_a_users_folder_or_overflows_float16(tmp
         with pytest.raises(DataError, match="float16"):
             featx.save_features(big, where, format=fmt, dtype="float16")
     assert not (tmp_path / "f.npz").exists()
+
+
+def test_merge_waits_for_every_part_refuses_mixed_jobs_and_runs_once(tmp_path):
+    import threading
+
+    from featx.features.sharded import merge_parts, read_manifest, write_part, write_shard
+
+    fs = _fs(8)
+    folder = tmp_path / "s"
+    folder.mkdir()
+    docs = []
+    for rank in range(2):
+        shard = write_shard(folder, rank, fs.features[rank * 4:(rank + 1) * 4], fs.paths[rank * 4:(rank + 1) * 4])
+        docs.append({"job": {"files": "abc"}, "dim": fs.dim, "dtype": "float32", "classes": [], "meta": {},
+                     "shards": [shard], "chunk_errors": [[rank, []]], "discover_skipped": []})
+    write_part(folder, 0, 2, docs[0])
+    assert merge_parts(folder, 2) is None and not (folder / "manifest.json").exists()
+    write_part(folder, 1, 2, {**docs[1], "job": {"files": "other"}})
+    with pytest.raises(ArtifactError, match="different jobs"):
+        merge_parts(folder, 2)
+    write_part(folder, 1, 2, docs[1])
+    results, errors = [], []
+
+    def last_worker():
+        try:
+            results.append(merge_parts(folder, 2))
+        except Exception as exc:  # noqa: BLE001 - any failure of either racer fails the test
+            errors.append(exc)
+
+    racers = [threading.Thread(target=last_worker) for _ in range(2)]
+    for t in racers:
+        t.start()
+    for t in racers:
+        t.join()
+    assert not errors and sum(r is not None for r in results) == 1  # one merges; the other finds nothing left
+    assert read_manifest(folder)["n"] == 8
+    assert np.array_equal(featx.load_features(folder).features, fs.features)

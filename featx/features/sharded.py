@@ -261,13 +261,17 @@ def merge_parts(folder, world: int) -> Optional[Path]:
         if any(p.get("job") != first.get("job") for p in parts):
             raise ArtifactError(f"the workers' part manifests in {safe_str(str(folder))} come from different jobs "
                                 f"(other files, backbone or chunk size); re-run every worker with the same command")
-        shards = [s for p in parts for s in p["shards"]]
-        chunk_errors = sorted((e for p in parts for e in p.get("chunk_errors", [])), key=lambda e: e[0])
-        meta = dict(first["meta"])
-        meta["skipped"] = list(first.get("discover_skipped", [])) + [x for _, errs in chunk_errors for x in errs]
-        meta["n_images"] = int(sum(s["n"] for s in shards))
-        meta["world_size"] = world
-        doc = _document(shards, first["dim"], first["dtype"], first["classes"], meta)
+        try:
+            shards = [dict(s) for p in parts for s in p["shards"]]
+            chunk_errors = sorted((e for p in parts for e in p.get("chunk_errors", [])), key=lambda e: e[0])
+            meta = dict(first["meta"])
+            meta["skipped"] = list(first.get("discover_skipped", [])) + [x for _, errs in chunk_errors for x in errs]
+            meta["n_images"] = int(sum(s["n"] for s in shards))
+            meta["world_size"] = world
+            doc = _document(shards, first["dim"], first["dtype"], first["classes"], meta)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"a part manifest in {safe_str(str(folder))} is damaged ({type(exc).__name__}: "
+                                f"{exc}); re-run its worker") from exc
         publish(folder, doc)
         for p in names:
             p.unlink()
