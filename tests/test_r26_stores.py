@@ -37,6 +37,14 @@ def test_features_package_never_imports_export():
     bad = {f.name: sorted(m for m in _imports(f, "featx.features") if m.startswith("featx.export"))
            for f in pkg.glob("*.py")}
     assert not {k: v for k, v in bad.items() if v}
+    # and no circle inside features/ either: the registry names its readers and writers as strings, imports nothing
+    graph = {f"featx.features.{f.stem}": {m for m in _imports(f, "featx.features") if m.startswith("featx.features.")}
+             for f in pkg.glob("*.py") if f.stem != "__init__"}
+    graph = {k: {m if m in graph else m.rsplit(".", 1)[0] for m in v} & set(graph) - {k} for k, v in graph.items()}
+
+    def reaches(a, b, seen=()):
+        return any(n == b or (n not in seen and reaches(n, b, seen + (n,))) for n in graph[a])
+    assert not [m for m in graph if reaches(m, m)]
     # the registry names its readers as strings: none of them may live in export/ either
     from featx.features.formats import FORMATS
     assert all(not spec.startswith("featx.export") for f in FORMATS.values()
