@@ -132,6 +132,8 @@ class _Outputs:
     def batch(self, stats: dict) -> Batch:
         if self.out is None:
             return Batch(self.idx, np.zeros((0, 0), np.float32), self.errors)
+        if isinstance(self.out, np.ndarray):  # onnxruntime's outputs (featx.runtime)
+            return Batch(self.idx, self.out.astype(np.float32, copy=False), self.errors)
         if self.event is not None:
             t0 = time.perf_counter()
             self.event.synchronize()
@@ -157,9 +159,14 @@ def normalizer(preprocess, device) -> Callable:
 
 
 def _forward(fn, norm, pixels, device, precision):
-    """uint8 N,S,S,3 on the device -> float32 outputs on the device (queued, not waited for)."""
+    """uint8 N,S,S,3 on the device -> float32 outputs on the device (queued, not waited for); a network that takes
+    pixels itself (onnxruntime, `featx.runtime`) gets them as they are and returns numpy."""
     import torch
 
+    from ..runtime import takes_pixels
+
+    if takes_pixels(fn):
+        return fn(pixels)
     x = norm(pixels.permute(0, 3, 1, 2))  # NCHW view, channels_last strides: what cuDNN likes
     if device.type != "cuda":
         x = x.contiguous()
@@ -314,6 +321,7 @@ class ExtractResult:
     timings: dict = field(default_factory=dict)
     # how the crop size was chosen (`featx.features.sizing.SizeChoice`: mode, size, default, median_short_side, ...)
     image_size: dict = field(default_factory=dict)
+    runtime: str = "torch"  # the engine that ran the network: "torch" | "onnxruntime" (featx.runtime)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -375,6 +383,8 @@ def extract_features(
     compile: Union[bool, str] = False,
     prefetch: Optional[int] = None,
     defer_copy: bool = True,
+    runtime: str = "auto",
+    threads: Optional[int] = None,
 ) -> ExtractResult:
     """Extract features for every image under `images` and write one feature store at `output`.
 
@@ -400,19 +410,29 @@ def extract_features(
             only: compiling takes tens of seconds (see BENCHMARKS.md for the measured gain).
         prefetch, defer_copy: the pipeline's parts, switchable to measure each (`iter_outputs`); the defaults are
             the fast path, and the features do not depend on them.
+        runtime: auto | torch | onnx (`featx.runtime`): auto = onnxruntime on the CPU (a graph built once and cached,
+            checked against torch), torch on CUDA. Recorded in meta["runtime"]; not part of the provenance
+            fingerprint: features from either agree within 1e-4, so heads fit on one apply to the other, and an
+            interrupted run resumes under the other runtime.
+        threads: onnxruntime's threads (default: the cores this process may use).
 
     Ctrl-C raises KeyboardInterrupt after the finished chunks were written (the CLI turns it, and SIGTERM, into
     exit 130 / 143 with a resume hint).
     """
     from ..data.discover import discover
     from ..devices import setup_distributed
+    from ..runtime import resolve_runtime, resolve_threads
 
     t0 = time.perf_counter()
     root, output = Path(images), Path(output)
     folder = discover(root)
     refuse_inside(output, root)
     _check_options(chunk_size, decoder, prefetch)
+    if threads is not None:
+        resolve_threads(threads)
     image_size = parse_image_size(image_size)
+    if compile and str(runtime or "auto").lower() == "onnx":
+        raise UsageError("--compile compiles the torch network; it does not apply to --runtime onnx")
     dist, dev = setup_distributed(device)
     try:
         with _claim(output, overwrite, dist):
@@ -420,7 +440,8 @@ def extract_features(
                 raise _strict_error(folder.skipped)
             bb, size_choice = _backbone(backbone, pretrained, weights, layer, image_size, folder)
             run = _RunOptions(precision=precision, max_pixels=max_pixels, decoder=decoder, compile=compile,
-                              prefetch=prefetch, defer_copy=defer_copy)
+                              prefetch=prefetch, defer_copy=defer_copy,
+                              runtime=resolve_runtime("torch" if compile else runtime, dev), threads=threads)
             return _extract(folder, root, output, bb, dev, dist, t0, batch_size=batch_size, workers=workers,
                             chunk_size=chunk_size, strict=strict, progress=progress, run=run, size_choice=size_choice)
     finally:
@@ -437,6 +458,9 @@ class _RunOptions:
     compile: Union[bool, str] = False
     prefetch: Optional[int] = None
     defer_copy: bool = True
+    runtime: str = "torch"  # resolved (featx.runtime.resolve_runtime): "torch" | "onnx"
+    threads: Optional[int] = None
+    ran: Optional[str] = None  # the engine that ran the network: "torch" | "onnxruntime" (featx.runtime.runtime_of)
 
 
 def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, chunk_size, strict, progress,
@@ -444,6 +468,7 @@ def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, ch
     """Plan, run and assemble with the output claimed; cleans up a partial folder that holds nothing to resume."""
     from ..data.jpeg_batch import resolve_decoder
     from ..devices import default_workers
+    from ..runtime import network_for, runtime_of
 
     decoder = run.decoder = resolve_decoder(run.decoder, dev, bb.preprocess)
     plan = _plan_chunks(folder, root, output, bb, chunk_size, run.max_pixels, decoder, dist)
@@ -460,7 +485,11 @@ def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, ch
             fn = bb.forward_features
             if run.compile:
                 fn = compile_forward(fn, bsize, "inductor" if run.compile is True else str(run.compile))
+            else:
+                fn = network_for(fn, model, bb.preprocess, dev, runtime=run.runtime, threads=run.threads,
+                                 what=f"features of {bb.name} at {bb.layer}")
             _run_chunks(plan, bb.preprocess, fn, dev, bsize, nw, run, progress, timings)
+            run.ran = runtime_of(fn)
         dist.barrier()
         if plan.rank != 0:
             dist.barrier()
@@ -468,7 +497,8 @@ def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, ch
                                  seconds=time.perf_counter() - t0, images_per_s=0.0, device=str(dev), backbone=bb.name,
                                  decoder=decoder, timings=_rounded(timings), image_size=size_choice.to_dict())
         try:
-            res = _assemble(plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice)
+            res = _assemble(plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice,
+                            run.ran or ("onnxruntime" if run.runtime == "onnx" else "torch"))
             res.timings = _rounded(timings)
         finally:
             dist.barrier()
@@ -665,8 +695,8 @@ def _file_batch(plan: _Plan, chunk_acc, batch: Batch, k: int, seen: dict) -> Non
 
 
 # -- assemble -------------------------------------------------------------------------------------------------------
-def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice: SizeChoice
-              ) -> ExtractResult:
+def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice: SizeChoice,
+              runtime: str = "torch") -> ExtractResult:
     """Rank 0: read every chunk in order, apply --strict, write the store, remove the partial folder."""
     from ..data.discover import find_leakage
 
@@ -697,6 +727,7 @@ def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings
         "leakage": leakage,
         "device": str(dev),
         "decoder": decoder,
+        "runtime": runtime,  # the engine that ran the network (featx.runtime); not part of the provenance
         "world_size": plan.world,
         "warnings": list(folder.warnings),
         "image_size": size_choice.to_dict(),  # how the crop size in meta["preprocess"] was chosen
@@ -717,7 +748,7 @@ def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings
         seconds=round(time.perf_counter() - t0, 3),
         images_per_s=round((plan.n - resumed) / run_s, 1) if run_s > 0 else 0.0,
         device=str(dev), backbone=bb.name, skipped=skipped, leakage=leakage, resumed_images=resumed,
-        warnings=warnings, decoder=decoder, image_size=size_choice.to_dict(),
+        warnings=warnings, decoder=decoder, image_size=size_choice.to_dict(), runtime=runtime,
     )
 
 
