@@ -41,6 +41,7 @@ log = logging.getLogger("featx.runtime")
 
 RUNTIMES = ("auto", "torch", "onnx")
 CACHE_ENV = "FEATX_CACHE_DIR"
+RUNTIME_ENV = "FEATX_RUNTIME"  # torch | onnx: what ``auto`` picks (run the test suite under either runtime)
 GRAPH_FORMAT = 1  # bump when the graph's inputs/outputs or the key change: old cache entries are then ignored
 OPSET = 17  # the highest opset the TorchScript exporter writes
 # Parity with torch, checked on the first PARITY_IMAGES images of a run before their outputs are used. Outputs are
@@ -67,6 +68,8 @@ def resolve_runtime(requested: Optional[str], device) -> str:
     req = str(requested or "auto").lower()
     if req not in RUNTIMES:
         raise UsageError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {requested!r}")
+    if req == "auto" and os.environ.get(RUNTIME_ENV, "").lower() in ("torch", "onnx"):
+        req = os.environ[RUNTIME_ENV].lower()  # what auto means, for a whole test suite or CI job
     dev_type = getattr(device, "type", str(device))
     if req == "torch":
         return "torch"
