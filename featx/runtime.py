@@ -326,11 +326,15 @@ class OnnxNetwork:
         return self._session.run(None, {"pixels": x})[0]
 
     def _torch(self, x: np.ndarray) -> np.ndarray:
+        """``fn`` in torch exactly as the engine runs it for ``--runtime torch`` (same arithmetic, same memory
+        layout: the parity reference, and the fallback gives the very features torch would)."""
         import torch
 
-        graph = _PixelModule(self.fn, self.module, self.preprocess).eval()
+        from .features.engine import normalizer
+
         with torch.inference_mode():
-            return graph(torch.from_numpy(x)).numpy()
+            xt = normalizer(self.preprocess, torch.device("cpu"))(torch.from_numpy(x).permute(0, 3, 1, 2))
+            return self.fn(xt.contiguous()).float().numpy()
 
     def _start(self, x: np.ndarray) -> None:
         """Load (or build) the graph, check it on ``x[:PARITY_IMAGES]``; rebuild once on failure, then give up."""
