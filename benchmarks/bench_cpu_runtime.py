@@ -46,9 +46,12 @@ def small_copy(src: Path, dst: Path, side: int) -> Path:
     if marker.exists():
         return dst
     shutil.rmtree(dst, ignore_errors=True)
-    for p in sorted(src.rglob("*.jpg")):
+    for p in sorted(q for q in src.rglob("*") if q.is_file()):
         out = dst / p.relative_to(src)
         out.parent.mkdir(parents=True, exist_ok=True)
+        if p.suffix.lower() != ".jpg":  # the odd GIF / .jpeg: as it is
+            shutil.copyfile(p, out)
+            continue
         with Image.open(p) as im:
             im = im.convert("RGB")
             s = side / min(im.size)

@@ -6,7 +6,8 @@ The steps, in order (each a function below):
    locked for the run's life, so a second run on the same outputs fails at once and nothing runs for an output
    that cannot be written;
 3. `load_predictor` (predictor.py), then `_classify`: every image through the extraction engine (`iter_outputs`:
-   the same workers, batching, device placement and OOM retry as `featx extract`), or, for an exported ONNX model,
+   the same workers, batching, device placement and OOM retry as `featx extract`, and the same engine choice,
+   `featx.runtime`: onnxruntime on the CPU by default), or, for an exported ONNX model,
    through `featx.data.numpy_pixels` and onnxruntime (same decoder, batches, rows and skips; torch never imported);
    an oversized --batch-size is capped to what memory holds, as extract does;
 4. `_make_rows`, `_evaluate` (featx.report metrics), `_sort` (sort.py), `_write` (tables.py + featx.report);
