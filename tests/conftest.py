@@ -38,6 +38,16 @@ def pytest_configure(config):
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
+def pytest_terminal_summary(terminalreporter):
+    """How much of the run went into building CPU graphs (each built once per session, then reused)."""
+    import json
+
+    sides = [json.loads(p.read_text()) for p in (GRAPH_CACHE / "graphs").glob("*.json")]
+    if sides:
+        terminalreporter.write_line(f"featx CPU graphs built: {len(sides)}, "
+                                    f"{sum(s.get('build_seconds', 0) for s in sides):.1f} s in all")
+
+
 def pytest_unconfigure(config):
     shutil.rmtree(GRAPH_CACHE, ignore_errors=True)
 

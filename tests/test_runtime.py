@@ -1,4 +1,4 @@
-"""featx.runtime: auto = onnxruntime on the CPU; cached, hashed, locked, parity-checked graphs; interchangeable features."""
+"""featx.runtime: auto = onnxruntime on the CPU; cached, hashed, locked, parity-checked graphs; same features."""
 from __future__ import annotations
 
 import hashlib
