@@ -120,8 +120,11 @@ def _cgroup_quota() -> Optional[float]:
 
 
 def resolve_threads(threads: Optional[int]) -> int:
+    """onnxruntime's intra-op threads: the request, else the usable cores, capped by OMP_NUM_THREADS when set
+    (torchrun sets it to 1 per rank, so ranks sharing a CPU do not each take every core)."""
     if threads is None:
-        return usable_cores()
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        return min(usable_cores(), int(omp)) if omp.isdigit() and int(omp) > 0 else usable_cores()
     if int(threads) < 1:
         raise UsageError(f"--threads must be at least 1, not {threads}")
     return int(threads)

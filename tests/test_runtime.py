@@ -96,7 +96,10 @@ def test_threads_follow_the_cgroup_quota(monkeypatch):
     assert runtime.usable_cores() == 2
     monkeypatch.setattr(runtime, "_cgroup_quota", lambda: None)
     assert runtime.usable_cores() == 8
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert runtime.resolve_threads(None) == 8 and runtime.resolve_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's setting per rank
+    assert runtime.resolve_threads(None) == 1
 
 
 def test_onnx_features_match_torch_and_the_store_records_the_runtime(bb, folder, tmp_path, own_cache):
