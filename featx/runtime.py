@@ -333,10 +333,11 @@ class OnnxNetwork:
         layout: the parity reference, and the fallback gives the very features torch would)."""
         import torch
 
-        from .features.engine import normalizer
-
+        pp = self.preprocess  # the constants and order of featx.features.engine.normalizer
+        mean = torch.tensor(pp.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(pp.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         with torch.inference_mode():
-            xt = normalizer(self.preprocess, torch.device("cpu"))(torch.from_numpy(x).permute(0, 3, 1, 2))
+            xt = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - mean) / std
             return self.fn(xt.contiguous()).float().numpy()
 
     def _start(self, x: np.ndarray) -> None:
@@ -350,7 +351,13 @@ class OnnxNetwork:
             return
         ref = self._torch(probe)
         for attempt in (0, 1):
-            session, built = self._load_or_build(key, rebuild=attempt == 1)
+            try:
+                session, built = self._load_or_build(key, rebuild=attempt == 1)
+            except Exception as exc:  # an exporter that cannot take this network: it still runs, in torch
+                log.warning("could not build the CPU graph for %s (%s: %s); running it in torch", self.what,
+                            type(exc).__name__, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "")
+                self.runtime = "torch"
+                return
             got = session.run(None, {"pixels": probe})[0]
             self.parity = compare_outputs(got, ref)
             if self.parity["ok"]:
@@ -389,22 +396,45 @@ class OnnxNetwork:
         data = None if rebuild else _read_cached(onnx_path, side_path)
         built = False
         if data is None:
-            self.cache.mkdir(parents=True, exist_ok=True)
-            with _build_lock(self.cache / f"{key}.lock"):
+            held = contextlib.ExitStack()
+            try:
+                self.cache.mkdir(parents=True, exist_ok=True)
+                held.enter_context(_build_lock(self.cache / f"{key}.lock"))
+            except OSError as exc:  # a read-only home, a lock path that is a link: build for this run only
+                log.warning("cannot use the graph cache %s (%s); building the CPU graph for this run only",
+                            self.cache, exc.strerror or exc)
+                return self._session_from(self._build(None, None)), True
+            with held:
                 data = None if rebuild else _read_cached(onnx_path, side_path)  # built while we waited?
                 if data is None:
                     data = self._build(onnx_path, side_path)
                     built = True
         return self._session_from(data), built
 
-    def _build(self, onnx_path: Path, side_path: Path) -> bytes:
+    def _build(self, onnx_path: Optional[Path], side_path: Optional[Path]) -> bytes:
+        """Build the graph; cache it at ``onnx_path`` (None: for this run only). A cache that cannot be written
+        (disk full) costs the cache, not the run."""
         from ._io import atomic_write
+        from .errors import OutputError
 
-        note(f"preparing the CPU graph for {self.what} at {self.preprocess.input_size} px (once; cached in "
-             f"{self.cache})...")
+        where = f"once; cached in {self.cache}" if onnx_path is not None else "not cached"
+        note(f"preparing the CPU graph for {self.what} at {self.preprocess.input_size} px ({where})...")
         t0 = time.perf_counter()
         data, exporter = build_graph(self.fn, self.module, self.preprocess)
         self.built_seconds = time.perf_counter() - t0
+        note(f"prepared the CPU graph (took {self.built_seconds:.1f} s)")
+        if onnx_path is None:
+            return data
+        try:
+            self._write(data, exporter, onnx_path, side_path)
+        except (OSError, OutputError) as exc:
+            log.warning("could not cache the CPU graph in %s (%s); it is used for this run only", self.cache, exc)
+            _drop(onnx_path, side_path)
+        return data
+
+    def _write(self, data: bytes, exporter: str, onnx_path: Path, side_path: Path) -> None:
+        from ._io import atomic_write
+
         with atomic_write(onnx_path) as fh:
             fh.write(data)
         side = {"format": GRAPH_FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
@@ -413,11 +443,10 @@ class OnnxNetwork:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         with atomic_write(side_path, "w") as fh:  # written last: a graph without its sidecar is not used
             json.dump(side, fh, indent=1)
-        note(f"prepared the CPU graph (took {self.built_seconds:.1f} s)")
-        return data
 
     def _record_parity(self, key: str) -> None:
         from ._io import atomic_write
+        from .errors import OutputError
 
         onnx_path, side_path = self._paths(key)
         try:
@@ -425,7 +454,7 @@ class OnnxNetwork:
             side["parity"] = self.parity
             with atomic_write(side_path, "w") as fh:
                 json.dump(side, fh, indent=1)
-        except (OSError, ValueError):  # the record is informative; the graph stays valid without it
+        except (OSError, ValueError, OutputError):  # the record is informative; the graph stays valid without it
             pass
 
     def _session_from(self, data: bytes):

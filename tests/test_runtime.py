@@ -283,3 +283,32 @@ def test_cli_says_once_that_it_prepares_the_cpu_graph(tmp_path, folder, monkeypa
     assert "onnxruntime" in text(second)
     bad = runner.invoke(app, [*args, "-o", str(tmp_path / "c.npz"), "--runtime", "tpu"])
     assert bad.exit_code == 2 and "--runtime" in bad.output + (bad.stderr if bad.stderr_bytes is not None else "")
+
+
+def test_a_network_the_exporter_cannot_take_still_runs_in_torch(bb, folder, tmp_path, own_cache, monkeypatch, caplog):
+    graphs, builds = own_cache
+    shutil.rmtree(graphs)
+    _, ref = _extract(folder, tmp_path / "t.npz", bb, "torch")
+
+    def cannot(*a, **k):
+        raise RuntimeError("Unsupported: ONNX export of operator frobnicate")
+
+    monkeypatch.setattr(runtime, "build_graph", cannot)
+    with caplog.at_level("WARNING", logger="featx"):
+        res, got = _extract(folder, tmp_path / "o.npz", bb, "onnx")
+    assert res.runtime == "torch" and "could not build the CPU graph" in caplog.text and "frobnicate" in caplog.text
+    np.testing.assert_array_equal(got.features, ref.features)
+
+
+def test_a_lock_path_that_links_to_a_user_file_is_not_followed(bb, folder, tmp_path, own_cache, caplog):
+    graphs, builds = own_cache
+    for p in graphs.iterdir():
+        p.unlink()
+    key = runtime.graph_key(bb.model, bb.preprocess, f"features of {bb.name} at {bb.layer}")
+    precious = tmp_path / "precious.txt"
+    precious.write_text("mine")
+    (graphs / f"{key}.lock").symlink_to(precious)
+    with caplog.at_level("WARNING", logger="featx"):
+        res, fs = _extract(folder, tmp_path / "o.npz", bb, "onnx")
+    assert res.runtime == "onnxruntime" and len(builds) == 1 and "for this run only" in caplog.text
+    assert precious.read_text() == "mine" and not list(graphs.glob("*.onnx"))
