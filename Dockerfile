@@ -7,6 +7,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     HF_HOME=/cache/huggingface \
     TORCH_HOME=/cache/torch \
+    FEATX_CACHE_DIR=/cache/featx \
     HOME=/tmp/featx-home \
     MPLCONFIGDIR=/tmp/featx-home/matplotlib
 # featx's DataLoader workers need shared memory: run with --shm-size=1g (or --ipc=host) for many workers.
@@ -17,7 +18,7 @@ COPY featx ./featx
 # torch is already in the base image; the loose `torch>=2.3` range keeps pip from replacing it.
 # /cache and HOME are writable by any user (sticky, like /tmp): a named volume starts with these permissions.
 RUN pip install ".[embedded,audit,export,parquet]" && featx models >/dev/null \
-    && mkdir -p /cache/huggingface /cache/torch /tmp/featx-home \
+    && mkdir -p /cache/huggingface /cache/torch /cache/featx /tmp/featx-home \
     && chmod -R 1777 /cache /tmp/featx-home
 
 VOLUME ["/data", "/cache"]

@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("FEATX_NO_PROGRESS", "1")
 os.environ.setdefault("FEATX_OFFLINE", "1")  # never try the network from tests
+# One graph cache for the whole session (featx.runtime): each (network, size) CPU graph is built once per test run,
+# in-process tests and subprocesses alike, and never in the developer's own ~/.cache/featx.
+GRAPH_CACHE = Path(tempfile.mkdtemp(prefix="featx-test-cache-"))
+os.environ["FEATX_CACHE_DIR"] = str(GRAPH_CACHE)
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
 
@@ -30,6 +36,20 @@ def pytest_configure(config):
     # (Hiding it unconditionally, as before, made `pytest -m gpu` skip every GPU test on a GPU machine.)
     if not selects_gpu(config.getoption("markexpr", "") or ""):
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How much of the run went into building CPU graphs (each built once per session, then reused)."""
+    import json
+
+    sides = [json.loads(p.read_text()) for p in (GRAPH_CACHE / "graphs").glob("*.json")]
+    if sides:
+        terminalreporter.write_line(f"featx CPU graphs built: {len(sides)}, "
+                                    f"{sum(s.get('build_seconds', 0) for s in sides):.1f} s in all")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(GRAPH_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

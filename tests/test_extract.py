@@ -176,7 +176,9 @@ def test_cuda_oom_retries_in_halves_with_same_output(bb, folder, tmp_path, monke
         return real(x)
 
     monkeypatch.setattr(bb, "forward_features", flaky)
-    got = featx.load_features(featx.extract_features(folder, tmp_path / "b.npz", backbone=bb, workers=0, batch_size=8).path)
+    # the OOM retry is torch's (CUDA): run the patched network in torch, not as a CPU graph
+    got = featx.load_features(featx.extract_features(folder, tmp_path / "b.npz", backbone=bb, workers=0, batch_size=8,
+                                                     runtime="torch").path)
     assert max(sizes) == 8 and 2 in sizes
     np.testing.assert_allclose(got.features, ref.features, rtol=1e-4, atol=1e-5)
 

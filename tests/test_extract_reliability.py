@@ -144,7 +144,8 @@ def test_huge_batch_is_capped_to_the_memory_with_a_warning(bb, folder, tmp_path,
     monkeypatch.setattr(engine, "CHECK_ABOVE", 1)
     per_image = 3 * 32 * 32 * 5 + 4 * engine._largest_activation(bb.model, 32)  # workers=0
     monkeypatch.setattr(engine, "available_memory", lambda: 2 * 3 * per_image + 100)  # half of it: 3 images
-    res = featx.extract_features(folder, tmp_path / "f.npz", backbone=bb, workers=0, batch_size=100000)
+    res = featx.extract_features(folder, tmp_path / "f.npz", backbone=bb, workers=0, batch_size=100000,
+                                 runtime="torch")  # the patched torch forward sees the batches
     assert max(sizes) == 3 and res.n_images == 8
     assert any("--batch-size 100000" in w and "batches of 3" in w for w in res.warnings)
 

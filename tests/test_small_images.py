@@ -102,12 +102,15 @@ def test_extract_auto_records_the_choice_and_predict_uses_it(auto_head):
 def test_predict_extracts_new_images_exactly_like_extract(auto_head):
     from featx.features.engine import iter_outputs
     from featx.predict.predictor import load_predictor
+    from featx.runtime import network_for
 
     data, store, head_path = auto_head
     fs = featx.load_features(store)
     pred = load_predictor(head_path)
     paths = [data / p for p in fs.paths]
-    rows = np.concatenate([b.outputs for b in iter_outputs(paths, pred.preprocess, pred.forward,
+    # the network as predict runs it (featx.runtime: the same engine extract picked)
+    fn = network_for(pred.forward, pred.network, pred.preprocess, torch.device("cpu"), what=pred.what)
+    rows = np.concatenate([b.outputs for b in iter_outputs(paths, pred.preprocess, fn,
                                                            device=torch.device("cpu"), workers=0)])
     assert rows.shape == (len(fs), 1280)
     np.testing.assert_allclose(rows, fs.features, rtol=1e-5, atol=1e-6)

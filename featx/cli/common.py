@@ -92,9 +92,16 @@ class progress_bar:
 
 
 class _ToWarn(logging.Handler):
-    """Library warnings (logger 'featx.*') shown as yellow `Warning:` lines on stderr."""
+    """Library warnings (logger 'featx.*') shown as yellow `Warning:` lines on stderr; records marked ``note``
+    (``featx.runtime.note``: "preparing the CPU graph...") as plain lines."""
+
+    def filter(self, record):
+        return record.levelno >= logging.WARNING or getattr(record, "note", False)
 
     def emit(self, record):
+        if record.levelno < logging.WARNING:
+            err.print(record.getMessage())
+            return
         warn(record.getMessage())
 
 
@@ -105,12 +112,15 @@ def library_warnings():
     if any(isinstance(h, _ToWarn) for h in logger.handlers):  # already routed by an outer command scope
         yield
         return
-    handler = _ToWarn(level=logging.WARNING)
+    handler = _ToWarn(level=logging.INFO)
     logger.addHandler(handler)
-    old_propagate = logger.propagate
+    old_level, old_propagate = logger.level, logger.propagate
+    if logger.getEffectiveLevel() > logging.INFO:  # let notes through; the handler still drops other INFO records
+        logger.setLevel(logging.INFO)
     logger.propagate = False  # otherwise Python's last-resort handler prints each warning a second time
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.propagate = old_propagate
+        logger.setLevel(old_level)

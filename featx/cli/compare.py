@@ -36,6 +36,8 @@ def compare_cmd(
     seed: int = typer.Option(0, "--seed", help="One seed for the split, the draws and every method."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes."),
+    runtime: str = typer.Option("auto", "--runtime", help="auto | torch | onnx: how the network runs (auto = onnxruntime on the CPU, a graph built once and cached; torch on CUDA)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime threads (default: the cores this process may use)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="The report goes to RUNS_DIR/compare/NAME."),
     name: Optional[str] = typer.Option(None, "--name", help="Run folder name (default: exp, exp2, ...)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an existing --name folder (featx replaces only the files it wrote there)."),
@@ -50,7 +52,8 @@ def compare_cmd(
         images, backbone=backbone, quick=quick, skip_heads=skip_heads, skip_finetune=skip_finetune,
         skip_scratch=skip_scratch, finetune_epochs=finetune_epochs, scratch_epochs=scratch_epochs,
         image_size=image_size, pretrained=not no_pretrained, weights=str(weights) if weights else None,
-        val_split=val_split, seed=seed, device=device, workers=workers, runs_dir=str(runs_dir), name=name,
+        val_split=val_split, seed=seed, device=device, workers=workers, runtime=runtime, threads=threads,
+        runs_dir=str(runs_dir), name=name,
         exist_ok=overwrite or exist_ok, shots=shots, repeats=repeats, budget=budget, log=log_message,
         on_epoch=None if json_ else epoch_line, **kw,
     )

@@ -30,6 +30,8 @@ def extract_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
                                              help="Images per batch (default 32 CPU, 256 CUDA; capped to what memory holds)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: CPU count, at most 8)."),
+    runtime: str = typer.Option("auto", "--runtime", help="auto | torch | onnx: how the network runs (auto = onnxruntime on the CPU, a graph built once and cached; torch on CUDA)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime threads (default: the cores this process may use)."),
     chunk_size: int = typer.Option(1024, "--chunk-size", min=1, help="Images per resumable chunk."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any file is skipped."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing file that is not a featx store."),
@@ -60,7 +62,7 @@ def extract_cmd(
             images, output, backbone=backbone, pretrained=not no_pretrained, weights=weights, layer=layer,
             device=device, batch_size=batch_size, workers=workers, chunk_size=chunk_size, strict=strict,
             overwrite=overwrite, progress=update, decoder=decoder, image_size=image_size, compile=compile_,
-            format=format_, shard=shard, dtype=dtype,
+            format=format_, shard=shard, dtype=dtype, runtime=runtime, threads=threads,
         )
     for w in res.warnings:
         warn(w)
@@ -79,9 +81,9 @@ def extract_cmd(
     resumed = f" ({res.resumed_images} resumed)" if res.resumed_images else ""
     out.print(styled(
         "[bold green]{}[/] images{}, [bold]{}[/] skipped, {}-d features from {} at {} on {} ({} decoding) in {} s "
-        "({} img/s) -> {}",
+        "({} img/s, {}) -> {}",
         res.n_images, resumed, res.n_skipped, res.feature_dim, res.backbone, _recipe(res), res.device, res.decoder,
-        f"{res.seconds:.1f}", f"{res.images_per_s:.1f}", res.path))
+        f"{res.seconds:.1f}", f"{res.images_per_s:.1f}", res.runtime, res.path))
 
 
 def _recipe(res) -> str:

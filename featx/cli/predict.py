@@ -33,6 +33,8 @@ def predict_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per batch (default 32 CPU, 256 CUDA; capped to what memory holds)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: CPU count, at most 8)."),
+    runtime: str = typer.Option("auto", "--runtime", help="auto | torch | onnx: how the network runs (auto = onnxruntime on the CPU, a graph built once and cached; torch on CUDA)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime threads (default: the cores this process may use)."),
     report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Labelled input: where confusion.png, misclassified.png, metrics.json go (default: <output stem>.report/)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing existing output files (table, report files) that featx did not write."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights file, for a head fitted on features from a local weights file."),
@@ -54,7 +56,7 @@ def predict_cmd(
                 images, model, output=output, format=format_, top_k=top_k, device=device, batch_size=batch_size,
                 workers=workers, sort_into=sort_into, mode=mode, min_confidence=min_confidence, dry_run=dry_run,
                 strict=strict, report_dir=report_dir, overwrite=overwrite, weights=weights, image_size=image_size,
-                progress=update,
+                progress=update, runtime=runtime, threads=threads,
             )
     except FeatxError as exc:  # a failed sort or --strict: the run finished; show what it did, then the error
         if getattr(exc, "result", None) is None:
@@ -95,8 +97,9 @@ def _print(res) -> None:
             out.print(styled("predictions -> [bold]{}[/bold]", res.output))
         return
 
-    out.print(styled("{} images classified by {} on {} in {} s ({} img/s); [bold]{}[/bold] unreadable{}",
+    out.print(styled("{} images classified by {} on {} in {} s ({} img/s, {}); [bold]{}[/bold] unreadable{}",
                      res.n_classified, res.model, res.device, f"{res.seconds:.1f}", f"{res.images_per_s:.1f}",
+                     res.runtime,
                      res.n_errors, f", {len(res.skipped)} skipped folders/files" if res.skipped else ""))
     conf = ("probability of the predicted class" if res.confidence_kind == "probability"
             else "decision score of the predicted class (not a probability; larger = more confident)")

@@ -159,7 +159,7 @@ def extract(ctx: Context, bb) -> None:
     t0 = time.perf_counter()
     path = ctx.run_dir / "features.npz"
     ex = extract_features(ctx.images, path, backbone=bb, image_size=ctx.s.image_size, device=ctx.s.device,
-                          workers=ctx.s.workers, overwrite=True)
+                          workers=ctx.s.workers, overwrite=True, runtime=ctx.s.runtime, threads=ctx.s.threads)
     ctx.extract_seconds = time.perf_counter() - t0
     ctx.log(f"extracted {ex.n_images} feature vectors with {ex.backbone} in {ctx.extract_seconds:.1f} s")
     fs = load_features(path)

@@ -33,6 +33,8 @@ class CompareSettings:
     seed: int = 0
     device: str = "auto"
     workers: Optional[int] = None
+    runtime: str = "auto"  # how the extraction's network runs (featx.runtime): auto = onnxruntime on the CPU
+    threads: Optional[int] = None  # onnxruntime's threads; None: the cores this process may use
     runs_dir: str = "runs"
     name: Optional[str] = None
     exist_ok: bool = False

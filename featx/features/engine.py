@@ -134,6 +134,8 @@ class _Outputs:
     def batch(self, stats: dict) -> Batch:
         if self.out is None:
             return Batch(self.idx, np.zeros((0, 0), np.float32), self.errors)
+        if isinstance(self.out, np.ndarray):  # onnxruntime's outputs (featx.runtime)
+            return Batch(self.idx, self.out.astype(np.float32, copy=False), self.errors)
         if self.event is not None:
             t0 = time.perf_counter()
             self.event.synchronize()
@@ -159,9 +161,14 @@ def normalizer(preprocess, device) -> Callable:
 
 
 def _forward(fn, norm, pixels, device, precision):
-    """uint8 N,S,S,3 on the device -> float32 outputs on the device (queued, not waited for)."""
+    """uint8 N,S,S,3 on the device -> float32 outputs on the device (queued, not waited for); a network that takes
+    pixels itself (onnxruntime, `featx.runtime`) gets them as they are and returns numpy."""
     import torch
 
+    from ..runtime import takes_pixels
+
+    if takes_pixels(fn):
+        return fn(pixels)
     x = norm(pixels.permute(0, 3, 1, 2))  # NCHW view, channels_last strides: what cuDNN likes
     if device.type != "cuda":
         x = x.contiguous()
@@ -316,6 +323,7 @@ class ExtractResult:
     timings: dict = field(default_factory=dict)
     # how the crop size was chosen (`featx.features.sizing.SizeChoice`: mode, size, default, median_short_side, ...)
     image_size: dict = field(default_factory=dict)
+    runtime: str = "torch"  # the engine that ran the network: "torch" | "onnxruntime" (featx.runtime)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -381,6 +389,8 @@ def extract_features(
     format: Optional[str] = None,
     shard=None,
     dtype: Optional[str] = None,
+    runtime: str = "auto",
+    threads: Optional[int] = None,
 ) -> ExtractResult:
     """Extract features for every image under `images` and write one feature store at `output`.
 
@@ -411,6 +421,11 @@ def extract_features(
         shard: "I/N" or (I, N): this worker computes every N-th chunk from the I-th into a sharded store, and the last
             of the N workers merges their manifests (default under torchrun with a sharded output: RANK/WORLD_SIZE).
         dtype: float32 (default) | float16 storage (npz and sharded stores).
+        runtime: auto | torch | onnx (`featx.runtime`): auto = onnxruntime on the CPU (a graph built once and cached,
+            checked against torch), torch on CUDA. Recorded in meta["runtime"]; not part of the provenance
+            fingerprint: features from either agree within 1e-4, so heads fit on one apply to the other, and an
+            interrupted run resumes under the other runtime.
+        threads: onnxruntime's threads (default: the cores this process may use).
 
     Ctrl-C raises KeyboardInterrupt after the finished chunks were written (the CLI turns it, and SIGTERM, into
     exit 130 / 143 with a resume hint).
@@ -418,6 +433,7 @@ def extract_features(
     from ..data.discover import discover
     from ..devices import setup_distributed
     from . import formats
+    from ..runtime import resolve_runtime, resolve_threads
 
     t0 = time.perf_counter()
     root = Path(images)
@@ -428,6 +444,10 @@ def extract_features(
     folder = discover(root)
     refuse_inside(output, root)
     _check_options(chunk_size, decoder, prefetch)
+    if threads is not None:
+        resolve_threads(threads)
+    if compile and str(runtime or "auto").lower() == "onnx":
+        raise UsageError("--compile compiles the torch network; it does not apply to --runtime onnx")
     dist, dev = setup_distributed(device) if store.shard is None else _independent(device)
     try:
         with _claim(store.target(output), overwrite, dist, store.recogniser()):
@@ -435,7 +455,8 @@ def extract_features(
                 raise _strict_error(folder.skipped)
             bb, size_choice = _backbone(backbone, pretrained, weights, layer, image_size, folder)
             run = _RunOptions(precision=precision, max_pixels=max_pixels, decoder=decoder, compile=compile,
-                              prefetch=prefetch, defer_copy=defer_copy)
+                              prefetch=prefetch, defer_copy=defer_copy,
+                              runtime=resolve_runtime("torch" if compile else runtime, dev), threads=threads)
             return _extract(folder, root, output, bb, dev, dist, t0, batch_size=batch_size, workers=workers,
                             chunk_size=chunk_size, strict=strict, progress=progress, run=run, size_choice=size_choice,
                             store=store)
@@ -453,6 +474,9 @@ class _RunOptions:
     compile: Union[bool, str] = False
     prefetch: Optional[int] = None
     defer_copy: bool = True
+    runtime: str = "torch"  # resolved (featx.runtime.resolve_runtime): "torch" | "onnx"
+    threads: Optional[int] = None
+    ran: Optional[str] = None  # the engine that ran the network: "torch" | "onnxruntime" (featx.runtime.runtime_of)
 
 
 @dataclass
@@ -510,6 +534,7 @@ def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, ch
     """Plan, run and assemble with the output claimed; cleans up a partial folder that holds nothing to resume."""
     from ..data.jpeg_batch import resolve_decoder
     from ..devices import default_workers
+    from ..runtime import network_for, runtime_of
 
     store = store or _Store()
     decoder = run.decoder = resolve_decoder(run.decoder, dev, bb.preprocess)
@@ -528,7 +553,11 @@ def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, ch
             fn = bb.forward_features
             if run.compile:
                 fn = compile_forward(fn, bsize, "inductor" if run.compile is True else str(run.compile))
+            else:
+                fn = network_for(fn, model, bb.preprocess, dev, runtime=run.runtime, threads=run.threads,
+                                 what=f"features of {bb.name} at {bb.layer}")
             _run_chunks(plan, bb.preprocess, fn, dev, bsize, nw, run, progress, timings)
+            run.ran = runtime_of(fn)
         dist.barrier()
         if not dist.is_main:
             dist.barrier()
@@ -536,10 +565,13 @@ def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, ch
                                  seconds=time.perf_counter() - t0, images_per_s=0.0, device=str(dev), backbone=bb.name,
                                  decoder=decoder, timings=_rounded(timings), image_size=size_choice.to_dict())
         try:
+            ran = run.ran or ("onnxruntime" if run.runtime == "onnx" else "torch")
             if store.shard is not None:
-                res = _assemble_shards(plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice, store)
+                res = _assemble_shards(plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice,
+                                       store, ran)
             else:
-                res = _assemble(plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice, store)
+                res = _assemble(plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice, store,
+                                ran)
             res.timings = _rounded(timings)
         finally:
             dist.barrier()
@@ -733,7 +765,7 @@ def _file_batch(plan: _Plan, chunk_acc, batch: Batch, k: int, seen: dict) -> Non
 
 # -- assemble -------------------------------------------------------------------------------------------------------
 def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice: SizeChoice,
-              store: Optional[_Store] = None) -> ExtractResult:
+              store: Optional[_Store] = None, runtime: str = "torch") -> ExtractResult:
     """Rank 0: read every chunk in order, apply --strict, write the store, remove the partial folder."""
     from ..data.discover import find_leakage
 
@@ -764,6 +796,7 @@ def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings
         "leakage": leakage,
         "device": str(dev),
         "decoder": decoder,
+        "runtime": runtime,  # the engine that ran the network (featx.runtime); not part of the provenance
         "world_size": plan.world,
         "warnings": list(folder.warnings),
         "image_size": size_choice.to_dict(),  # how the crop size in meta["preprocess"] was chosen
@@ -784,12 +817,12 @@ def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings
         seconds=round(time.perf_counter() - t0, 3),
         images_per_s=round((plan.n - resumed) / run_s, 1) if run_s > 0 else 0.0,
         device=str(dev), backbone=bb.name, skipped=skipped, leakage=leakage, resumed_images=resumed,
-        warnings=warnings, decoder=decoder, image_size=size_choice.to_dict(),
+        warnings=warnings, decoder=decoder, image_size=size_choice.to_dict(), runtime=runtime,
     )
 
 
 def _assemble_shards(plan: _Plan, output: Path, bb, dev, decoder, strict, t0, t_run, warnings,
-                     size_choice: SizeChoice, store: _Store) -> ExtractResult:
+                     size_choice: SizeChoice, store: _Store, runtime: str = "torch") -> ExtractResult:
     """A worker of a sharded store: turn each of its chunks into a shard file named by the chunk's number, publish
     its part manifest, and merge all parts into ``manifest.json`` if it is the last worker to finish."""
     from ..data.discover import find_leakage
@@ -816,6 +849,7 @@ def _assemble_shards(plan: _Plan, output: Path, bb, dev, decoder, strict, t0, t_
     meta = bb.meta()
     meta.update({"root": str(plan.root.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "n_files": int(plan.n), "leakage": leakage, "device": str(dev), "decoder": decoder,
+                 "runtime": runtime,  # this worker's engine (featx.runtime); not part of the provenance
                  "warnings": list(folder.warnings), "image_size": size_choice.to_dict()})
     write_part(output, rank, world, {"job": plan.job, "dim": int(bb.feature_dim), "dtype": store.dtype,
                                      "classes": list(folder.classes), "meta": meta, "shards": shards,

@@ -6,7 +6,8 @@ The steps, in order (each a function below):
    locked for the run's life, so a second run on the same outputs fails at once and nothing runs for an output
    that cannot be written;
 3. `load_predictor` (predictor.py), then `_classify`: every image through the extraction engine (`iter_outputs`:
-   the same workers, batching, device placement and OOM retry as `featx extract`), or, for an exported ONNX model,
+   the same workers, batching, device placement and OOM retry as `featx extract`, and the same engine choice,
+   `featx.runtime`: onnxruntime on the CPU by default), or, for an exported ONNX model,
    through `featx.data.numpy_pixels` and onnxruntime (same decoder, batches, rows and skips; torch never imported);
    an oversized --batch-size is capped to what memory holds, as extract does;
 4. `_make_rows`, `_evaluate` (featx.report metrics), `_sort` (sort.py), `_write` (tables.py + featx.report);
@@ -70,6 +71,10 @@ class PredictSettings:
     # Only confirms the model's recorded crop size (another size is refused): a head's features and a trained
     # network's weights mean something only at the preprocessing they were made with.
     image_size: Optional[int] = None
+    # auto | torch | onnx: how the network runs (featx.runtime; auto = onnxruntime on the CPU, torch on CUDA); an
+    # exported .onnx model always runs in onnxruntime
+    runtime: str = "auto"
+    threads: Optional[int] = None  # onnxruntime's threads; None: the cores this process may use
 
     def check(self) -> None:
         if self.format is not None and self.format not in FORMATS:
@@ -86,6 +91,12 @@ class PredictSettings:
             raise UsageError("--min-confidence only applies when sorting; add --sort-into DIR")
         if self.min_confidence is not None and not np.isfinite(self.min_confidence):
             raise UsageError("--min-confidence must be a finite number")
+        from ..runtime import RUNTIMES, resolve_threads
+
+        if str(self.runtime or "auto").lower() not in RUNTIMES:
+            raise UsageError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {self.runtime!r}")
+        if self.threads is not None:
+            resolve_threads(self.threads)
 
 
 @dataclass
@@ -128,6 +139,7 @@ class PredictResult:
     # what discovery did not read (unreadable or too deep folders, paths too long, a file reached twice through
     # links): [{"path", "reason", "stage": "discover"}], no rows; the same list `featx extract` records
     skipped: list = field(default_factory=list)
+    runtime: str = "torch"  # the engine that ran the network: "torch" | "onnxruntime" (featx.runtime)
 
     def __iter__(self):
         return iter(self.rows)
@@ -170,6 +182,7 @@ class PredictResult:
             "n_classified": self.n_classified, "n_errors": self.n_errors, "counts": self.counts,
             "errors": self.errors, "n_skipped": len(self.skipped), "skipped": self.skipped, "device": self.device,
             "seconds": round(self.seconds, 3), "images_per_s": round(self.images_per_s, 2), "dry_run": self.dry_run,
+            "runtime": self.runtime,
             "warnings": self.warnings,
         }
         if self.labelled and self.metrics is not None:
@@ -231,6 +244,8 @@ def predict_folder(
     weights=None,
     image_size: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    runtime: str = "auto",
+    threads: Optional[int] = None,
 ) -> PredictResult:
     """Classify every image under ``images`` and write one row per image (input order) to ``output``.
 
@@ -255,6 +270,9 @@ def predict_folder(
         weights: the backbone weights file, for heads fitted on features from a local weights file.
         image_size: optional; must equal the crop size the model was made at (predict always uses the model's own).
         progress: callback(done_images, total_images).
+        runtime: auto | torch | onnx (`featx.runtime`): auto runs the network in onnxruntime on the CPU (a graph
+            built once, cached and checked against torch) and in torch on CUDA; the result's ``runtime`` says which
+            ran. threads: onnxruntime's threads (default: the cores this process may use).
 
     Raises:
         DataError (no images, only garbage), ArtifactError (model missing/unsafe/mismatched), WeightsError,
@@ -266,7 +284,7 @@ def predict_folder(
     s = PredictSettings(model=model, output=output, format=format, top_k=top_k, device=device, batch_size=batch_size,
                         workers=workers, sort_into=sort_into, mode=mode, min_confidence=min_confidence,
                         dry_run=dry_run, strict=strict, report_dir=report_dir, overwrite=overwrite, weights=weights,
-                        image_size=image_size)
+                        image_size=image_size, runtime=runtime, threads=threads)
     s.check()
     root = Path(images)
     folder = _discover(root, s)
@@ -278,10 +296,11 @@ def predict_folder(
         pred = load_predictor(s.model, weights=s.weights, strict=s.strict, image_size=s.image_size)
         _check_against_model(pred, plan, s)
         if folder.records:
-            scores, errors_at, run_seconds, note = _classify(folder.records, pred, dev, s, progress, root)
+            scores, errors_at, run_seconds, note, ran = _classify(folder.records, pred, dev, s, progress, root)
         else:  # a finished --move emptied the folder (see _discover): its images are in the journal, not here
-            scores, errors_at, run_seconds, note = np.empty((0, len(pred.classes))), {}, 0.0, None
+            scores, errors_at, run_seconds, note, ran = np.empty((0, len(pred.classes))), {}, 0.0, None, None
         res = _result(folder, pred, scores, errors_at, s, plan, str(dev), run_seconds)
+        res.runtime = ran
         res.warnings += [note] if note else []
         res.seconds = time.perf_counter() - t0
         if folder.has_labels and folder.records:
@@ -373,8 +392,9 @@ def _check_against_model(pred: Predictor, plan: _Plan, s: PredictSettings) -> No
 
 def _classify(records, pred: Predictor, dev, s: PredictSettings, progress, root):
     """Run the model over every record -> (scores N x C with NaN rows for failures, {index: (reason, stage)},
-    seconds spent, a note when the batch size was capped)."""
+    seconds spent, a note when the batch size was capped, the engine that ran the network)."""
     from ..features.engine import GARBAGE_WINDOW
+    from ..runtime import network_for, runtime_of
 
     t = time.perf_counter()
     n = len(records)
@@ -382,10 +402,14 @@ def _classify(records, pred: Predictor, dev, s: PredictSettings, progress, root)
     errors_at: dict = {}
     pred.to(dev)
     bsize, note = _batch_size(pred, dev, s, n)
+    fn = None
+    if pred.needs_torch:
+        fn = network_for(pred.forward, pred.network, pred.preprocess, dev, runtime=s.runtime, threads=s.threads,
+                         what=pred.what)
     done = failed = 0
     if progress:
         progress(0, n)
-    for idx, batch_scores, errors in _score_batches([r.path for r in records], pred, dev, s, bsize):
+    for idx, batch_scores, errors in _score_batches([r.path for r in records], pred, fn, dev, s, bsize):
         if len(idx):
             scores[idx] = batch_scores
         for i, reason, stage in errors:
@@ -400,7 +424,7 @@ def _classify(records, pred: Predictor, dev, s: PredictSettings, progress, root)
                             f"{safe_str(first.relpath)}: {errors_at[min(errors_at)][0]}); is this an image folder?")
         if progress:
             progress(done, n)
-    return scores, errors_at, time.perf_counter() - t, note
+    return scores, errors_at, time.perf_counter() - t, note, "onnxruntime" if fn is None else runtime_of(fn)
 
 
 def _batch_size(pred: Predictor, dev, s: PredictSettings, n: int):
@@ -412,14 +436,14 @@ def _batch_size(pred: Predictor, dev, s: PredictSettings, n: int):
                           workers=default_workers(s.workers), n_images=n, largest_activation=pred.largest_activation)
 
 
-def _score_batches(paths: list, pred: Predictor, dev, s: PredictSettings, bsize: int):
+def _score_batches(paths: list, pred: Predictor, fn, dev, s: PredictSettings, bsize: int):
     """(positions, their scores, [(position, reason, stage)]) per batch, in input order. A torch model runs through
     the extraction engine; an ONNX model gets the same batches of the same PIL pixels from featx.data.numpy_pixels."""
     if pred.needs_torch:
         from ..features.engine import iter_outputs
 
         # Same decoder policy as extract (GPU JPEG decoding on CUDA, PIL elsewhere), so predict sees extract's pixels.
-        for b in iter_outputs(paths, pred.preprocess, pred.forward, device=dev, batch_size=bsize, workers=s.workers,
+        for b in iter_outputs(paths, pred.preprocess, fn, device=dev, batch_size=bsize, workers=s.workers,
                               decoder="auto"):
             yield b.indices, (pred.to_scores(b.outputs) if len(b.indices) else None), b.errors
         return

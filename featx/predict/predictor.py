@@ -68,6 +68,9 @@ class Predictor:
     # bytes of the largest intermediate output for one image (the batch-size cap's memory estimate); None: the
     # engine measures it on ``network`` with forward hooks
     largest_activation: Optional[Callable[[], int]] = None
+    # what ``forward`` outputs, for featx.runtime's graph cache key and messages (changes whenever ``forward``
+    # computes something else from the same weights)
+    what: str = "outputs"
 
     @property
     def needs_torch(self) -> bool:
@@ -218,7 +221,7 @@ def _from_head(model, *, weights=None, strict: bool = False) -> Predictor:
     return Predictor(
         preprocess=bb.preprocess, forward=bb.forward_features, to_scores=lambda feats: head.predict_scores(feats)[0],
         classes=list(head.classes), score_kind=head.score_kind, description=f"{head.kind} head on {bb.name} features",
-        kind="head", network=bb.model, path=head.path)
+        kind="head", network=bb.model, path=head.path, what=f"features of {bb.name} at {bb.layer}")
 
 
 def _from_trained(model, *, weights=None, strict: bool = False) -> Predictor:
@@ -240,7 +243,8 @@ def _from_trained(model, *, weights=None, strict: bool = False) -> Predictor:
     return Predictor(
         preprocess=tm.preprocess, forward=forward, to_scores=lambda p: np.asarray(p, dtype=np.float64),
         classes=[str(c) for c in tm.classes], score_kind="probability",
-        description=f"{tm.kind or 'trained'} model {tm.name}", kind=tm.kind or "trained", network=net, path=tm.path)
+        description=f"{tm.kind or 'trained'} model {tm.name}", kind=tm.kind or "trained", network=net, path=tm.path,
+        what=f"probabilities of {tm.kind or 'trained'} model {tm.name}")
 
 
 def _from_onnx(model, *, weights=None, strict: bool = False) -> Predictor:
