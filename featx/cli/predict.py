@@ -114,6 +114,9 @@ def _print(res) -> None:
 
     if res.labelled and res.metrics is not None:
         scores = {"all": res.metrics, **res.split_metrics} if res.split_metrics else {"all": res.metrics}
+        if res.seen_metrics:  # issue 24.2: training images scored apart, never in the rows above
+            scores = {("unseen" if k == "all" else k): v for k, v in scores.items()}
+            scores["seen in training"] = res.seen_metrics
         out.print(metrics_table(scores, title="Scores against the folder labels"))
         out.print(per_class_table(res.metrics, title="Per class"))
         out.print(confusion_table(res.metrics, title="Confusion matrix (rows = true)"))

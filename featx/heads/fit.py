@@ -211,6 +211,7 @@ def fit_head(features, head: str = "logistic", *, output=None, C: Optional[float
                 _calibrate(res, plan, s)
             results.append(res)
         best = _best_of(results, plan, s) if s.head == "all" else results[0]
+        _record_seen([best, *best.results], plan, s, selected=bool(s.calibrate or (best.selection or {}).get("rows")))
         if files:
             _save(best, output, rdir, every=s.head == "all")
     return best
@@ -255,6 +256,19 @@ def _best_of(results: list, plan: _Plan, s: FitSettings) -> FitResult:
     best.head.meta["selection"] = {**best.selection,
                                    "held_out": {n: summary(m) for n, m in best.held_out.items()}}
     return best
+
+
+def _record_seen(results: list, plan: _Plan, s: FitSettings, selected: bool) -> None:
+    """Record in each head which images trained it and, when validation rows chose or calibrated it, those too
+    (content hashes, featx.data.seen): `featx predict` then scores such images apart (issue 24.2)."""
+    from ..data.seen import make_record
+
+    record = make_record(plan.train.meta.get("root"), plan.train.paths, "trained")
+    val = plan.evals.get("val")
+    if selected and val is not None:
+        record = make_record(val.meta.get("root"), val.paths, "selected", record)
+    for r in results:
+        r.head.meta["seen"] = record
 
 
 def _val_halves(labels: np.ndarray, seed: int) -> tuple:

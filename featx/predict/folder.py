@@ -114,6 +114,9 @@ class PredictResult:
     metrics: Optional[dict] = None  # classification_metrics over labelled rows that decoded
     split_metrics: dict = field(default_factory=dict)  # per split headline scores, when the folder has splits
     unknown_classes: list = field(default_factory=list)  # true classes the model was never taught
+    # images the model was trained or selected on (by content; issue 24.2): scored apart, left out of ``metrics``
+    seen_metrics: Optional[dict] = None
+    seen_paths: list = field(default_factory=list)
     report_dir: Optional[Path] = None
     confusion_png: Optional[Path] = None
     gallery_png: Optional[Path] = None
@@ -175,6 +178,7 @@ class PredictResult:
             d["metrics"] = {**summary(self.metrics), "per_class": self.metrics["per_class"],
                             "classes": self.metrics["classes"], "confusion": self.metrics["confusion"]}
             d["split_metrics"] = self.split_metrics
+            d["seen_in_training"] = {"n": len(self.seen_paths), "metrics": self.seen_metrics}
             d["unknown_classes"] = self.unknown_classes
             d["report"] = {"dir": str(self.report_dir) if self.report_dir else None,
                            "confusion_png": str(self.confusion_png) if self.confusion_png else None,
@@ -483,6 +487,11 @@ def _evaluate(res: PredictResult, folder, pred: Predictor) -> None:
     if not idx:
         res.warnings.append("no labelled image could be read; no scores")
         return
+    idx = _set_seen_apart(res, folder, pred, idx)
+    if not idx:
+        return
+    y_true = [res.rows[i]["true_label"] for i in idx]
+    y_pred = [res.rows[i]["label"] for i in idx]
     res.metrics = classification_metrics(y_true, y_pred, pred.classes)
     if folder.has_splits:
         by_split: dict = {}
@@ -494,6 +503,35 @@ def _evaluate(res: PredictResult, folder, pred: Predictor) -> None:
                 m = classification_metrics([res.rows[i]["true_label"] for i in ii], [res.rows[i]["label"] for i in ii],
                                            pred.classes)
                 res.split_metrics[split] = summary(m)
+
+
+def _set_seen_apart(res: PredictResult, folder, pred: Predictor, idx: list) -> list:
+    """Score the images the model was trained or selected on apart (matched by file content, featx.data.seen);
+    -> the rows left for the headline. A model that records no such images gets a warning instead."""
+    from ..data.seen import match
+    from ..report import classification_metrics, summary
+
+    found = match(pred.seen, [folder.records[i].path for i in idx], [res.rows[i]["path"] for i in idx])
+    if found is None:
+        if pred.kind == "head":  # heads fitted before featx recorded their images (a trained run never did yet)
+            res.warnings.append("this head records no training images (fitted by an older featx): images it was "
+                                "fitted on cannot be told apart, and scores on them overstate its accuracy; re-fit "
+                                "it to record them")
+        return idx
+    seen = [i for i, s in zip(idx, found["seen"]) if s]
+    if not seen:
+        return idx
+    rest = [i for i in idx if i not in set(seen)]
+    res.seen_paths = [res.rows[i]["path"] for i in seen]
+    res.seen_metrics = summary(classification_metrics([res.rows[i]["true_label"] for i in seen],
+                                                      [res.rows[i]["label"] for i in seen], pred.classes))
+    by_path = f", {found['by_path']} of them by path" if found["by_path"] else ""
+    res.warnings.append(f"{len(seen)} of the {len(idx)} labelled images were used to train or choose this model "
+                        f"(matched by file content{by_path}): they are scored apart as 'seen in training' and the "
+                        f"scores cover the other {len(rest)} only")
+    if not rest:
+        res.warnings.append("every labelled image was seen in training: no score on unseen images")
+    return rest
 
 
 def _sort(res: PredictResult, folder, plan: _Plan, s: PredictSettings) -> Optional[MoveJournal]:
@@ -539,7 +577,9 @@ def _write_report(res: PredictResult, folder, rep_dir: Path) -> None:
                 if r["error"] is None and r.get("true_label") is not None and r["label"] != r["true_label"]]
     files = save_evaluation(
         rep_dir, res.metrics, mistakes, info={"model": res.model, "confidence_kind": res.confidence_kind},
-        extra={"split_metrics": res.split_metrics, "unknown_classes": res.unknown_classes, "n_errors": res.n_errors},
+        extra={"split_metrics": res.split_metrics, "unknown_classes": res.unknown_classes, "n_errors": res.n_errors,
+               "seen_in_training": {"n": len(res.seen_paths), "metrics": res.seen_metrics,
+                                    "paths": res.seen_paths}},
         score_name=res.confidence_kind, what="predictions vs folder labels")
     res.report_dir, res.confusion_png, res.gallery_png = rep_dir, files["confusion"], files["gallery"]
 

@@ -68,6 +68,8 @@ class Predictor:
     # bytes of the largest intermediate output for one image (the batch-size cap's memory estimate); None: the
     # engine measures it on ``network`` with forward hooks
     largest_activation: Optional[Callable[[], int]] = None
+    # the images the model was trained or selected on (featx.data.seen record); None: the artifact records none
+    seen: Optional[dict] = None
 
     @property
     def needs_torch(self) -> bool:
@@ -218,7 +220,7 @@ def _from_head(model, *, weights=None, strict: bool = False) -> Predictor:
     return Predictor(
         preprocess=bb.preprocess, forward=bb.forward_features, to_scores=lambda feats: head.predict_scores(feats)[0],
         classes=list(head.classes), score_kind=head.score_kind, description=f"{head.kind} head on {bb.name} features",
-        kind="head", network=bb.model, path=head.path)
+        kind="head", network=bb.model, path=head.path, seen=head.meta.get("seen"))
 
 
 def _from_trained(model, *, weights=None, strict: bool = False) -> Predictor:
@@ -240,7 +242,8 @@ def _from_trained(model, *, weights=None, strict: bool = False) -> Predictor:
     return Predictor(
         preprocess=tm.preprocess, forward=forward, to_scores=lambda p: np.asarray(p, dtype=np.float64),
         classes=[str(c) for c in tm.classes], score_kind="probability",
-        description=f"{tm.kind or 'trained'} model {tm.name}", kind=tm.kind or "trained", network=net, path=tm.path)
+        description=f"{tm.kind or 'trained'} model {tm.name}", kind=tm.kind or "trained", network=net, path=tm.path,
+        seen=(getattr(tm, "meta", None) or {}).get("seen"))
 
 
 def _from_onnx(model, *, weights=None, strict: bool = False) -> Predictor:

@@ -1,0 +1,97 @@
+"""Which images a model was trained or selected on, by content: a small record in the artifact, matched at predict.
+
+A model scored on the images it learned from looks better than it is (issue 24.2: `featx predict` on the folder a
+head was fitted on read "all 0.979" with train 1.000 inside). The record is the sorted first 8 bytes of each image
+file's SHA-256 (8 bytes per image: 100,000 images make 800 kB, about 1.1 MB as base64 text), so a copied or renamed
+folder is still recognised; files that could not be read when the model was made are kept by relative path. Two
+different images share an 8-byte prefix with probability about n^2 / 2^65: negligible for any folder featx meets.
+"""
+from __future__ import annotations
+
+import base64
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+HASH = "sha256[:8]"  # what the record holds; another value is a record this featx cannot match
+_CHUNK = 1 << 20
+
+
+def _prefix(path) -> Optional[int]:
+    """First 8 bytes of the file's SHA-256 as an unsigned integer; None when it cannot be read."""
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(_CHUNK), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return int.from_bytes(h.digest()[:8], "big")
+
+
+def content_prefixes(paths: Sequence, workers: Optional[int] = None) -> list:
+    """[int or None] per path, in order; hashing runs in threads (hashlib releases the GIL on large buffers)."""
+    paths = list(paths)
+    if not paths:
+        return []
+    n = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(_prefix, paths, chunksize=64))
+
+
+def _pack(values: Iterable[int]) -> str:
+    arr = np.unique(np.asarray(sorted(values), dtype=np.uint64)).astype(">u8")
+    return base64.b64encode(arr.tobytes()).decode("ascii")
+
+
+def _unpack(text: str) -> np.ndarray:
+    raw = base64.b64decode(text.encode("ascii"), validate=True)
+    if len(raw) % 8:
+        raise ValueError("not a whole number of 8-byte hashes")
+    return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+
+
+def make_record(root, relpaths: Sequence[str], role: str = "trained", record: Optional[dict] = None) -> dict:
+    """Add the images ``root/relpath`` under ``role`` ("trained" | "selected") to ``record`` (a new one if None)."""
+    rec = dict(record) if record else {"hash": HASH}
+    base = Path(root) if root else None
+    files = [base / p for p in relpaths] if base is not None else []
+    found = content_prefixes(files) if files else [None] * len(relpaths)
+    hashed = [v for v in found if v is not None]
+    unread = sorted(str(p) for p, v in zip(relpaths, found) if v is None)
+    rec[role] = _pack(hashed)
+    rec[f"n_{role}"] = len(relpaths)
+    if unread:
+        rec[f"{role}_paths"] = unread  # the fallback: matched by relative path
+    return rec
+
+
+def match(record: Optional[dict], files: Sequence, relpaths: Sequence[str]) -> Optional[dict]:
+    """-> ``{"seen": bool array, "role": [role or ""], "by_path": n matched by path only}`` for images ``files``
+    (their ``relpaths`` relative to the folder), or None when the record is missing or unreadable."""
+    if not record or record.get("hash") != HASH:
+        return None
+    try:
+        sets = {role: _unpack(record[role]) for role in ("trained", "selected") if isinstance(record.get(role), str)}
+    except (ValueError, TypeError):
+        return None
+    paths = {role: set(record.get(f"{role}_paths") or []) for role in ("trained", "selected")}
+    found = content_prefixes(files)
+    roles = []
+    by_path = 0
+    for v, rel in zip(found, relpaths):
+        role = ""
+        for name, values in sets.items():
+            if v is not None and len(values) and values[np.searchsorted(values, np.uint64(v)).clip(0, len(values) - 1)] == v:
+                role = name
+                break
+        if not role:
+            role = next((name for name, ps in paths.items() if str(rel) in ps), "")
+            by_path += bool(role)
+        roles.append(role)
+    return {"seen": np.array([bool(r) for r in roles], dtype=bool), "role": roles, "by_path": by_path}
