@@ -90,3 +90,14 @@ def test_unreadable_training_files_are_kept_by_path(tmp_path):
     assert found["seen"].tolist() == [True, False, True] and found["by_path"] == 1
     assert match({"hash": "md5"}, [tmp_path / "b.jpg"], ["b.jpg"]) is None
     assert np.asarray(found["seen"]).dtype == bool
+
+
+def test_a_scratch_run_records_train_and_val_and_predict_headlines_the_test_images(tmp_path):
+    data = make_folder(tmp_path / "data", classes=("a", "b"), n_per_class=4, splits=("train", "val", "test"), size=24)
+    run = featx.train_scratch(data, arch="lenet5", epochs=1, image_size=16, workers=0, device="cpu",
+                              runs_dir=str(tmp_path / "runs"))
+    rec = json.loads((run.run_dir / "model.json").read_text())["seen"]
+    assert rec["n_trained"] == 8 and rec["n_selected"] == 8  # val chose the best epoch
+    res = featx.predict_folder(data, model=run.run_dir, output=tmp_path / "p.csv", workers=0)
+    assert len(res.seen_paths) == 16 and res.metrics["n"] == 8 and set(res.split_metrics) == {"test"}
+    assert res.seen_metrics["n"] == 16

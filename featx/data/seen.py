@@ -58,14 +58,22 @@ def _unpack(text: str) -> np.ndarray:
 
 def make_record(root, relpaths: Sequence[str], role: str = "trained", record: Optional[dict] = None) -> dict:
     """Add the images ``root/relpath`` under ``role`` ("trained" | "selected") to ``record`` (a new one if None)."""
-    rec = dict(record) if record else {"hash": HASH}
     base = Path(root) if root else None
-    files = [base / p for p in relpaths] if base is not None else []
-    found = content_prefixes(files) if files else [None] * len(relpaths)
-    hashed = [v for v in found if v is not None]
-    unread = sorted(str(p) for p, v in zip(relpaths, found) if v is None)
-    rec[role] = _pack(hashed)
+    return record_files([base / p for p in relpaths] if base is not None else [None] * len(relpaths), relpaths, role,
+                        record)
+
+
+def record_files(files: Sequence, relpaths: Sequence[str], role: str = "trained",
+                 record: Optional[dict] = None) -> dict:
+    """`make_record` for image files given one by one (None: not readable), each with its relative path."""
+    rec = dict(record) if record else {"hash": HASH}
+    readable = [(i, f) for i, f in enumerate(files) if f is not None]
+    found = [None] * len(relpaths)
+    for (i, _), v in zip(readable, content_prefixes([f for _, f in readable])):
+        found[i] = v
+    rec[role] = _pack(v for v in found if v is not None)
     rec[f"n_{role}"] = len(relpaths)
+    unread = sorted(str(p) for p, v in zip(relpaths, found) if v is None)
     if unread:
         rec[f"{role}_paths"] = unread  # the fallback: matched by relative path
     return rec

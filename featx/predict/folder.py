@@ -513,10 +513,10 @@ def _set_seen_apart(res: PredictResult, folder, pred: Predictor, idx: list) -> l
 
     found = match(pred.seen, [folder.records[i].path for i in idx], [res.rows[i]["path"] for i in idx])
     if found is None:
-        if pred.kind == "head":  # heads fitted before featx recorded their images (a trained run never did yet)
-            res.warnings.append("this head records no training images (fitted by an older featx): images it was "
-                                "fitted on cannot be told apart, and scores on them overstate its accuracy; re-fit "
-                                "it to record them")
+        if pred.needs_torch:  # a head or run made before featx recorded its images (an ONNX export carries none)
+            res.warnings.append(f"this {pred.kind} model records no training images (made by an older featx): "
+                                "images it was trained or chosen on cannot be told apart here, and scores on them "
+                                "overstate its accuracy; fit or train it again to record them")
         return idx
     seen = [i for i, s in zip(idx, found["seen"]) if s]
     if not seen:
