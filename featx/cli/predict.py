@@ -25,6 +25,7 @@ def predict_cmd(
     format_: Optional[str] = typer.Option(None, "--format", help="csv | jsonl (default: from the -o suffix, else csv)."),
     top_k: int = typer.Option(3, "--top-k", min=0, help="Top classes and scores per row."),
     sort_into: Optional[Path] = typer.Option(None, "--sort-into", help="Also copy each image into DIR/<predicted class>/."),
+    copy: bool = typer.Option(False, "--copy", help="With --sort-into: copy the images (the default)."),
     link: bool = typer.Option(False, "--link", help="With --sort-into: hard-link (symlink across file systems) instead of copying."),
     move: bool = typer.Option(False, "--move", help="With --sort-into: move the images (the only mode that removes sources)."),
     min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="With --sort-into: images below this go to DIR/_uncertain/ (a probability; a decision score for SVM/ridge heads unless fitted with `featx fit --calibrate`, which makes every head give probabilities)."),
@@ -43,10 +44,10 @@ def predict_cmd(
     from ..errors import FeatxError, UsageError
     from ..predict import predict_folder
 
-    if link and move:
-        raise UsageError("--link and --move exclude each other")
-    if (link or move) and sort_into is None:
-        raise UsageError("--link/--move apply to sorting; add --sort-into DIR")
+    if copy + link + move > 1:
+        raise UsageError("--copy, --link and --move exclude each other")
+    if (copy or link or move) and sort_into is None:  # `--copy` alone was once answered "did you mean --top-k?"
+        raise UsageError("--copy/--link/--move apply to sorting; add --sort-into DIR")
     mode = "move" if move else "link" if link else "copy"
     try:
         with progress_bar("predicting", unit="img") as update:
