@@ -184,6 +184,21 @@ def test_compare_marks_and_notes_a_chance_level_method(tmp_path):
     assert res.to_dict()["methods"][1]["majority_rate"] == pytest.approx(83 / 153)
 
 
+def test_shots_cells_at_chance_are_marked(tmp_path):
+    from featx.comparison import CompareResult, MethodResult
+    from featx.comparison.render import point_at_chance, point_cell
+
+    rows = [MethodResult("heads:logistic", 0.94, 0.94, 1.0, 10, "heads", majority_rate=83 / 153)]
+    res = CompareResult(run_dir=tmp_path, rows=rows, report_path=tmp_path / "report.md", chart_path=None,
+                        split="folders", n_train=245, n_val=153, seconds=1.0)
+    at_chance = point_at_chance(res)
+    low = {"mean": 0.55, "std": 0.02, "n": 3}
+    high = {"mean": 0.93, "std": 0.01, "n": 3}
+    assert at_chance(low) and not at_chance(high) and not at_chance(None)
+    assert point_cell(low, chance=True).endswith("**chance**") and point_cell(high) == "0.930 ± 0.010 (n=3)"
+    assert point_cell(low, compact=True, chance=True) == "0.55±0.02 chance"
+
+
 @pytest.mark.usefixtures("one_torch_thread")
 def test_scratch_and_compare_flag_a_model_that_learned_nothing(tmp_path):
     """Three validation images cannot show that a model beats chance: the summary, report.md and compare say so."""
