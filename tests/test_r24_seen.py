@@ -101,3 +101,11 @@ def test_a_scratch_run_records_train_and_val_and_predict_headlines_the_test_imag
     res = featx.predict_folder(data, model=run.run_dir, output=tmp_path / "p.csv", workers=0)
     assert len(res.seen_paths) == 16 and res.metrics["n"] == 8 and set(res.split_metrics) == {"test"}
     assert res.seen_metrics["n"] == 16
+    # a run made before runs recorded their images: its split is rebuilt from config.json and matched by path
+    mj = run.run_dir / "model.json"
+    doc = json.loads(mj.read_text())
+    doc.pop("seen")
+    mj.write_text(json.dumps(doc))
+    res = featx.predict_folder(data, model=run.run_dir, output=tmp_path / "p2.csv", workers=0)
+    assert len(res.seen_paths) == 16 and res.metrics["n"] == 8
+    assert any("matched by path only: the run records no file hashes" in w for w in res.warnings)

@@ -89,10 +89,11 @@ def match(record: Optional[dict], files: Sequence, relpaths: Sequence[str]) -> O
     except (ValueError, TypeError):
         return None
     paths = {role: set(record.get(f"{role}_paths") or []) for role in ("trained", "selected")}
-    found = content_prefixes(files)
+    where = {role: set(record.get(f"{role}_files") or []) for role in ("trained", "selected")}
+    found = content_prefixes(files) if sets else [None] * len(files)
     roles = []
     by_path = 0
-    for v, rel in zip(found, relpaths):
+    for v, rel, f in zip(found, relpaths, files):
         role = ""
         for name, values in sets.items():
             if v is not None and len(values) and values[np.searchsorted(values, np.uint64(v)).clip(0, len(values) - 1)] == v:
@@ -101,5 +102,37 @@ def match(record: Optional[dict], files: Sequence, relpaths: Sequence[str]) -> O
         if not role:
             role = next((name for name, ps in paths.items() if str(rel) in ps), "")
             by_path += bool(role)
+        if not role and (where["trained"] or where["selected"]):
+            file = _resolved(f)
+            role = next((name for name, ps in where.items() if file in ps), "")
+            by_path += bool(role)
         roles.append(role)
     return {"seen": np.array([bool(r) for r in roles], dtype=bool), "role": roles, "by_path": by_path}
+
+
+def _resolved(path) -> str:
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):
+        return str(path)
+
+
+def old_run_record(run_dir) -> Optional[dict]:
+    """For a finetune/scratch run made before runs recorded their images: its train and val files by path, rebuilt
+    from its config.json (image folder, val fraction, seed) with featx's one split rule; None when that folder is
+    gone or the config says too little. Matching is then by path only: a copied folder is not recognised."""
+    from .._io import read_json
+    from .discover import discover
+    from .split import split_records
+
+    try:
+        cfg = read_json(Path(run_dir) / "config.json")
+        images = Path(cfg["images"])
+        if not images.is_dir() or cfg.get("train_subset"):
+            return None
+        split = split_records(discover(images), float(cfg.get("val_split", 0.2)), int(cfg.get("seed", 0)))
+    except Exception:  # noqa: BLE001 - an unreadable or foreign config: no fallback, the caller says so
+        return None
+    return {"hash": HASH, "by": "path", "trained_files": sorted({_resolved(r.path) for r in split.train}),
+            "selected_files": sorted({_resolved(r.path) for r in split.val}), "n_trained": len(split.train),
+            "n_selected": len(split.val)}

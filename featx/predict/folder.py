@@ -511,7 +511,12 @@ def _set_seen_apart(res: PredictResult, folder, pred: Predictor, idx: list) -> l
     from ..data.seen import match
     from ..report import classification_metrics, summary
 
-    found = match(pred.seen, [folder.records[i].path for i in idx], [res.rows[i]["path"] for i in idx])
+    record, how = pred.seen, "file content"
+    if record is None and pred.kind in ("finetune", "scratch") and pred.path is not None:
+        from ..data.seen import old_run_record
+
+        record, how = old_run_record(Path(pred.path).parent), "path only: the run records no file hashes"
+    found = match(record, [folder.records[i].path for i in idx], [res.rows[i]["path"] for i in idx])
     if found is None:
         if pred.needs_torch:  # a head or run made before featx recorded its images (an ONNX export carries none)
             res.warnings.append(f"this {pred.kind} model records no training images (made by an older featx): "
@@ -525,9 +530,9 @@ def _set_seen_apart(res: PredictResult, folder, pred: Predictor, idx: list) -> l
     res.seen_paths = [res.rows[i]["path"] for i in seen]
     res.seen_metrics = summary(classification_metrics([res.rows[i]["true_label"] for i in seen],
                                                       [res.rows[i]["label"] for i in seen], pred.classes))
-    by_path = f", {found['by_path']} of them by path" if found["by_path"] else ""
+    by_path = f", {found['by_path']} of them by path" if found["by_path"] and how == "file content" else ""
     res.warnings.append(f"{len(seen)} of the {len(idx)} labelled images were used to train or choose this model "
-                        f"(matched by file content{by_path}): they are scored apart as 'seen in training' and the "
+                        f"(matched by {how}{by_path}): they are scored apart as 'seen in training' and the "
                         f"scores cover the other {len(rest)} only")
     if not rest:
         res.warnings.append("every labelled image was seen in training: no score on unseen images")
