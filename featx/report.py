@@ -376,10 +376,24 @@ def save_bar_chart_png(rows: Sequence[Mapping], path, key: str = "accuracy", lab
 
 
 @_plain_text
-def save_shots_curve_png(points: Sequence[Mapping], path, *, all_label: str = "all", title: str | None = None) -> Path:
+def curve_series(pts: Sequence[Mapping], sizes: Sequence[float] = ()) -> tuple:
+    """One method's curve as arrays ``(x, mean, min, max)``, sorted by x, with NaN at each of ``sizes`` (images per
+    class the curve was planned at) that has no point, so that the line breaks there instead of joining its
+    neighbours across a size that was skipped or failed."""
+    by_x = {float(p["images_per_class"]): p for p in pts}
+    xs = sorted(set(by_x) | {float(s) for s in sizes})
+    nan = float("nan")
+    rows = [(x, float(by_x[x]["mean"]), float(by_x[x].get("min", by_x[x]["mean"])),
+             float(by_x[x].get("max", by_x[x]["mean"]))) if x in by_x else (x, nan, nan, nan) for x in xs]
+    return tuple(np.array(c, dtype=float) for c in zip(*rows)) if rows else (np.zeros(0),) * 4
+
+
+def save_shots_curve_png(points: Sequence[Mapping], path, *, all_label: str = "all", title: str | None = None,
+                         sizes: Sequence[float] = ()) -> Path:
     """Accuracy against training images per class (log x), one line per method, min-max bars where there were
     several draws. ``points``: ``{label, k (None = all), images_per_class, mean, min, max, n}`` (``featx compare
-    --shots``)."""
+    --shots``); ``sizes``: every images-per-class value the curve was planned at (a line breaks where its method
+    has no point)."""
     plt = _plt()
     series: dict = {}
     for p in points:
@@ -387,11 +401,7 @@ def save_shots_curve_png(points: Sequence[Mapping], path, *, all_label: str = "a
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=100)
     ticks: dict = {}
     for i, (label, pts) in enumerate(series.items()):
-        pts = sorted(pts, key=lambda p: float(p["images_per_class"]))
-        x = np.array([float(p["images_per_class"]) for p in pts])
-        y = np.array([float(p["mean"]) for p in pts])
-        lo = np.array([float(p.get("min", p["mean"])) for p in pts])
-        hi = np.array([float(p.get("max", p["mean"])) for p in pts])
+        x, y, lo, hi = curve_series(pts, sizes)
         ax.errorbar(x * (1 + 0.015 * i), y, yerr=[y - lo, hi - y], fmt="-o", markersize=4, capsize=3, label=label)
         for p in pts:
             ticks[float(p["images_per_class"])] = all_label if p.get("k") is None else f"{int(p['k'])}"

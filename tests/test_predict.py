@@ -45,7 +45,7 @@ def test_rows_columns_order_and_top_k(tiny_head, tmp_path):
     assert res.confidence_kind == "probability" and res.n_errors == 0
     table = read_csv(out)
     # top-k is clipped to the 2 classes; labelled input adds true_label before error
-    assert table[0] == ["path", "label", "confidence", "top1", "top1_score", "top2", "top2_score", "true_label", "error"]
+    assert table[0] == ["path", "label", "probability", "top1", "top1_score", "top2", "top2_score", "true_label", "error"]
     assert [r[0] for r in table[1:]] == expected
     for line, row in zip(table[1:], res):
         assert line[1] == row["label"] == line[3]  # label is the top-1 class
@@ -166,7 +166,7 @@ def test_refusals_before_any_work(tiny_head, tmp_path):
     # our own file is overwritten without --overwrite
     featx.predict_folder(val, head, output=tmp_path / "p.csv", workers=0)
     featx.predict_folder(val, head, output=tmp_path / "p.csv", workers=0, top_k=1)
-    assert read_csv(tmp_path / "p.csv")[0][:5] == ["path", "label", "confidence", "top1", "top1_score"]
+    assert read_csv(tmp_path / "p.csv")[0][:5] == ["path", "label", "probability", "top1", "top1_score"]
 
 
 def test_head_with_other_backbone_provenance_is_refused(tiny_head, tmp_path):

@@ -52,7 +52,7 @@ def test_an_existing_run_folder_message_names_only_real_options(images, tmp_path
     r = runner.invoke(app, [command, *ARGS[command](images), "--runs-dir", str(tmp_path), "--name", "x",
                             "--device", "cpu"])
     assert r.exit_code == 2, r.output
-    assert "already exists" in r.output and "--exist-ok" in r.output
+    assert "already exists" in r.output and "--overwrite" in r.output
     assert_words_exist(command, r.output)
     assert (run / "notes.txt").read_text() == "mine\n"
 

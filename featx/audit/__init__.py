@@ -7,7 +7,9 @@ found from a feature store alone. Read-only on the images: it lists, the user ac
 """
 from __future__ import annotations
 
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -291,3 +293,15 @@ def _stage(progress, checks: list, name: str):
 
 
 __all__ = ["audit", "AuditSettings", "AuditResult", "CHECKS", "default_report_dir", "run_checks"]
+
+
+class _CallablePackage(types.ModuleType):
+    """``featx.audit`` names both this package and its main function. Once the package is imported, Python binds
+    the package to ``featx.audit`` (over the lazy API's function), so the package itself calls ``audit``: the
+    documented ``featx.audit(features, ...)`` works whatever was imported first."""
+
+    def __call__(self, *args, **kwargs):
+        return audit(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

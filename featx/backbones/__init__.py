@@ -357,6 +357,8 @@ def backbone_from_meta(meta: dict, *, weights: Optional[str | Path] = None) -> B
         weights = source[5:]
         if not Path(weights).is_file():
             raise WeightsError(f"the backbone weights were loaded from {weights}, which is not here; pass --weights PATH")
+    # checked before the network is built: a recipe edited to 99,999 px would allocate 30 GB per image
+    pre = Preprocess.from_record(meta["preprocess"], "the head's feature provenance") if meta.get("preprocess") else None
     pretrained = recorded != RANDOM_INIT
     bb = create_backbone(name, pretrained=pretrained, weights=weights, layer=meta.get("layer"))
     if recorded and bb.weights_sha256 != recorded:
@@ -364,6 +366,6 @@ def backbone_from_meta(meta: dict, *, weights: Optional[str | Path] = None) -> B
             f"{name} weights on this machine (sha256 {bb.weights_sha256[:12]}) differ from the ones the model was made "
             f"with ({str(recorded)[:12]}); pass the original file with --weights"
         )
-    if meta.get("preprocess"):
-        bb.preprocess = Preprocess.from_dict(meta["preprocess"])
+    if pre is not None:
+        bb.preprocess = pre
     return bb

@@ -9,8 +9,10 @@ import typer
 
 from ..errors import FeatxError
 from .common import err, error_line
+from .plain_help import PlainHelpGroup
 
 app = typer.Typer(
+    cls=PlainHelpGroup,  # no `<bool>` beside --version and --help
     name="featx",
     help="Transfer learning for folders of images: extract pretrained features, fit heads, fine-tune, "
     "train small CNNs from scratch, compare, and predict.",

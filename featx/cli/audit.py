@@ -10,12 +10,13 @@ from rich.table import Table
 from .app import app, run_boundary
 from .._io import safe_str
 from .common import out, print_json, progress_bar, styled, warn
+from .plain_help import PlainHelpCommand
 
 # Literal defaults (not imported) so that `featx --help` does not import numpy/sklearn; tests check they agree.
 DEFAULT_FEATURES = Path("featx-out") / "features.npz"
 
 
-@app.command("audit")
+@app.command("audit", cls=PlainHelpCommand)
 @run_boundary
 def audit_cmd(
     features: Path = typer.Argument(DEFAULT_FEATURES, help="Features file from `featx extract` (labelled or not)."),

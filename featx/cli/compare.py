@@ -11,9 +11,10 @@ from rich.table import Table
 from .app import app, run_boundary
 from .common import out, print_json, styled, warn
 from .finetune import epoch_line, log_message
+from .plain_help import PlainHelpCommand
 
 
-@app.command("compare")
+@app.command("compare", cls=PlainHelpCommand)
 @run_boundary
 def compare_cmd(
     images: Path = typer.Argument(..., help="Labelled image folder: class subfolders, optionally inside train/ and val/."),
@@ -25,7 +26,7 @@ def compare_cmd(
     skip_scratch: bool = typer.Option(False, "--skip-scratch", help="Do not train CNNs from scratch."),
     shots: Optional[str] = typer.Option(None, "--shots", metavar="K,K,...|auto", help="Also train every method on K images per class drawn from the training split (e.g. 1,2,5,10,20,all; auto = 1,2,5,10,20,50,... below the smallest class) and draw learning_curve.png."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="With --shots: draws of the smallest K (of every K for the heads)."),
-    budget: Optional[float] = typer.Option(None, "--budget", metavar="SECONDS", help="Cap the total time: runs that would not fit are skipped and listed."),
+    budget: Optional[float] = typer.Option(None, "--budget", metavar="SECONDS", help="Cap the total time: fine-tuning and scratch runs that would not fit are skipped and listed; the heads (seconds in all) run first and always."),
     finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", min=1, help="Fine-tuning epochs (default 15, or 4 with --quick)."),
     scratch_epochs: Optional[int] = typer.Option(None, "--scratch-epochs", min=1, help="Scratch epochs (default 30, or 8 with --quick)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size for extraction and fine-tuning (default: the backbone's)."),
@@ -37,7 +38,8 @@ def compare_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="The report goes to RUNS_DIR/compare/NAME."),
     name: Optional[str] = typer.Option(None, "--name", help="Run folder name (default: exp, exp2, ...)."),
-    exist_ok: bool = typer.Option(False, "--exist-ok", help="Allow overwriting an existing --name folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an existing --name folder (featx replaces only the files it wrote there)."),
+    exist_ok: bool = typer.Option(False, "--exist-ok", hidden=True, help="Old name of --overwrite."),
     json_: bool = typer.Option(False, "--json", help="Print one entry per method (with --shots: the whole results.json document)."),
 ):
     """Is transfer learning worth it here? Heads on frozen features vs fine-tuning vs small CNNs from scratch."""
@@ -49,7 +51,7 @@ def compare_cmd(
         skip_scratch=skip_scratch, finetune_epochs=finetune_epochs, scratch_epochs=scratch_epochs,
         image_size=image_size, pretrained=not no_pretrained, weights=str(weights) if weights else None,
         val_split=val_split, seed=seed, device=device, workers=workers, runs_dir=str(runs_dir), name=name,
-        exist_ok=exist_ok, shots=shots, repeats=repeats, budget=budget, log=log_message,
+        exist_ok=overwrite or exist_ok, shots=shots, repeats=repeats, budget=budget, log=log_message,
         on_epoch=None if json_ else epoch_line, **kw,
     )
     if json_:
@@ -90,16 +92,18 @@ def _table(res) -> Table:
 
 
 def _curve_table(curve, res=None) -> Table:
-    from ..comparison.render import point_at_chance, point_cell
+    from ..comparison.render import draws_title, point_at_chance, point_cell
 
     at_chance = point_at_chance(res) if res is not None else (lambda p: False)
-    pts = {(p["method"], p["k"]): p for p in curve.points()}
-    t = Table(title=f"validation accuracy by training images per class (mean±sd over {curve.repeats} draws)")
+    points = curve.points()
+    pts = {(p["method"], p["k"]): p for p in points}
+    draws, with_n = draws_title(points)  # the draws that ran, not the --repeats asked for
+    t = Table(title=f"validation accuracy by training images per class ({draws})")
     t.add_column("method", justify="left", no_wrap=True)
     for k in curve.ks:
         t.add_column(str(k), justify="right")
     t.add_column(f"all ({curve.per_class_all:.0f})", justify="right")
     for method, label in curve.labels.items():
-        t.add_row(label, *[point_cell(pts.get((method, k)), compact=True, chance=at_chance(pts.get((method, k))))
-                           for k in [*curve.ks, None]])
+        t.add_row(label, *[point_cell(pts.get((method, k)), compact=True, with_n=with_n,
+                                      chance=at_chance(pts.get((method, k)))) for k in [*curve.ks, None]])
     return t

@@ -8,11 +8,12 @@ import typer
 
 from .app import app, run_boundary
 from .common import out, print_json, styled, warn
+from .plain_help import PlainHelpCommand
 
 FEATURE_SUFFIXES = (".npz", ".parquet")  # a feature store; anything else is a model
 
 
-@app.command("export")
+@app.command("export", cls=PlainHelpCommand)
 @run_boundary
 def export_cmd(
     source: Path = typer.Argument(..., help="A head file (.skops), a run folder / model.json from `featx finetune` / "

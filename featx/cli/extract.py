@@ -8,9 +8,10 @@ import typer
 
 from .app import app, run_boundary
 from .common import out, print_json, progress_bar, styled, warn
+from .plain_help import PlainHelpCommand
 
 
-@app.command("extract")
+@app.command("extract", cls=PlainHelpCommand)
 @run_boundary
 def extract_cmd(
     images: Path = typer.Argument(..., help="Image folder: class subfolders give labels, train/ val/ test/ give splits."),

@@ -9,6 +9,7 @@ import typer
 
 from .app import app, run_boundary
 from .common import err, out, print_json, styled, warn
+from .plain_help import PlainHelpCommand
 
 
 def is_main_rank() -> bool:
@@ -67,7 +68,7 @@ def print_result(res, json_: bool) -> None:
     out.print(styled("run folder: [bold]{}[/]  (featx predict IMAGES --model {})", res.run_dir, res.run_dir))
 
 
-@app.command("finetune")
+@app.command("finetune", cls=PlainHelpCommand)
 @run_boundary
 def finetune_cmd(
     backbone: str = typer.Argument(..., help="Backbone name, e.g. efficientnet_lite0, resnet18, tv/resnet18 (see `featx models`)."),
@@ -95,7 +96,8 @@ def finetune_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes (default: one per CPU, at most 8)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Run folders go to RUNS_DIR/finetune/NAME."),
     name: Optional[str] = typer.Option(None, "--name", help="Run folder name (default: exp, exp2, ...)."),
-    exist_ok: bool = typer.Option(False, "--exist-ok", help="Allow overwriting an existing --name folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an existing --name folder (featx replaces only the files it wrote there)."),
+    exist_ok: bool = typer.Option(False, "--exist-ok", hidden=True, help="Old name of --overwrite."),
     resume: bool = typer.Option(False, "--resume", help="Continue the --name run (or the latest one) from its last epoch."),
     max_epochs: Optional[int] = typer.Option(None, "--stop-after", min=1, help="Stop after this epoch (resumable), e.g. to time-box a job."),
     json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary (run_dir, model, best) on stdout."),
@@ -103,12 +105,29 @@ def finetune_cmd(
     """Fine-tune a pretrained backbone: head on the frozen net, then unfreeze with layer-wise learning rates."""
     from ..training import finetune
 
+    _check_order(backbone, images)
     res = finetune(
         backbone, images, epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, image_size=image_size,
         lr=lr, head_lr=head_lr, unfreeze=unfreeze, layer_decay=layer_decay, scale_to_data=scale_to_data, augment=augment, optimizer=optimizer,
         weight_decay=weight_decay, label_smoothing=label_smoothing, patience=patience, val_split=val_split,
         weights=str(weights) if weights else None, pretrained=not no_pretrained, seed=seed, device=device, precision=precision,
-        workers=workers, runs_dir=str(runs_dir), name=name, exist_ok=exist_ok, resume=resume, stop_after=max_epochs,
+        workers=workers, runs_dir=str(runs_dir), name=name, exist_ok=overwrite or exist_ok, resume=resume, stop_after=max_epochs,
         log=log_message if is_main_rank() else None, on_epoch=epoch_line,
     )
     print_result(res, json_)
+
+
+def _check_order(backbone: str, images: Path) -> None:
+    """`featx finetune IMAGES BACKBONE` (the order extract and scratch would suggest): one line with the command in
+    the right order, before any work. Only when the first is a folder and the second a backbone featx knows."""
+    from ..backbones import resolve_name
+    from ..errors import FeatxError, UsageError
+
+    if not Path(backbone).is_dir() or images.exists():
+        return
+    try:
+        resolve_name(str(images))
+    except FeatxError:
+        return
+    raise UsageError(f"featx finetune takes BACKBONE then IMAGES, and {backbone} is a folder while {images} is a "
+                     f"backbone: did you mean `featx finetune {images} {backbone}`?")

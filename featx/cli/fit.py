@@ -9,13 +9,14 @@ import typer
 from .app import app, run_boundary
 from .common import library_warnings, out, print_json, styled
 from .tables import comparison_table, confusion_table, cv_line, fmt, metrics_table, per_class_table
+from .plain_help import PlainHelpCommand
 
 # Literal defaults (not imported) so that `featx --help` does not import numpy/sklearn; tests check they agree.
 DEFAULT_FEATURES = Path("featx-out") / "features.npz"
 DEFAULT_HEAD = Path("featx-out") / "head.skops"
 
 
-@app.command("fit")
+@app.command("fit", cls=PlainHelpCommand)
 @run_boundary
 def fit_cmd(
     features: Path = typer.Argument(DEFAULT_FEATURES, help="Features file from `featx extract` (labelled)."),

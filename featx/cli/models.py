@@ -8,9 +8,10 @@ from rich.table import Table
 
 from .app import app, run_boundary
 from .common import out, print_json
+from .plain_help import PlainHelpCommand
 
 
-@app.command("models")
+@app.command("models", cls=PlainHelpCommand)
 @run_boundary
 def models_cmd(
     search: Optional[str] = typer.Argument(None, help="Also list timm/torchvision model names containing this text."),

@@ -1,7 +1,8 @@
-"""A Typer command class whose --help shows no type placeholders: `IMAGES` not `{images}`, flags without `<bool>`."""
+"""Typer command and group classes whose --help shows no type placeholders: `IMAGES` not `{images}`, flags without
+`<bool>`."""
 from __future__ import annotations
 
-from typer.core import TyperArgument, TyperCommand
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 
 class PlainHelpCommand(TyperCommand):
@@ -32,6 +33,21 @@ class PlainHelpCommand(TyperCommand):
             else:
                 pieces.extend(param.get_usage_pieces(ctx))
         return pieces
+
+
+class PlainHelpGroup(TyperGroup):
+    """The same for the root (``typer.Typer(cls=PlainHelpGroup)``): its flags (--traceback, --version, --help)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _plain(param)
+
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        if opt is not None:
+            _plain(opt)
+        return opt
 
 
 def _plain(param) -> None:

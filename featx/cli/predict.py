@@ -28,7 +28,7 @@ def predict_cmd(
     copy: bool = typer.Option(False, "--copy", help="With --sort-into: copy the images (the default)."),
     link: bool = typer.Option(False, "--link", help="With --sort-into: hard-link (symlink across file systems) instead of copying."),
     move: bool = typer.Option(False, "--move", help="With --sort-into: move the images (the only mode that removes sources)."),
-    min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="With --sort-into: images below this go to DIR/_uncertain/ (a probability; a decision score for SVM/ridge heads unless fitted with `featx fit --calibrate`, which makes every head give probabilities)."),
+    min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="With --sort-into: images whose probability is below this go to DIR/_uncertain/. Needs a model that gives probabilities: SVM/ridge heads give decision scores unless fitted with `featx fit --calibrate`."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Predict and print the sort plan; write, copy and move nothing."),
     strict: bool = typer.Option(False, "--strict", help="Exit 6 if any image could not be read (after writing the rest) or a folder was skipped (before any work); with --sort-into, stop at the first file that cannot be sorted (exit 7)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),

@@ -9,6 +9,7 @@ import typer
 
 from .app import app, run_boundary
 from .finetune import epoch_line, is_main_rank, log_message, print_result
+from .plain_help import PlainHelpCommand
 
 # A literal copy of featx.training.zoo.ARCHS (name, default size, description), not imported: the zoo imports torch,
 # every command module is imported at start-up, and `featx predict --model model.onnx` must run on a machine without
@@ -25,7 +26,7 @@ _HELP = ("Train a small CNN from random init: the no-pretraining baseline.\n\nAr
          + "\n\n".join(f"{a.name}: {a.description} (default --image-size {a.image_size})" for a in ARCHS.values()))
 
 
-@app.command("scratch", help=_HELP)
+@app.command("scratch", help=_HELP, cls=PlainHelpCommand)
 @run_boundary
 def scratch_cmd(
     images: Path = typer.Argument(..., help="Labelled image folder: class subfolders, optionally inside train/ and val/."),
@@ -47,7 +48,8 @@ def scratch_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: one per CPU, at most 8)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Run folders go to RUNS_DIR/scratch/NAME."),
     name: Optional[str] = typer.Option(None, "--name", help="Run folder name (default: exp, exp2, ...)."),
-    exist_ok: bool = typer.Option(False, "--exist-ok", help="Allow overwriting an existing --name folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Reuse an existing --name folder (featx replaces only the files it wrote there)."),
+    exist_ok: bool = typer.Option(False, "--exist-ok", hidden=True, help="Old name of --overwrite."),
     resume: bool = typer.Option(False, "--resume", help="Continue the --name run (or the latest one) from its last epoch."),
     max_epochs: Optional[int] = typer.Option(None, "--stop-after", min=1, help="Stop after this epoch (resumable)."),
     json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary (run_dir, model, best) on stdout."),
@@ -58,7 +60,7 @@ def scratch_cmd(
         images, arch=arch, epochs=epochs, batch_size=batch_size, image_size=image_size, lr=lr, augment=augment,
         optimizer=optimizer, weight_decay=weight_decay, label_smoothing=label_smoothing, patience=patience,
         val_split=val_split, in_memory=in_memory, seed=seed, device=device, precision=precision, workers=workers, runs_dir=str(runs_dir),
-        name=name, exist_ok=exist_ok, resume=resume, stop_after=max_epochs,
+        name=name, exist_ok=overwrite or exist_ok, resume=resume, stop_after=max_epochs,
         log=log_message if is_main_rank() else None, on_epoch=epoch_line,
     )
     print_result(res, json_)

@@ -6,12 +6,13 @@ seeded hold-out of train), so the table compares methods, not splits. The run fo
 runs), each usable on its own with `featx predict`. With ``shots`` the same methods also run on k images per class
 drawn from the training split, and ``learning_curve.png`` shows accuracy against images per class (``shots.py``).
 
-Modules: ``core`` (settings, results, the run), ``methods`` (heads, fine-tuning, scratch; the budget),
-``shots`` (subsets and the curve), ``render`` (report.md, results.json, charts).
+Modules, each importing only those listed after it: ``core`` (the run), ``shots`` (subsets and the curve),
+``methods`` (heads, fine-tuning, scratch; the budget), ``render`` (report.md, results.json, charts), ``types``
+(settings, rows, the curve, the result: what the others pass between them).
 """
 from __future__ import annotations
 
-from .core import CompareResult, CompareSettings, MethodResult, compare
-from .shots import Curve, ShotRun
+from .core import compare
+from .types import CompareResult, CompareSettings, Curve, MethodResult, ShotRun
 
 __all__ = ["compare", "CompareSettings", "CompareResult", "MethodResult", "Curve", "ShotRun"]

@@ -1,106 +1,17 @@
-"""`featx.compare()` itself: its settings, its results, and the run (one split, every method, one report)."""
+"""`featx.compare()` itself: the run (one split, every method, one report). Its settings and results are in
+``types`` (re-exported here); ``core`` is the top of the package: it imports the other modules, none imports it."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 from .._io import safe_str
 from ..errors import Interrupted, UsageError
-
-QUICK = {"finetune_epochs": 4, "scratch_epochs": 8, "cv": 3}  # --quick: minutes on a CPU, seconds on a GPU
-OUTPUT_FILES = ("report.md", "results.json", "accuracy.png", "learning_curve.png")  # beside the sub-runs
-
-
-@dataclass
-class CompareSettings:
-    """What `featx compare` runs; every method uses the same split and seed."""
-
-    backbone: str = "efficientnet_lite0"  # for the frozen-feature heads and for fine-tuning
-    archs: Sequence[str] = ("lenet5", "resnet20")  # scratch baselines: the classic and a small modern net
-    quick: bool = False  # small budget: 4 fine-tuning epochs, 8 scratch epochs, 3-fold CV for the heads
-    skip_heads: bool = False
-    skip_finetune: bool = False
-    skip_scratch: bool = False
-    finetune_epochs: Optional[int] = None  # None: finetune's default (15), or 4 with --quick
-    scratch_epochs: Optional[int] = None  # None: scratch's default (30), or 8 with --quick
-    image_size: Optional[int] = None  # finetune/extract crop size; None: the backbone's own
-    scratch_image_size: Optional[int] = None  # None: each architecture's default
-    pretrained: bool = True
-    weights: Optional[str] = None
-    val_split: float = 0.2  # held-out fraction when the folder has no val/ split (shared by every method)
-    seed: int = 0
-    device: str = "auto"
-    workers: Optional[int] = None
-    runs_dir: str = "runs"
-    name: Optional[str] = None
-    exist_ok: bool = False
-    # A learning curve: None = one data size (the whole training split). "auto" = 1, 2, 5, 10, 20, 50, ... images
-    # per class below the smallest class's training count (up to 20 with --quick), plus all; or "1,2,5,10,all".
-    shots: Optional[str] = None
-    repeats: int = 3  # draws of the smallest k (of every k below all for the heads, whose refit costs seconds)
-    budget: Optional[float] = None  # seconds for the whole comparison; runs that would not fit are skipped, listed
-
-
-@dataclass
-class MethodResult:
-    method: str  # "heads:logistic", "finetune:efficientnet_lite0", "scratch:lenet5"
-    accuracy: Optional[float]
-    balanced_accuracy: Optional[float]
-    seconds: float
-    trainable_params: Optional[int]
-    family: str  # heads | finetune | scratch
-    best_in_family: bool = False  # set once every row is in: the most accurate row of its family
-    artifact: Optional[str] = None  # what `featx predict --model` accepts
-    error: Optional[str] = None
-    skipped: Optional[str] = None  # why it did not run (the --budget was spent)
-    majority_rate: Optional[float] = None  # always answering the commonest validation class (featx.report)
-    beats_chance: Optional[bool] = None  # False: not clearly above majority_rate (featx.report.beats_chance)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.skipped is None and self.accuracy is not None
-
-
-@dataclass
-class CompareResult:
-    run_dir: Path
-    rows: list  # MethodResult, best first
-    report_path: Path
-    chart_path: Optional[Path]
-    split: str
-    n_train: int
-    n_val: int
-    seconds: float
-    settings: Optional[CompareSettings] = None
-    curve: Optional[object] = None  # featx.comparison.shots.Curve with --shots
-    curve_path: Optional[Path] = None  # learning_curve.png
-    notes: list = field(default_factory=list)  # runs left out by --budget, plots not drawn, ...
-    val_images: list = field(default_factory=list)  # relative paths every method was scored on
-
-    def methods(self) -> list:
-        """One dict per method (what ``featx compare --json`` prints without --shots)."""
-        return [asdict(r) for r in self.rows]
-
-    def to_dict(self) -> dict:
-        """The whole result, as results.json holds it."""
-        s = self.settings
-        return {"settings": None if s is None else {k: (list(v) if isinstance(v, tuple) else v)
-                                                   for k, v in asdict(s).items()},
-                "split": self.split, "n_train": self.n_train, "n_val": self.n_val, "val_images": list(self.val_images),
-                "seconds": round(self.seconds, 2), "methods": self.methods(),
-                "shots": None if self.curve is None else self.curve.to_dict(),
-                "notes": list(self.notes), "run_dir": str(self.run_dir), "report": str(self.report_path),
-                "charts": {"accuracy": str(self.chart_path) if self.chart_path else None,
-                           "learning_curve": str(self.curve_path) if self.curve_path else None}}
-
-    def to_json(self, indent: Optional[int] = 2) -> str:
-        """:meth:`to_dict` as a JSON string."""
-        return json.dumps(self.to_dict(), indent=indent, default=str)
+from . import methods, render, shots
+from .types import OUTPUT_FILES, CompareResult, CompareSettings, MethodResult  # noqa: F401 - MethodResult re-exported
 
 
 def compare(images: str | os.PathLike, *, settings: Optional[CompareSettings] = None,
@@ -115,7 +26,6 @@ def compare(images: str | os.PathLike, *, settings: Optional[CompareSettings] = 
     from ..data.discover import discover
     from ..data.split import split_records
     from ..training.runs import release
-    from . import methods, render, shots
 
     t0 = time.perf_counter()
     started = methods._clock()  # --budget counts from here
@@ -140,7 +50,7 @@ def compare(images: str | os.PathLike, *, settings: Optional[CompareSettings] = 
         except Interrupted as exc:  # a fine-tuning or scratch run inside says "--resume", which compare does not have
             what = "SIGTERM" if exc.signum == signal.SIGTERM else "Ctrl-C"
             raise Interrupted(f"stopped by {what}; compare cannot continue a stopped comparison: re-run the "
-                              f"same command (with --exist-ok --name {safe_str(claim.path.name)} to reuse its "
+                              f"same command (with --overwrite --name {safe_str(claim.path.name)} to reuse its "
                               f"folder)", exc.signum) from None
         result = CompareResult(run_dir=claim.path, rows=rows, report_path=claim.path / "report.md", chart_path=None,
                                split=split.source, n_train=len(split.train), n_val=len(split.val),
@@ -169,6 +79,10 @@ def _settings(settings: Optional[CompareSettings], kw: dict) -> CompareSettings:
         raise UsageError(f"--budget must be a positive number of seconds, got {s.budget}")
     if int(s.repeats) != s.repeats or s.repeats < 1:
         raise UsageError(f"--repeats must be a whole number >= 1, got {s.repeats}")
+    from ..data.preprocess import check_image_size
+
+    if s.image_size is not None:
+        check_image_size(s.image_size)  # before any method runs, not when the first one that uses it starts
     from ..training import zoo
 
     for a in s.archs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .._io import write_json, write_markdown
-from .core import CompareResult
+from .types import CompareResult
 
 
 def write_outputs(result: CompareResult) -> None:
@@ -23,6 +23,7 @@ def write_outputs(result: CompareResult) -> None:
         try:
             result.curve_path = report.save_shots_curve_png(
                 result.curve.points(), run_dir / "learning_curve.png", all_label=f"all ({result.curve.per_class_all:.0f})",
+                sizes=[*result.curve.ks, result.curve.per_class_all],
                 title=f"validation accuracy ({result.n_val} images) vs training images per class")
         except Exception as exc:  # noqa: BLE001
             result.notes.append(f"learning curve not drawn: {exc}")
@@ -107,11 +108,12 @@ def render_curve(result: CompareResult) -> list:
     if result.curve_path:
         lines += ["", "![learning curve](learning_curve.png)"]
     lines += ["", f"How: k images per class are drawn (seeded) from the training split only; the smallest size is "
-              f"drawn {c.repeats} times (the head: every size), each draw's subsets nested. The head is the kind "
-              f"best on the whole split, refitted per subset on the features extracted once; below 5 images per "
-              f"class its parameter is fixed (the kind's default; k-NN 1 or 3 neighbours), from 5 it is "
-              f"cross-validated. Fine-tuning and scratch runs keep the full run's recipe and epochs, each epoch "
-              f"filled with copies of the subset to the full split's size, so every size costs about the same.", ""]
+              f"drawn {c.repeats} times (the head: every size; n in each cell counts the draws that ran), each "
+              f"draw's subsets nested. The head is the kind best on the whole split, refitted per subset on the "
+              f"features extracted once; below 5 images per class its parameter is fixed (the kind's default; "
+              f"k-NN 1 or 3 neighbours), from 5 it is cross-validated. Fine-tuning and scratch runs keep the full "
+              f"run's recipe and epochs, each epoch filled with copies of the subset to the full split's size, so "
+              f"every size costs about the same.", ""]
     lines += [f"- {n}" for n in c.notes] + ([""] if c.notes else [])
     return lines
 
@@ -128,7 +130,8 @@ def point_at_chance(result: CompareResult):
     return at_chance
 
 
-def point_cell(p: Optional[dict], state: Optional[str] = None, compact: bool = False, chance: bool = False) -> str:
+def point_cell(p: Optional[dict], state: Optional[str] = None, compact: bool = False, with_n: bool = True,
+               chance: bool = False) -> str:
     """A curve point as text: mean, and ± standard deviation (n = draws) where there were several draws; "chance"
     after a mean that does not clearly beat the majority-class rate."""
     if p is None:
@@ -136,4 +139,17 @@ def point_cell(p: Optional[dict], state: Optional[str] = None, compact: bool = F
     mark = (" chance" if compact else " **chance**") if chance else ""
     if p["n"] == 1:
         return f"{p['mean']:.3f}{mark}"
-    return (f"{p['mean']:.2f}±{p['std']:.2f}" if compact else f"{p['mean']:.3f} ± {p['std']:.3f} (n={p['n']})") + mark
+    if compact:
+        return f"{p['mean']:.2f}±{p['std']:.2f}" + (f" (n={p['n']})" if with_n else "") + mark
+    return f"{p['mean']:.3f} ± {p['std']:.3f} (n={p['n']})" + mark
+
+
+def draws_title(points: list) -> tuple:
+    """(words for a curve table's title, whether each cell must give its n): the draws that ran, never the planned
+    --repeats (a --budget may have skipped some)."""
+    ns = sorted({p["n"] for p in points if p["k"] is not None and p["n"] > 1})
+    if not ns:
+        return "one draw per size", False
+    if len(ns) == 1:
+        return f"mean±sd over {ns[0]} draws where a size has several", False
+    return "mean±sd over the draws that ran (n)", True

@@ -15,20 +15,22 @@ The rule:
   (:func:`head_params_at`).
 - Fine-tuning and scratch: the full run's recipe and number of epochs, each epoch filled with whole copies of the
   subset up to the size of the full training split, so every k takes the same optimizer steps and validation
-  passes as the full run and costs about the same time. ``--budget`` skips runs that would not fit, and says so.
+  passes as the full run and costs about the same time. ``--budget`` skips runs that would not fit, and says so;
+  the head refits (seconds in all) run first and are never skipped.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
 from ..errors import FeatxError, Interrupted, UsageError
 from . import methods as M
+from .types import Curve, ShotRun
 
 AUTO_SERIES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)  # "auto": this series below the smallest class
 QUICK_MAX_SHOT = 20  # --quick with "auto": up to 20 images per class (each size costs about one full run)
@@ -112,61 +114,6 @@ def head_params_at(kind: str, k: int, cv: int) -> dict:
 
 
 @dataclass
-class ShotRun:
-    """One training run on a subset (``k`` images per class; None: the whole training split, the main table's run)."""
-
-    method: str
-    family: str
-    k: Optional[int]
-    draw: int
-    n_train: int
-    accuracy: Optional[float] = None
-    balanced_accuracy: Optional[float] = None
-    seconds: float = 0.0
-    train_images: list = field(default_factory=list)  # relative paths (empty for k=None: the whole split)
-    artifact: Optional[str] = None
-    error: Optional[str] = None
-    skipped: Optional[str] = None
-
-
-@dataclass
-class Curve:
-    ks: list
-    repeats: int
-    n_classes: int
-    n_train: int  # images in the whole training split: the "all" point
-    val_images: list  # relative paths every run was scored on
-    labels: dict = field(default_factory=dict)  # method -> words for the plot and the sentence
-    runs: list = field(default_factory=list)
-    notes: list = field(default_factory=list)
-    sentence: str = ""
-
-    @property
-    def per_class_all(self) -> float:
-        return self.n_train / max(1, self.n_classes)
-
-    def points(self) -> list:
-        """Mean, standard deviation (over draws), min, max and number of draws per method and size."""
-        groups: dict = {}
-        for r in self.runs:
-            if r.accuracy is not None:
-                groups.setdefault((r.method, r.k), []).append(r)
-        out = []
-        for (method, k), rs in groups.items():
-            a = np.array([r.accuracy for r in rs], dtype=float)
-            out.append({"method": method, "family": rs[0].family, "label": self.labels.get(method, method),
-                        "k": k, "images_per_class": float(k) if k is not None else self.per_class_all,
-                        "mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-                        "min": float(a.min()), "max": float(a.max()), "n": int(len(a))})
-        return out
-
-    def to_dict(self) -> dict:
-        return {"ks": list(self.ks), "repeats": self.repeats, "n_classes": self.n_classes, "n_train": self.n_train,
-                "points": self.points(),
-                "runs": [asdict(r) for r in self.runs], "sentence": self.sentence, "notes": list(self.notes)}
-
-
-@dataclass
 class _Method:
     method: str
     family: str
@@ -185,28 +132,52 @@ def run(ctx: "M.Context", shot_plan: ShotPlan, rows: list) -> Curve:
         curve.runs.append(ShotRun(m.method, m.family, None, 0, len(ctx.split.train), r.accuracy,
                                   r.balanced_accuracy, r.seconds, artifact=r.artifact))
     _announce(ctx, ms, shot_plan)
-    for k in shot_plan.ks:  # small sizes first: a --budget that runs out leaves the cheap end of every curve
-        for m in ms:
-            for d in range(shot_plan.draws(m.family, k)):
-                curve.runs.append(_one(ctx, m, draw(pool, k, d, ctx.s.seed), k, d, shot_plan.draws(m.family, k)))
+    # The head refits first, every size and draw: they cost seconds in all, so no fine-tuning run may use up the
+    # time they need (the budget never skips them). Then fine-tuning and scratch, small sizes first: a --budget that
+    # runs out leaves the cheap end of every curve.
+    for group in ([m for m in ms if m.family == "heads"], [m for m in ms if m.family != "heads"]):
+        for k in shot_plan.ks:
+            for m in group:
+                for d in range(shot_plan.draws(m.family, k)):
+                    curve.runs.append(_one(ctx, m, draw(pool, k, d, ctx.s.seed), k, d, shot_plan.draws(m.family, k)))
+    ctx.log(ran_line(curve))
     curve.sentence = sentence(curve.points(), curve.n_train, curve.n_classes)
     return curve
+
+
+def ran_line(curve: Curve) -> str:
+    """What the curve's runs were, counted after the fact: planned, ran, skipped by --budget, failed per method."""
+    parts = []
+    for method in curve.labels:
+        rs = [r for r in curve.runs if r.method == method and r.k is not None]
+        ok = sum(r.accuracy is not None for r in rs)
+        skipped = sum(r.skipped is not None for r in rs)
+        failed = len(rs) - ok - skipped
+        noun = "refits" if method.startswith("heads:") else "runs"
+        extra = [f"{skipped} skipped by --budget"] * bool(skipped) + [f"{failed} failed"] * bool(failed)
+        parts.append(f"{method} {ok} of {len(rs)} {noun}" + (f" ({', '.join(extra)})" if extra else ""))
+    return "learning curve done: " + ("; ".join(parts) if parts else "no method to draw")
 
 
 def _announce(ctx, ms: list, shot_plan: ShotPlan) -> None:
     """Say up front what the curve will cost: a fine-tuning or scratch run per size costs about its full run."""
     parts, total = [], 0.0
+    up_to = "" if ctx.s.budget is None else "up to "  # a plan, not a count: ran_line() says afterwards what ran
     for m in ms:
         n = sum(shot_plan.draws(m.family, k) for k in shot_plan.ks)
         each = ctx.budget.last.get(m.method)
-        if m.family == "heads" or not each:
-            parts.append(f"{m.method} {n} refits" if m.family == "heads" else f"{m.method} {n} runs")
+        if m.family == "heads":
+            parts.append(f"{m.method} {n} refits")
+            continue
+        if not each:
+            parts.append(f"{m.method} {up_to}{n} runs")
             continue
         total += n * each
-        parts.append(f"{m.method} {n} x ~{each:.0f} s")
+        parts.append(f"{m.method} {up_to}{n} x ~{each:.0f} s")
     ctx.log(f"learning curve at {', '.join(map(str, shot_plan.ks))} and all images per class: {'; '.join(parts)}"
-            + (f"; about {total / 60:.0f} min" if total else "")
-            + ("" if ctx.s.budget is None else f" (--budget {ctx.s.budget:g} s skips what does not fit)"))
+            + (f"; {up_to}about {total / 60:.0f} min" if total else "")
+            + ("" if ctx.s.budget is None else f" (--budget {ctx.s.budget:g} s skips the fine-tuning and scratch "
+                                                 "runs that do not fit; never the head refits, which run first)"))
 
 
 def _pool(ctx) -> dict:
@@ -246,12 +217,12 @@ def _methods(ctx, by: dict, curve: Curve) -> list:
 def _one(ctx, m: _Method, subset: list, k: int, d: int, n_draws: int) -> ShotRun:
     what = f"{m.method} at {k} image(s) per class" + (f" (draw {d + 1} of {n_draws})" if n_draws > 1 else "")
     run_ = ShotRun(m.method, m.family, k, d, len(subset), train_images=subset)
-    if not ctx.budget.allows(m.method, what):
+    if m.family != "heads" and not ctx.budget.allows(m.method, what):  # head refits: see run()
         run_.skipped = "budget"
         return run_
     if m.family != "heads":
         ctx.log(f"{what}: {len(subset)} training images")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), M._clock()
     try:
         run_.accuracy, run_.balanced_accuracy, run_.artifact = m.fit(ctx, subset, k, d)
     except Interrupted:
@@ -260,7 +231,7 @@ def _one(ctx, m: _Method, subset: list, k: int, d: int, n_draws: int) -> ShotRun
         run_.error = str(exc)
         ctx.log(f"warning: {what} failed: {exc}")
     run_.seconds = round(time.perf_counter() - t0, 2)
-    ctx.budget.spent(m.method, run_.seconds)
+    ctx.budget.spent(m.method, M._clock() - c0)  # on the budget's own clock (the same one, unless a test sets it)
     return run_
 
 

@@ -79,7 +79,7 @@ class JpegBytesDataset(PixelDataset):
     def __getitem__(self, i):
         from .jpeg_batch import pil_pixels, read_device_jpeg
 
-        jpeg = read_device_jpeg(self.paths[i], self.max_pixels)
+        jpeg = read_device_jpeg(self.paths[i], self.max_pixels, self.preprocess)
         if jpeg is not None:
             return i, None, None, None, jpeg
         return (i, *pil_pixels(self.paths[i], self.preprocess, self.max_pixels), None)

@@ -13,7 +13,9 @@ Why the work is split this way:
   not identical: another JPEG decoder and float instead of PIL's fixed-point resampling).
 - A file the device decoder rejects is decoded by the PIL path in the main process: never dropped, never replaced.
 - GPU memory is bounded by image size, not only by batch size: a batch is decoded in slices of at most
-  ``DECODE_PIXELS`` pixels and resized in groups of at most ``RESIZE_ELEMENTS`` floats.
+  ``DECODE_PIXELS`` pixels and resized in groups of at most ``RESIZE_ELEMENTS`` floats (input or output side).
+- A JPEG whose whole resized image would exceed `featx.data.preprocess.RESIZE_PIXELS` (an extreme aspect ratio: a
+  1 x 40,000 JPEG resized to 256 x 10,240,000) goes to the PIL path, which resamples only the crop's region.
 """
 from __future__ import annotations
 
@@ -69,13 +71,15 @@ def pil_pixels(path, preprocess, max_pixels: Optional[int] = None):
 
 
 # -- worker side -----------------------------------------------------------------------------------------------------
-def read_device_jpeg(path, max_pixels: Optional[int] = None) -> Optional[Tuple[np.ndarray, int, int, int]]:
+def read_device_jpeg(path, max_pixels: Optional[int] = None,
+                     preprocess=None) -> Optional[Tuple[np.ndarray, int, int, int]]:
     """A JPEG the device can decode -> (file bytes as a uint8 array, EXIF orientation 1-8, width, height).
 
     Returns None for every other file (and for any file that cannot be read): the caller then uses the PIL path,
     which gives the canonical error reason. Reads the whole file but decodes no pixel. ``max_pixels`` has
     `load_rgb`'s meaning (None: `featx.data.decode.MAX_PIXELS`); a larger header goes to the PIL path,
-    which refuses it before decoding.
+    which refuses it before decoding. With ``preprocess``, a JPEG whose resize would be oversized
+    (`Preprocess.crops_first`) also goes to the PIL path.
     """
     from PIL import Image
 
@@ -106,6 +110,8 @@ def read_device_jpeg(path, max_pixels: Optional[int] = None) -> Optional[Tuple[n
             return None
         w, h = img.size
         if w < 1 or h < 1 or w * h > (max_pixels or MAX_PIXELS):
+            return None
+        if preprocess is not None and preprocess.crops_first(w, h):
             return None
         orientation = _orientation(img, path) or 1
     except (KeyboardInterrupt, MemoryError):
@@ -269,10 +275,7 @@ def orient(img, orientation: int):
 
 def crop_geometry(w: int, h: int, preprocess) -> Tuple[int, int, int, int]:
     """(resized width, resized height, left, top) exactly as `Preprocess.resize_crop` computes them."""
-    s = preprocess.input_size
-    scale = preprocess.resize / min(w, h)
-    nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-    return nw, nh, (nw - s) // 2, (nh - s) // 2
+    return preprocess.crop_geometry(w, h)
 
 
 def resize_crop_group(x, preprocess):
@@ -322,8 +325,12 @@ class DeviceJpegPipeline:
             pieces.append(t)
             piece_slots.extend(raw.pixel_slots)
             self.stats["pil_in_workers"] += len(raw.pixel_slots)
-        rejected = []
-        for part in _slices(raw.sizes, DECODE_PIXELS):
+        # Oversized resizes (extreme aspect ratios) never reach the device: the PIL path crops before resizing.
+        # Workers route them there already (read_device_jpeg); this covers batches assembled elsewhere.
+        rejected = [raw.jpeg_slots[k] for k, (w, h) in enumerate(raw.sizes) if self.pre.crops_first(w, h)]
+        keep = [k for k, (w, h) in enumerate(raw.sizes) if not self.pre.crops_first(w, h)]
+        for sub in _slices([raw.sizes[k] for k in keep], DECODE_PIXELS):
+            part = [keep[j] for j in sub]
             images = self._decode([raw.jpegs[k] for k in part])
             groups: dict = {}
             for k, img in zip(part, images):
@@ -334,7 +341,8 @@ class DeviceJpegPipeline:
                 groups.setdefault(tuple(img.shape[-2:]), []).append((raw.jpeg_slots[k], img))
             del images
             for (h, w), members in groups.items():
-                step = max(1, RESIZE_ELEMENTS // (3 * h * w))
+                nw, nh, _, _ = crop_geometry(w, h, self.pre)
+                step = max(1, RESIZE_ELEMENTS // (3 * max(h * w, nh * nw)))  # upsampling: the output is larger
                 for a in range(0, len(members), step):
                     chunk = members[a:a + step]
                     crops = resize_crop_group(torch.stack([m[1] for m in chunk]), self.pre)

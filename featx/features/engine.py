@@ -408,10 +408,10 @@ def extract_features(
 
     t0 = time.perf_counter()
     root, output = Path(images), Path(output)
+    image_size = parse_image_size(image_size)  # an absurd size is refused before the folder is even listed
     folder = discover(root)
     refuse_inside(output, root)
     _check_options(chunk_size, decoder, prefetch)
-    image_size = parse_image_size(image_size)
     dist, dev = setup_distributed(device)
     try:
         with _claim(output, overwrite, dist):

@@ -45,7 +45,9 @@ class SizeChoice:
 
 
 def parse_image_size(value) -> Optional[int | str]:
-    """``--image-size`` value -> "auto", an int >= 8, or None (the backbone's own); UsageError otherwise."""
+    """``--image-size`` value -> "auto", an int from 8 to 2048 (`featx.data.preprocess.MAX_IMAGE_SIZE`), or None
+    (the backbone's own); UsageError otherwise, before any work (99999 px would kill the decoding workers)."""
+    from ..data.preprocess import check_image_size
     from ..errors import UsageError
 
     if value is None:
@@ -54,12 +56,13 @@ def parse_image_size(value) -> Optional[int | str]:
         text = value.strip().lower()
         if text == AUTO:
             return AUTO
-        if not text.isdigit():
-            raise UsageError(f"--image-size must be a number of pixels or 'auto', not {value!r}")
-        value = int(text)
-    if isinstance(value, bool) or int(value) != value or value < 8:
-        raise UsageError(f"--image-size must be at least 8 pixels (or 'auto'), not {value}")
-    return int(value)
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise UsageError(f"--image-size must be a number of pixels or 'auto', not {value!r}") from None
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return check_image_size(value)
 
 
 def median_short_side(paths: Sequence, sample: int = SAMPLE) -> tuple[Optional[int], int]:

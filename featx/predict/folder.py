@@ -31,10 +31,11 @@ import numpy as np
 
 from .._io import (OutputLock, check_outputs, check_writable_folder, claim_outputs, refuse_inside, safe_str,
                    written_by_featx)
+from ..data.preprocess import check_image_size
 from ..errors import DataError, FeatxError, OutputError, StrictModeError, UsageError, interruptible
 from .predictor import Predictor, load_predictor, model_device
 from .sort import EARLIER, MODES, MoveJournal, SortAction, check_sort_targets, sort_counts, sort_images
-from .tables import FORMATS, ROW_KEYS, Layout, is_featx_table, resolve_format, write_table
+from .tables import FORMATS, ROW_KEYS, Layout, is_featx_table, resolve_format, score_column, write_table
 
 log = logging.getLogger("featx")
 
@@ -56,9 +57,9 @@ class PredictSettings:
     workers: Optional[int] = None  # decoding processes; None: CPU count, at most 8
     sort_into: Optional[str] = None  # copy (or link/move) each image into <sort_into>/<predicted class>/
     mode: str = "copy"  # copy | link (hard link, else symlink) | move; copy never touches the sources
-    # Rows whose confidence is below this go to <sort_into>/_uncertain/. For a probability head: a probability in
-    # [0, 1]. For an SVM/ridge head (decision scores): the top class's decision value, a signed distance from the
-    # one-vs-rest boundary in standardised feature units (0 = on the boundary), so thresholds are not portable.
+    # Rows whose probability is below this go to <sort_into>/_uncertain/: a number in [0, 1]. Refused for a model
+    # whose scores are not probabilities (SVM/ridge heads without `featx fit --calibrate`): a decision score is a
+    # signed distance from a boundary, and no threshold on it means "sure".
     min_confidence: Optional[float] = None
     dry_run: bool = False  # compute predictions and the sort plan, write and move nothing (no table, no folders)
     # after writing everything, fail (exit 6) if any image could not be read; stop sorting at the first failure
@@ -79,8 +80,8 @@ class PredictSettings:
             raise UsageError(f"sort mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.image_size is not None and self.image_size < 1:
-            raise UsageError(f"--image-size must be at least 1, got {self.image_size}")
+        if self.image_size is not None:
+            check_image_size(self.image_size)
         if self.min_confidence is not None and self.sort_into is None:
             raise UsageError("--min-confidence only applies when sorting; add --sort-into DIR")
         if self.min_confidence is not None and not np.isfinite(self.min_confidence):
@@ -359,7 +360,12 @@ def _claim(plan: _Plan, s: PredictSettings):
 
 
 def _check_against_model(pred: Predictor, plan: _Plan, s: PredictSettings) -> None:
-    if pred.score_kind == "probability" and s.min_confidence is not None and not 0.0 <= s.min_confidence <= 1.0:
+    if pred.score_kind != "probability" and s.min_confidence is not None:
+        # a decision score has no scale a threshold means anything on: 0.9 sent 11 of 12 images to _uncertain
+        again = "" if pred.needs_torch else " and export it again"  # an ONNX model: the head is inside it
+        raise UsageError(f"--min-confidence needs probabilities, but this model ({pred.description}) gives decision "
+                         f"scores; refit the head with `featx fit --calibrate`{again} to get probabilities")
+    if s.min_confidence is not None and not 0.0 <= s.min_confidence <= 1.0:
         raise UsageError(f"--min-confidence is a probability for this model; give a value in [0, 1], "
                          f"not {s.min_confidence}")
     if plan.sort_root is not None:
@@ -568,7 +574,8 @@ def _write(res: PredictResult, folder, plan: _Plan, top_k: int) -> None:
         # files an interrupted earlier --move took out of the image folder get their rows back, in path order
         rows = sorted(res.rows + res.earlier_moves, key=lambda r: r["path"]) if res.earlier_moves else res.rows
         write_table(rows, plan.table, plan.fmt,
-                    Layout(top_k=top_k, labelled=folder.has_labels, sorted=plan.sort_root is not None))
+                    Layout(top_k=top_k, labelled=folder.has_labels, sorted=plan.sort_root is not None,
+                           score=score_column(res.confidence_kind)))
     if plan.report_dir is not None and res.metrics is not None:
         _write_report(res, folder, plan.report_dir)
 

@@ -1,9 +1,10 @@
 """Prediction tables: one registry of formats (CSV, JSON lines). A new format is one function registered here.
 
-A row is a dict with the keys, in this order: ``path``, ``label``, ``confidence``, ``top_k`` ([{"label", "score"}],
-best first), ``true_label`` (labelled folders only), ``sorted_to`` and ``sort_status`` (with ``--sort-into`` only),
-``error``. A format function turns rows into bytes; `write_table` writes them atomically. Each format also says how
-to recognise a file it wrote, so `featx predict` may replace its own tables but never a user's file.
+A row is a dict with the keys, in this order: ``path``, ``label``, ``confidence`` (written as ``probability`` or
+``decision_score``, for what it holds), ``top_k`` ([{"label", "score"}], best first), ``true_label`` (labelled
+folders only), ``sorted_to`` and ``sort_status`` (with ``--sort-into`` only), ``error``. A format function turns rows
+into bytes; `write_table` writes them atomically. Each format also says how to recognise a file it wrote, so
+`featx predict` may replace its own tables but never a user's file.
 """
 from __future__ import annotations
 
@@ -18,13 +19,25 @@ from ..errors import UsageError
 ROW_KEYS = ("path", "label", "confidence", "top_k", "true_label", "sorted_to", "sort_status", "error")
 
 
+# The column holding the predicted class's score is named for what it holds (`featx predict` writes the first two;
+# "confidence" is the row key in the library and the column for callers that do not say).
+SCORE_COLUMNS = ("probability", "decision_score", "confidence")
+
+
+def score_column(kind: str) -> str:
+    """A model's score kind ("probability", "decision" or "decision score") -> the table's score column."""
+    return "probability" if kind == "probability" else "decision_score"
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Which optional columns a table has: ``top_k`` score pairs, ``true_label``, the two sort columns."""
+    """Which optional columns a table has: ``top_k`` score pairs, ``true_label``, the two sort columns; and the
+    name of the score column (``score``: one of SCORE_COLUMNS)."""
 
     top_k: int = 3
     labelled: bool = False
     sorted: bool = False
+    score: str = "confidence"
 
 
 @dataclass(frozen=True)
@@ -88,11 +101,11 @@ def _first_line(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ CSV
-_CSV_START = "path,label,confidence"  # how we recognise a CSV we wrote
+_CSV_STARTS = tuple(f"path,label,{c}" for c in SCORE_COLUMNS)  # how we recognise a CSV we wrote
 
 
-def csv_header(top_k: int, labelled: bool, sorted: bool = False) -> list:
-    cols = ["path", "label", "confidence"]
+def csv_header(top_k: int, labelled: bool, sorted: bool = False, score: str = "confidence") -> list:
+    cols = ["path", "label", score]
     for j in range(1, top_k + 1):
         cols += [f"top{j}", f"top{j}_score"]
     if labelled:
@@ -106,7 +119,7 @@ def _fmt_score(x) -> str:
     return "" if x is None else f"{x:.6g}"
 
 
-@table_format("csv", suffixes=(".csv",), recognise=lambda p: _first_line(p).startswith(_CSV_START))
+@table_format("csv", suffixes=(".csv",), recognise=lambda p: _first_line(p).startswith(_CSV_STARTS))
 def _render_csv(rows: Sequence[dict], layout: Layout) -> bytes:
     def line(r):
         cells = [r["path"], r["label"] or "", _fmt_score(r["confidence"])]
@@ -120,7 +133,7 @@ def _render_csv(rows: Sequence[dict], layout: Layout) -> bytes:
         return cells + [r["error"] or ""]
 
     # featx's one CSV dialect (_io.csv_bytes): any file name round-trips through csv and pandas, one row per image
-    return csv_bytes(csv_header(layout.top_k, layout.labelled, layout.sorted), (line(r) for r in rows))
+    return csv_bytes(csv_header(layout.top_k, layout.labelled, layout.sorted, layout.score), (line(r) for r in rows))
 
 
 # ------------------------------------------------------------------------------------------------ JSON lines
@@ -129,7 +142,7 @@ def _jsonl_is_ours(path: Path) -> bool:
         obj = json.loads(_first_line(path))
     except ValueError:
         return False
-    return isinstance(obj, dict) and {"path", "label", "confidence"} <= set(obj)
+    return isinstance(obj, dict) and {"path", "label"} <= set(obj) and any(c in obj for c in SCORE_COLUMNS)
 
 
 # Characters json.dumps(ensure_ascii=False) leaves raw that str.splitlines (and JavaScript) treat as line ends: escaped,
@@ -140,5 +153,12 @@ _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": 
 @table_format("jsonl", suffixes=(".jsonl", ".json", ".ndjson"), recognise=_jsonl_is_ours)
 def _render_jsonl(rows: Sequence[dict], layout: Layout) -> bytes:
     # safe_str: a name that is not valid UTF-8 must not make the whole table fail to encode
-    return "".join(safe_str(json.dumps(r, ensure_ascii=False)).translate(_LINE_BREAKS) + "\n"
-                   for r in rows).encode("utf-8")
+    return "".join(safe_str(json.dumps(_score_named(r, layout.score), ensure_ascii=False)).translate(_LINE_BREAKS)
+                   + "\n" for r in rows).encode("utf-8")
+
+
+def _score_named(row: dict, score: str) -> dict:
+    """The row with its ``confidence`` key named ``score``, in the same place."""
+    if score == "confidence" or "confidence" not in row:
+        return row
+    return {(score if k == "confidence" else k): v for k, v in row.items()}

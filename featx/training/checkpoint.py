@@ -230,6 +230,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", w
         raise ArtifactError(f"{mj} is not a featx model file (format {meta.get('format')!r})")
     if int(meta.get("format_version", 0)) > MODEL_FORMAT_VERSION:
         raise ArtifactError(f"{mj} was written by a newer featx (model format {meta['format_version']}); upgrade featx")
+    preprocess = Preprocess.from_record(meta.get("preprocess"), str(mj))  # before any weights are read
     if weights is None:
         if which not in ("best", "last"):
             raise ArtifactError(f"which must be 'best' or 'last', got {which!r}")
@@ -247,7 +248,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", w
     except RuntimeError as exc:
         raise ArtifactError(f"{weights} does not fit the network described in {mj}: {str(exc).splitlines()[0]}") from exc
     model.to(device).eval()
-    return TrainedModel(model=model, preprocess=Preprocess.from_dict(meta["preprocess"]), classes=classes,
+    return TrainedModel(model=model, preprocess=preprocess, classes=classes,
                         meta=meta, path=weights)
 
 

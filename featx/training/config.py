@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Union
 
+from ..data.preprocess import check_image_size
 from ..devices import PRECISIONS
 from ..errors import UsageError
 
@@ -57,8 +58,8 @@ class TrainConfig:
             raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.image_size is not None and not 8 <= self.image_size <= 2048:
-            raise UsageError(f"--image-size must be between 8 and 2048, got {self.image_size}")
+        if self.image_size is not None:
+            check_image_size(self.image_size)
         if self.lr is not None and not self.lr > 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:

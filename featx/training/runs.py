@@ -2,9 +2,10 @@
 when the run fails before its first epoch), the Trainer with its callbacks, and the result.
 
 Names auto-increment (exp, exp2, ...) as in Ultralytics. A folder given by `--name` is never silently reused: it must
-be resumed (`--resume`) or explicitly reused (`--exist-ok`), so an earlier run's weights and metrics are not mixed
-with a new run's; in a reused folder featx replaces only files it wrote itself. Two runs never write one folder at
-once: the second fails at once, naming the first (an OS lock held for the run's life, released when it dies).
+be resumed (`--resume`) or explicitly reused (`--overwrite`, once `--exist-ok`), so an earlier run's weights and
+metrics are not mixed with a new run's; in a reused folder featx replaces only files it wrote itself. Two runs never
+write one folder at once: the second fails at once, naming the first (an OS lock held for the run's life, released
+when it dies).
 """
 from __future__ import annotations
 
@@ -61,9 +62,8 @@ def _resume_target(base: Path, name: Optional[str]) -> Path:
     return path
 
 
-# What to do about a file featx did not write inside a reused run folder: the training commands have no --overwrite
-# (a run folder is reused with --exist-ok, and even then a user's file is never replaced), so the way out is another
-# --name or moving the file.
+# What to do about a file featx did not write inside a reused run folder: a run folder's --overwrite reuses the folder,
+# and even then a user's file in it is never replaced, so the way out is another --name or moving the file.
 RUN_FILE_HINT = "choose another --name, or move that file out of the run folder"
 
 
@@ -73,7 +73,7 @@ def _refuse_existing(path: Path, exist_ok: bool, resumable: bool = True) -> None
     if path.exists() and any(path.iterdir()) and not exist_ok:
         # only commands that have --resume (finetune, scratch) suggest it; compare cannot continue a run
         resume = "pass --resume to continue it, " if resumable else ""
-        raise UsageError(f"run folder {safe_str(str(path))} already exists; {resume}pass --exist-ok to reuse it "
+        raise UsageError(f"run folder {safe_str(str(path))} already exists; {resume}pass --overwrite to reuse it "
                          f"(featx replaces only files it wrote), or choose another --name")
 
 
