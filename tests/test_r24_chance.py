@@ -196,7 +196,7 @@ def test_shots_cells_at_chance_are_marked(tmp_path):
     high = {"mean": 0.93, "std": 0.01, "n": 3}
     assert at_chance(low) and not at_chance(high) and not at_chance(None)
     assert point_cell(low, chance=True).endswith("**chance**") and point_cell(high) == "0.930 ± 0.010 (n=3)"
-    assert point_cell(low, compact=True, chance=True) == "0.55±0.02 chance"
+    assert point_cell(low, compact=True, with_n=False, chance=True) == "0.55±0.02 chance"
 
 
 @pytest.mark.usefixtures("one_torch_thread")
