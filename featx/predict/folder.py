@@ -532,7 +532,8 @@ def _set_seen_apart(res: PredictResult, folder, pred: Predictor, idx: list) -> l
     seen = [i for i, s in zip(idx, found["seen"]) if s]
     if not seen:
         return idx
-    rest = [i for i in idx if i not in set(seen)]
+    seen_set = set(seen)
+    rest = [i for i in idx if i not in seen_set]
     res.seen_paths = [res.rows[i]["path"] for i in seen]
     res.seen_metrics = summary(classification_metrics([res.rows[i]["true_label"] for i in seen],
                                                       [res.rows[i]["label"] for i in seen], pred.classes))
