@@ -122,7 +122,19 @@ def _md_is_ours(path: Path) -> bool:
 
 
 MD_STAMP_PREFIX = "<!-- written by featx"
-DEFAULT_RECOGNISERS: dict = {".json": _json_is_ours, ".png": _png_is_ours, ".md": _md_is_ours}
+
+
+def _html_is_ours(path: Path) -> bool:
+    """report.html: featx's stamp comment right after the doctype (featx.report_html writes it)."""
+    try:
+        with open(path, "rb") as fh:
+            return MD_STAMP_PREFIX.encode() in fh.read(256)
+    except OSError:
+        return False
+
+
+DEFAULT_RECOGNISERS: dict = {".json": _json_is_ours, ".png": _png_is_ours, ".md": _md_is_ours,
+                             ".html": _html_is_ours}
 
 
 def written_by_featx(path: str | os.PathLike, recognise: Optional[Recogniser] = None) -> bool:

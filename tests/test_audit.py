@@ -240,7 +240,8 @@ def test_cli_writes_the_report_folder_beside_the_store_and_json(planted, tmp_pat
     folder = tmp_path / "features-audit"
     assert doc["report_dir"] == str(folder)
     names = {"report.md", "duplicates.csv", "label_issues.csv", "outliers.csv", "duplicates.png",
-             "label_issues.png", "outliers.png"}
+             "label_issues.png", "outliers.png", "scores.csv", "report.html"}
+    names |= {"scores.parquet"} if importlib.util.find_spec("pyarrow") else set()
     assert {p.name for p in folder.iterdir()} == names
     rows = list(csv.DictReader(open(folder / "duplicates.csv")))
     assert {r["path"] for r in rows} >= {p for pair in truth["near"] for p in pair}  # relative to the image root

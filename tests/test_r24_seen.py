@@ -53,6 +53,7 @@ def test_a_copied_folder_is_caught_by_content_and_scored_apart(fitted, tmp_path)
     assert any("10 of the 20 labelled images were used to train or choose this model" in w for w in res.warnings)
     rep = json.loads((tmp_path / "p.report" / "metrics.json").read_text())
     assert rep["n"] == 10 and rep["seen_in_training"]["n"] == 10
+    assert not {m["path"] for m in rep["misclassified"]} & set(res.seen_paths)  # the gallery shows unseen images only
 
 
 def test_predict_cli_prints_unseen_and_seen_rows_and_warns(fitted, tmp_path):

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import DataError, UsageError
-from . import neighbors
+from . import neighbors, scores
 
 CHECKS = ("duplicates", "labels", "outliers")
 
@@ -81,6 +81,15 @@ class AuditResult:
     info: dict = field(default_factory=dict)  # settings used, timings, search backend, notes, skipped checks
     report_dir: Optional[Path] = None
     files: list = field(default_factory=list)
+    scores: Optional[object] = None  # featx.audit.scores.ScoreTable: every image, every score (scores.csv)
+    top: int = 20  # rows of each ranking in report.md, --json and report.html
+
+    def rankings(self, top: Optional[int] = None) -> dict:
+        """The top rows of each score's ranking, flagged or not: {"label": [...], "outlier": [...], ...}."""
+        if self.scores is None:
+            return {}
+        top = self.top if top is None else top
+        return {name: self.scores.ranked(name, top) for name in self.scores.available()}
 
     @property
     def leakage(self) -> list:
@@ -93,6 +102,7 @@ class AuditResult:
             "counts": {"duplicate_groups": len(self.duplicates), "leakage_groups": len(self.leakage),
                        "label_issues": len(self.label_issues), "outliers": len(self.outliers)},
             "duplicates": self.duplicates, "label_issues": self.label_issues, "outliers": self.outliers,
+            "rankings": self.rankings(),
             "info": self.info,
             "report_dir": None if self.report_dir is None else str(self.report_dir),
             "files": [str(f) for f in self.files],
@@ -106,7 +116,7 @@ def default_report_dir(features_path: Union[str, Path]) -> Path:
 
 
 def audit(features, *, report_dir: Union[str, Path, None, bool] = True, images: Union[str, Path, None] = None,
-          overwrite: bool = False, progress: Optional[Callable[[int, int], None]] = None,
+          overwrite: bool = False, progress: Optional[Callable[[int, int], None]] = None, top: int = 20,
           **settings) -> AuditResult:
     """Audit a feature store (a path or a FeatureSet) for near-duplicates, likely label errors and outliers.
 
@@ -118,6 +128,8 @@ def audit(features, *, report_dir: Union[str, Path, None, bool] = True, images: 
         overwrite: allow replacing report files featx did not write.
         progress: optional ``callback(done, total)`` over the neighbour passes (rows searched; the label check's
             cross-validation reports nothing).
+        top: rows of each score's ranking (flagged or not) in report.md, report.html and ``to_dict()``; scores.csv
+            always lists every image.
         settings: any field of :class:`AuditSettings` (threshold, checks, k, fence, C, folds, seed, backend...).
     """
     from ..features.store import FeatureSet, load_features
@@ -125,6 +137,8 @@ def audit(features, *, report_dir: Union[str, Path, None, bool] = True, images: 
 
     s = AuditSettings(**settings)
     s.validate()
+    if top < 0:
+        raise UsageError("--top must be zero or positive")
     path = None if isinstance(features, FeatureSet) else Path(features)
     fs = features if path is None else load_features(path)
     checks = _plan_checks(fs, s)
@@ -138,6 +152,7 @@ def audit(features, *, report_dir: Union[str, Path, None, bool] = True, images: 
     with rep.claim(outputs, overwrite=overwrite):  # checked and locked before any work
         res = run_checks(fs, s, checks, images=images, progress=progress)
         res.features_path = path
+        res.top = top
         if out_dir is not None:
             res.report_dir = out_dir
             res.files = rep.write_report(res, out_dir)
@@ -183,20 +198,39 @@ def run_checks(fs, s: AuditSettings, checks: list, *, images=None, progress=None
     roles, how = _roles(fs, s)
     info["split_rule"] = how
     dups, outs, labs = [], [], []
-    index = None
-    if "duplicates" in checks or "outliers" in checks:
-        t = time.perf_counter()
-        index = neighbors.build_index(fs.features, backend=s.backend, seed=s.seed)
-        info["search"] = index.describe()
-        info["seconds"]["index"] = round(time.perf_counter() - t, 3)
+    pairs = found = class_knn = None
+    # one neighbour index and one k-NN pass serve every check: outlier scores, the nearest image of every row
+    # (scores table) and the neighbours' vote on each label
+    t = time.perf_counter()
+    index = neighbors.build_index(fs.features, backend=s.backend, seed=s.seed)
+    info["search"] = index.describe()
+    info["seconds"]["index"] = round(time.perf_counter() - t, 3)
     if "duplicates" in checks:
-        dups = _duplicates(fs, s, index, roles, root, info, progress)
+        dups, pairs = _duplicates(fs, s, index, roles, root, info, progress)
+    t = time.perf_counter()
+    knn = neighbors.kth_neighbour_distance(index, s.k, seed=s.seed, progress=_stage(progress, checks, "neighbours"))
+    info["outlier_knn"] = {"k": knn.k, "reference": knn.reference}
+    info["seconds"]["neighbours"] = round(time.perf_counter() - t, 3)
     if "outliers" in checks:
-        outs = _outliers(fs, s, index, roles, info, progress)
+        outs = _outliers(fs, s, knn, roles, info)
+        if fs.labels is not None and (fs.labels != "").any():
+            t = time.perf_counter()
+            class_knn = scores.class_kth_distance(index, fs.labels, s.k, seed=s.seed)
+            info["seconds"]["class_outliers"] = round(time.perf_counter() - t, 3)
     if "labels" in checks:
-        labs = _label_issues(fs, s, roles, info)
+        labs, found = _label_issues(fs, s, roles, info)
+    t = time.perf_counter()
+    table = scores.build(fs, roles=roles, knn=knn, class_knn=class_knn, label_found=found, pairs=pairs,
+                         duplicates=dups if "duplicates" in checks else None,
+                         outliers=outs if "outliers" in checks else None,
+                         label_issues=labs if "labels" in checks else None)
+    if "outliers" not in checks:  # the k-NN pass ran for the nearest image only: no outlier ranking offered
+        for c in ("outlier_rank", "outlier_score", "outlier_percentile", "knn_distance", "class_knn_distance"):
+            table.columns[c] = np.full(len(fs), np.nan)
+        table.columns["outlier_flagged"] = [None] * len(fs)
+    info["seconds"]["scores"] = round(time.perf_counter() - t, 3)
     return AuditResult(features_path=None, root=None if root is None else str(root), n_images=len(fs),
-                       duplicates=dups, label_issues=labs, outliers=outs, info=info)
+                       duplicates=dups, label_issues=labs, outliers=outs, info=info, scores=table)
 
 
 def _roles(fs, s: AuditSettings) -> tuple:
@@ -239,15 +273,13 @@ def _duplicates(fs, s, index, roles, root, info, progress) -> list:
     info["seconds"]["duplicates"] = round(time.perf_counter() - t, 3)
     info["n_similar_pairs"] = int(len(pairs[0]))
     info["search"] = index.describe()
-    return out
+    return out, pairs
 
 
-def _outliers(fs, s, index, roles, info, progress) -> list:
+def _outliers(fs, s, knn, roles, info) -> list:
+    """The flagged set (unchanged since issue 16): k-th-neighbour distance past Tukey's fence."""
     t = time.perf_counter()
-    knn = neighbors.kth_neighbour_distance(index, s.k, seed=s.seed,
-                                           progress=_stage(progress, info["checks"], "outliers"))
     score = knn.distance
-    info["outlier_knn"] = {"k": knn.k, "reference": knn.reference}
     q1, q3 = np.percentile(score, [25, 75])
     cut = float(q3 + s.fence * (q3 - q1))
     order = np.argsort(-score, kind="stable")
@@ -273,7 +305,7 @@ def _label_issues(fs, s, roles, info) -> list:
              "given_probability": gp, "suggested_probability": sp}
             for n, (r, g, sg, gp, sp) in enumerate(zip(found["rows"], found["given"], found["suggested"],
                                                        found["given_probability"],
-                                                       found["suggested_probability"]), 1)]
+                                                       found["suggested_probability"]), 1)], found
 
 
 def _at(arr, r: int):
@@ -284,10 +316,11 @@ def _at(arr, r: int):
 
 
 def _stage(progress, checks: list, name: str):
-    """Progress of one neighbour pass as a share of all of them (duplicates and outliers each walk every row)."""
+    """Progress of one neighbour pass as a share of all of them (the duplicate search and the k-NN pass each walk
+    every row)."""
     if progress is None:
         return None
-    passes = [c for c in ("duplicates", "outliers") if c in checks]
+    passes = [c for c in ("duplicates",) if c in checks] + ["neighbours"]
     before = passes.index(name)
     return lambda done, total: progress(before * total + done, len(passes) * total)
 

@@ -73,8 +73,9 @@ def find_label_issues(X: np.ndarray, labels: np.ndarray, *, C: float = 0.1, fold
     """Ranked likely label errors among the labelled rows of ``X``.
 
     Returns ``{"rows", "given", "suggested", "given_probability", "suggested_probability", "classes", "folds",
-    "n_checked", "notes", "cv_accuracy", "majority_rate", "chance_level"}``: row indices into X, most likely error first (cleanlab's
-    ``find_label_issues`` with its default noise-rate pruning, ranked by self-confidence).
+    "n_checked", "notes", "cv_accuracy", "majority_rate", "chance_level", "checked_rows", "y", "probabilities"}``:
+    row indices into X, most likely error first (cleanlab's ``find_label_issues`` with its default noise-rate
+    pruning, ranked by self-confidence); the last three cover every checked row, flagged or not (the scores table).
     """
     require_cleanlab()
     from cleanlab.filter import find_label_issues as cl_find
@@ -82,7 +83,8 @@ def find_label_issues(X: np.ndarray, labels: np.ndarray, *, C: float = 0.1, fold
     rows, folds, notes = usable_rows(labels, folds)
     empty = {"rows": [], "given": [], "suggested": [], "given_probability": [], "suggested_probability": [],
              "classes": [], "folds": folds, "n_checked": 0, "notes": notes, "cv_accuracy": None,
-             "majority_rate": None, "chance_level": None}
+             "majority_rate": None, "chance_level": None, "checked_rows": rows, "y": np.zeros(0, np.int64),
+             "probabilities": np.zeros((0, 0))}
     if len(rows) == 0:
         return empty
     classes, y = np.unique(np.asarray(labels)[rows].astype(str), return_inverse=True)
@@ -112,4 +114,8 @@ def find_label_issues(X: np.ndarray, labels: np.ndarray, *, C: float = 0.1, fold
         "cv_accuracy": round(accuracy, 4),
         "majority_rate": round(majority, 4),
         "chance_level": bool(at_chance),
+        # every checked row, flagged or not (the scores table): row indices into X, class indices, N x C probabilities
+        "checked_rows": rows,
+        "y": y,
+        "probabilities": probs,
     }

@@ -222,6 +222,10 @@ class KnnResult:
     distance: np.ndarray  # N: cosine distance (1 - cosine) to the k-th nearest image of the reference set
     k: int  # the k used (scaled down when the reference is a sample)
     reference: int  # reference images (all N, or a random sample)
+    # N x m: the m nearest other images of the reference set (row indices, nearest first) and their cosines, for the
+    # scores table (nearest image) and the label check's neighbour vote; m = the k asked for, not the scaled one
+    neighbours: Optional[np.ndarray] = None
+    similarities: Optional[np.ndarray] = None
 
 
 def kth_neighbour_distance(index: NeighborIndex, k: int, *, seed: int = 0,
@@ -237,11 +241,14 @@ def kth_neighbour_distance(index: NeighborIndex, k: int, *, seed: int = 0,
     ref = np.arange(n) if n <= KNN_REFERENCE else np.sort(
         np.random.default_rng(seed).choice(n, KNN_REFERENCE, replace=False))
     kk = max(1, min(len(ref) - 1, round(k * len(ref) / n)))
-    want = min(len(ref), (kk * RERANK if index.projected else kk) + 1)  # +1: an image may find itself
+    m = max(1, min(len(ref) - 1, k))  # neighbours kept per image
+    want = min(len(ref), (max(kk, m) * RERANK if index.projected else max(kk, m)) + 1)  # +1: it may find itself
     # a smaller block than the pair search: the re-measure gathers block x want x D floats
     step = int(max(16, min(block_rows(len(ref)), BLOCK_MB * 2**20 // (4 * want * index.X.shape[1]))))
     engine = _engine(index, index.Z[ref]) if index.backend != "numpy" else (_Blocks(step, len(ref)), index.K[ref])
     out = np.empty(n, dtype=np.float32)
+    near = np.empty((n, m), dtype=np.int64)
+    near_sims = np.empty((n, m), dtype=np.float32)
     for start in range(0, n, step):
         stop = min(n, start + step)
         nbrs = _nearest(index, engine, start, stop, want)  # indices into ref
@@ -250,9 +257,21 @@ def kth_neighbour_distance(index: NeighborIndex, k: int, *, seed: int = 0,
         sims[ref[nbrs] == rows[:, None]] = -np.inf  # not its own neighbour (an identical copy still counts)
         kth = -np.partition(-sims, kk - 1, axis=1)[:, kk - 1]
         out[start:stop] = 1.0 - kth
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :m]
+        near[start:stop] = ref[np.take_along_axis(nbrs, order, axis=1)]
+        near_sims[start:stop] = np.take_along_axis(sims, order, axis=1)
         if progress:
             progress(stop, n)
-    return KnnResult(distance=out, k=int(kk), reference=int(len(ref)))
+    return KnnResult(distance=out, k=int(kk), reference=int(len(ref)), neighbours=near, similarities=near_sims)
+
+
+def subset(index: NeighborIndex, rows: np.ndarray) -> NeighborIndex:
+    """The index restricted to ``rows`` (already normalised and projected: nothing is recomputed but Q and K)."""
+    X, Z = index.X[rows], index.Z[rows]
+    sub = NeighborIndex(X=X, Z=Z, backend=index.backend, projected=index.projected)
+    if sub.backend == "numpy":
+        sub.Q, sub.K = index.Q[rows], index.K[rows]  # each row's terms depend on that row alone
+    return sub
 
 
 def _nearest(index: NeighborIndex, engine, start: int, stop: int, want: int) -> np.ndarray:

@@ -17,11 +17,16 @@ CSV_COLUMNS = {
     "outliers.csv": ["rank", "path", "split", "role", "label", "score"],
 }
 GALLERIES = ("duplicates.png", "label_issues.png", "outliers.png")
+SCORES_CSV = "scores.csv"  # every image, every score (featx.audit.scores.COLUMNS)
+SCORES_PARQUET = "scores.parquet"  # the same table, with the parquet extra (pyarrow)
+HTML = "report.html"
 GALLERY_ROWS = 12  # duplicate groups (one per row) or images (in rows of 6) shown per gallery; the CSVs list all
 
 
 def _csv_recogniser(name: str):
-    header = ",".join(CSV_COLUMNS[name])
+    from .scores import COLUMNS
+
+    header = ",".join(COLUMNS if name == SCORES_CSV else CSV_COLUMNS[name])
 
     def ours(path: Path) -> bool:
         try:
@@ -39,7 +44,31 @@ def report_files(folder: Path) -> dict:
     files = {folder / "report.md": None}
     files.update({folder / name: _csv_recogniser(name) for name in CSV_COLUMNS})
     files.update({folder / name: None for name in GALLERIES})
+    files[folder / SCORES_CSV] = _csv_recogniser(SCORES_CSV)
+    if _has_pyarrow():
+        files[folder / SCORES_PARQUET] = _parquet_is_ours
+    from ..report_html import html_is_ours
+
+    files[folder / HTML] = html_is_ours
     return files
+
+
+PARQUET_KEY = b"featx"  # schema metadata key, as featx.export.parquet marks its files
+
+
+def _parquet_is_ours(path: Path) -> bool:
+    try:
+        import pyarrow.parquet as pq
+
+        return PARQUET_KEY in (pq.read_schema(path).metadata or {})
+    except Exception:  # not Parquet, unreadable: not provably ours
+        return False
+
+
+def _has_pyarrow() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pyarrow") is not None
 
 
 @contextlib.contextmanager
@@ -69,8 +98,49 @@ def write_report(res, folder: Path) -> list:
     written.append(_items_png(res.outliers, folder / "outliers.png", root,
                               f"outliers: label (distance to the {ordinal(res.info['settings']['k'])} nearest image)",
                               lambda r: (f"{r['rank']}. {r['label'] or ''} {r['score']:.2f}", Path(r["path"]).name)))
-    written.append(write_markdown(folder / "report.md", markdown(res)))
+    if res.scores is not None:
+        written.append(write_csv(folder / SCORES_CSV, _score_columns(), res.scores.rows()))
+        if _has_pyarrow():
+            written.append(_write_parquet(res.scores, folder / SCORES_PARQUET))
+    written.append(write_markdown(folder / "report.md", markdown(res, top=res.top)))
+    from .html import write_page
+
+    written.append(write_page(res, folder / HTML))
     return written
+
+
+def _score_columns() -> list:
+    from .scores import COLUMNS
+
+    return COLUMNS
+
+
+def _write_parquet(table, path: Path) -> Path:
+    """scores.parquet: the scores table with featx's schema metadata (how featx recognises a file it wrote)."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .scores import COLUMNS
+
+    cols = {}
+    for c in COLUMNS:
+        v = table.columns[c]
+        if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+            cols[c] = pa.array(v, type=pa.float64(), from_pandas=True)  # NaN -> null: an empty cell, as in the CSV
+        elif c in ("label_flagged", "outlier_flagged", "crosses_splits"):
+            cols[c] = pa.array(v, type=pa.bool_())
+        elif c == "duplicate_group":
+            cols[c] = pa.array(v, type=pa.int64())
+        else:
+            cols[c] = pa.array([None if x is None else safe_str(str(x)) for x in v], type=pa.string())
+    meta = {PARQUET_KEY: json.dumps({"format": "featx-audit-scores", "written_by": stamp()}).encode()}
+    data = pa.table(cols).replace_schema_metadata(meta)
+    with atomic_write(path, "wb") as fh:
+        pq.write_table(data, fh)
+    return path
 
 
 def _duplicate_rows(groups: list) -> list:
@@ -216,8 +286,60 @@ def markdown(res, top: int = 20) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {r['rank']} | {_md(r['path'])} | {_md(r['label'])} | {r['score']:.3f} |"
                   for r in res.outliers[:top]]
-    lines += ["", f"Only the first {top} of each list are shown here; the CSVs list all.", ""]
+    lines += _rankings_md(res, top)
+    lines += ["", f"Only the first {top} of each list are shown here; the CSVs list all, scores.csv every image. "
+              "report.html shows the same lists with thumbnails, sortable.", ""]
     return "\n".join(lines)
+
+
+RANKING_TITLES = {
+    "label": ("Label-issue score, top {n}", "label_score", "given", "suggested", "label_flagged"),
+    "outlier": ("Outlier score, top {n}", "outlier_score", "label", "outlier_percentile", "outlier_flagged"),
+    "duplicate": ("Nearest other image, top {n} by similarity", "nearest_similarity", "nearest", "duplicate_group",
+                  "crosses_splits"),
+}
+
+
+def ranking_explained(name: str) -> str:
+    from .scores import CLASS_WEIGHT, NEIGHBOUR_WEIGHT
+
+    return {
+        "label": f"{1 - NEIGHBOUR_WEIGHT:g} x (1 - p(given)) from the cross-validated head + {NEIGHBOUR_WEIGHT:g} x "
+                 "the share of its nearest images that carry another label (similarity-weighted); 0..1, higher = "
+                 "more likely mislabelled",
+        "outlier": f"{1 - CLASS_WEIGHT:g} x the percentile of the distance to the k-th nearest image of the whole set "
+                   f"+ {CLASS_WEIGHT:g} x that within the image's own class; 0..1, higher = more isolated",
+        "duplicate": "cosine similarity to the nearest other image (duplicates are at or above the threshold)",
+    }[name]
+
+
+def _rankings_md(res, top: int) -> list:
+    """Top rows of every score, flagged or not (issue 25): how far down the flagged sets a user may want to look."""
+    if res.scores is None or not top:
+        return []
+    lines = []
+    for name, rows in res.rankings(top).items():
+        title, score, a, b, flag = RANKING_TITLES[name]
+        lines += ["", f"## {title.format(n=len(rows))} (flagged or not)", "", _md(ranking_explained(name)), "",
+                  f"| rank | path | split | {score} | {a} | {b} | flagged |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            flagged = r[flag] not in (None, False)
+            lines.append(f"| {r[RANKING_RANK[name]]} | {_md(r['path'])} | {_md(r['role'] or r['split'])} | "
+                         f"{_fmt(r[score])} | {_md(_fmt(r[a]))} | {_md(_fmt(r[b]))} | {'**yes**' if flagged else ''} |")
+    return lines
+
+
+RANKING_RANK = {"label": "label_rank", "outlier": "outlier_rank", "duplicate": "duplicate_rank"}
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
 
 
 def _label_line(info: dict) -> str:

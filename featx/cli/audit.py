@@ -34,7 +34,9 @@ def audit_cmd(
                                               help="Report folder (default: beside the store, <name>-audit/)."),
     no_report: bool = typer.Option(False, "--no-report", help="Print only; write no report folder."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image root, if the images moved since extraction."),
-    top: int = typer.Option(10, "--top", min=0, help="Rows per list on the terminal (the CSVs list all)."),
+    top: int = typer.Option(20, "--top", min=0,
+                            help="Rows of each list and of each score's ranking (flagged or not) on the terminal, in "
+                                 "report.md, report.html and --json; scores.csv lists every image."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel CV fits (-1 = all cores)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing report files featx did not write."),
     json_: bool = typer.Option(False, "--json", help="Print every finding as JSON on stdout."),
@@ -46,7 +48,7 @@ def audit_cmd(
         res = audit(features, report_dir=False if no_report else (report_dir or True), images=images,
                     overwrite=overwrite, checks=[c.strip() for c in checks.split(",") if c.strip()],
                     threshold=threshold, k=k, fence=fence, C=C, folds=folds, val_split=val_split, seed=seed,
-                    backend=backend, n_jobs=jobs, progress=update)
+                    backend=backend, n_jobs=jobs, progress=update, top=top)
     for note in res.info.get("notes", []):
         warn(note)
     if json_:
@@ -92,11 +94,35 @@ def _print(res, top: int) -> None:
         for r in res.outliers[:top]:
             t.add_row(str(r["rank"]), safe_str(r["path"]), r["label"] or "", f"{r['score']:.3f}")
         out.print(t)
+    _print_rankings(res, top)
     if res.report_dir:
-        out.print(styled("report -> [bold]{}[/bold] (report.md, CSVs, PNG galleries)", res.report_dir))
+        out.print(styled("report -> [bold]{}[/bold] (report.md, report.html, scores.csv with every image, CSVs, "
+                         "PNG galleries)", res.report_dir))
 
 
-_NUMERIC = ("group", "rank", "similarity", "score", "p(given)", "p(suggested)")
+def _print_rankings(res, top: int) -> None:
+    """The top of each score's ranking, flagged or not (a flagged row says so)."""
+    from ..audit.report import RANKING_RANK, RANKING_TITLES
+
+    for name, rows in res.rankings(top).items():
+        title, score, a, b, flag = RANKING_TITLES[name]
+        t = _table(title.format(n=len(rows)) + " (flagged or not)", "rank", "path", score, a, b, "flagged")
+        for r in rows:
+            t.add_row(str(r[RANKING_RANK[name]]), safe_str(r["path"]), _cell(r[score]), safe_str(_cell(r[a])),
+                      safe_str(_cell(r[b])), "yes" if r[flag] not in (None, False) else "")
+        out.print(t)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+_NUMERIC = ("group", "rank", "similarity", "score", "p(given)", "p(suggested)", "label_score", "outlier_score",
+            "nearest_similarity", "outlier_percentile")
 
 
 def _table(title: str, *columns: str) -> Table:

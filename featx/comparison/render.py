@@ -29,6 +29,7 @@ def write_outputs(result: CompareResult) -> None:
             result.notes.append(f"learning curve not drawn: {exc}")
     write_json(run_dir / "results.json", result.to_dict())
     write_markdown(run_dir / "report.md", render_report(result))
+    write_html(result)
 
 
 def _f(v, nd=4) -> str:
@@ -153,3 +154,22 @@ def draws_title(points: list) -> tuple:
     if len(ns) == 1:
         return f"mean±sd over {ns[0]} draws where a size has several", False
     return "mean±sd over the draws that ran (n)", True
+
+
+def write_html(result: CompareResult) -> None:
+    """report.html beside report.md: the same summary and table (sortable) and the charts inline, one file."""
+    from ..report_html import compare_page
+
+    rows = [[method_label(r), r.family, r.accuracy, r.balanced_accuracy, round(r.seconds, 1), r.trainable_params,
+             r.skipped and f"skipped ({r.skipped})" or r.error and f"failed: {r.error}" or "ok", r.artifact]
+            for r in result.rows]
+    s = result.settings
+    compare_page(result.run_dir / "report.html", title="featx compare",
+                 summary=[f"images: {result.n_train} train, {result.n_val} validation ({result.split})",
+                          f"backbone for heads and fine-tuning: {s.backbone}" if s else "",
+                          f"total wall time {result.seconds:.1f} s"],
+                 columns=["method", "family", "val accuracy", "balanced accuracy", "seconds", "trainable params",
+                          "status", "artifact"], rows=rows,
+                 numeric=("val accuracy", "balanced accuracy", "seconds", "trainable params"),
+                 charts=[(result.chart_path, "validation accuracy"), (result.curve_path, "learning curve")],
+                 notes=result.notes)

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 QUICK = {"finetune_epochs": 4, "scratch_epochs": 8, "cv": 3}  # --quick: minutes on a CPU, seconds on a GPU
-OUTPUT_FILES = ("report.md", "results.json", "accuracy.png", "learning_curve.png")  # beside the sub-runs
+OUTPUT_FILES = ("report.md", "results.json", "accuracy.png", "learning_curve.png", "report.html")  # beside the sub-runs
 
 
 @dataclass

@@ -208,7 +208,10 @@ class _Plan:
 
         files = {self.table: is_featx_table} if self.table is not None else {}
         if self.report_dir is not None:
+            from ..report_html import html_is_ours
+
             files.update({p: None for p in evaluation_files(self.report_dir).values()})
+            files[self.report_dir / "report.html"] = html_is_ours
         return files
 
 
@@ -584,10 +587,11 @@ def _write(res: PredictResult, folder, plan: _Plan, top_k: int) -> None:
 def _write_report(res: PredictResult, folder, rep_dir: Path) -> None:
     from ..report import save_evaluation
 
+    seen = set(res.seen_paths)  # images the model was trained or chosen on are not in the scores, nor here
+    scored = [(i, r) for i, r in enumerate(res.rows)
+              if r["error"] is None and r.get("true_label") is not None and r["path"] not in seen]
     mistakes = [{"path": r["path"], "file": folder.records[i].path, "true": r["true_label"], "pred": r["label"],
-                 "confidence": r["confidence"]}
-                for i, r in enumerate(res.rows)
-                if r["error"] is None and r.get("true_label") is not None and r["label"] != r["true_label"]]
+                 "confidence": r["confidence"]} for i, r in scored if r["label"] != r["true_label"]]
     files = save_evaluation(
         rep_dir, res.metrics, mistakes, info={"model": res.model, "confidence_kind": res.confidence_kind},
         extra={"split_metrics": res.split_metrics, "unknown_classes": res.unknown_classes, "n_errors": res.n_errors,
@@ -595,6 +599,13 @@ def _write_report(res: PredictResult, folder, rep_dir: Path) -> None:
                                     "paths": res.seen_paths}},
         score_name=res.confidence_kind, what="predictions vs folder labels")
     res.report_dir, res.confusion_png, res.gallery_png = rep_dir, files["confusion"], files["gallery"]
+    from ..report_html import evaluation_page  # report.html: the confusion matrix with its images, sortable
+
+    evaluation_page(rep_dir / "report.html", res.metrics,
+                    [{"path": r["path"], "file": folder.records[i].path, "true": r["true_label"], "pred": r["label"],
+                      "confidence": r["confidence"]} for i, r in scored],
+                    title=f"featx predict: {res.model} on {folder.root}", score_name=res.confidence_kind,
+                    notes=res.warnings)
 
 
 def _strict_skips(skipped: list) -> StrictModeError:
