@@ -75,7 +75,8 @@ def test_fit_json_summary(feats, tmp_path):
     assert d["head"] == "knn" and d["params"] == {"n_neighbors": 3}
     assert d["cv"]["fixed"] is True and d["cv"]["folds"] == 5
     for split in ("val", "test"):
-        assert set(d["scores"][split]) == {"accuracy", "balanced_accuracy", "macro_f1", "n", "majority_rate", "beats_chance"}
+        assert set(d["scores"][split]) == {"accuracy", "balanced_accuracy", "macro_f1", "n",
+            "majority_rate", "beats_chance"}
     assert d["scores"]["val"]["n"] == 180 and d["scores"]["val"]["accuracy"] > 0.9
     assert d["path"].endswith("k.skops")
 

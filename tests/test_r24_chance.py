@@ -74,7 +74,8 @@ def test_audit_uses_the_same_rule():
 
     rng = np.random.default_rng(0)
     y = rng.choice(["a", "b", "c"], size=300, p=[0.5, 0.3, 0.2])
-    for pred in (np.array(["a"] * 300), np.where(rng.random(300) < 0.9, y, "a"), np.where(rng.random(300) < 0.6, y, "a")):
+    for pred in (np.array(["a"] * 300), np.where(rng.random(300) < 0.9, y, "a"),
+                 np.where(rng.random(300) < 0.6, y, "a")):
         at_chance, majority = chance_level(y, pred)
         found = chance_check(y, pred)
         assert at_chance == (found["beats_chance"] is not True) and majority == pytest.approx(found["majority_rate"])

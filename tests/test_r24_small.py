@@ -58,7 +58,8 @@ def _store(tmp_path, long_class: str):
 
 def test_piped_tables_are_not_cut_at_80_columns(tmp_path):
     name = "a_class_name_that_is_long_enough_to_push_any_table_well_past_eighty_columns_wide"
-    r = runner.invoke(app, ["fit", str(_store(tmp_path, name)), "--C", "1", "--cv", "0", "-o", str(tmp_path / "h.skops")])
+    r = runner.invoke(app, ["fit", str(_store(tmp_path, name)), "--C", "1", "--cv", "0",
+                            "-o", str(tmp_path / "h.skops")])
     assert r.exit_code == 0, r.output
     # whole in the per-class table (the confusion matrix's headers abbreviate names on purpose)
     assert any(name in line and "│" in line for line in r.stdout.splitlines())

@@ -72,7 +72,8 @@ def _print_one(res) -> None:
         if not x["excluded"]:  # an empty list (an audit that found no duplicates): no "left out 0 ... ()"
             out.print(f"nothing left out: {x['file']} lists no images")
         else:
-            out.print(f"left out {x['excluded']} image(s) listed in {x['file']}" + (f" ({by_split})" if by_split else ""))
+            out.print(f"left out {x['excluded']} image(s) listed in {x['file']}"
+                      + (f" ({by_split})" if by_split else ""))
     out.print(cv_line(res.cv))
     if res.head.calibration:
         out.print(_calibration_line(res.head.calibration))

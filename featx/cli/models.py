@@ -32,8 +32,8 @@ def models_cmd(
     if search:
         out.print(f"{len(found)} names contain {search!r}: " + ", ".join(found[:200]))
     else:
-        out.print("Any timm model (e.g. resnet50, timm/convnext_tiny.fb_in1k) or torchvision model (tv/resnet18) works by "
-                  "name; `featx models TEXT` searches them.")
+        out.print("Any timm model (e.g. resnet50, timm/convnext_tiny.fb_in1k) or torchvision model (tv/resnet18) "
+                  "works by name; `featx models TEXT` searches them.")
 
 
 def _table(rows: list) -> Table:

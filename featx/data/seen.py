@@ -96,7 +96,8 @@ def match(record: Optional[dict], files: Sequence, relpaths: Sequence[str]) -> O
     for v, rel, f in zip(found, relpaths, files):
         role = ""
         for name, values in sets.items():
-            if v is not None and len(values) and values[np.searchsorted(values, np.uint64(v)).clip(0, len(values) - 1)] == v:
+            at = min(int(np.searchsorted(values, np.uint64(v))), len(values) - 1) if v is not None and len(values) else -1
+            if at >= 0 and int(values[at]) == v:  # as Python ints: uint64 vs int may compare as floats
                 role = name
                 break
         if not role:
