@@ -110,3 +110,21 @@ def test_a_scratch_run_records_train_and_val_and_predict_headlines_the_test_imag
     res = featx.predict_folder(data, model=run.run_dir, output=tmp_path / "p2.csv", workers=0)
     assert len(res.seen_paths) == 16 and res.metrics["n"] == 8
     assert any("matched by path only: the run records no file hashes" in w for w in res.warnings)
+
+
+def test_a_folder_of_training_images_only_has_no_headline(fitted, tmp_path):
+    data, head = fitted
+    first = featx.predict_folder(data / "train", model=head, output=False, workers=0)
+    assert first.seen_metrics["n"] == 10 and first.metrics["n"] == 2  # the 2 that fit held out
+    only = tmp_path / "only_seen"
+    for rel in first.seen_paths:  # exactly the images that trained the head
+        dest = only / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes((data / "train" / rel).read_bytes())
+    res = featx.predict_folder(only, model=head, output=False, workers=0)
+    assert res.metrics is None and res.seen_metrics["n"] == 10
+    assert any("every labelled image was seen in training" in w for w in res.warnings)
+    r = runner.invoke(app, ["predict", str(only), "--model", str(head), "-o", str(tmp_path / "q.csv"),
+                            "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert "seen in training" in r.stdout and "unseen" not in r.stdout

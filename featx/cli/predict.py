@@ -119,11 +119,15 @@ def _print(res) -> None:
             scores = {("unseen" if k == "all" else k): v for k, v in scores.items()}
             scores["seen in training"] = res.seen_metrics
         out.print(metrics_table(scores, title="Scores against the folder labels"))
-        out.print(per_class_table(res.metrics, title="Per class"))
+        out.print(per_class_table(res.metrics, title="Per class" + (", unseen images" if res.seen_metrics else "")))
         out.print(confusion_table(res.metrics, title="Confusion matrix (rows = true)"))
         if res.report_dir:
             extra = f", {res.gallery_png.name}" if res.gallery_png else " (nothing misclassified, no gallery)"
             out.print(f"report -> {res.report_dir} (confusion.png{extra}, metrics.json)")
+
+    elif res.labelled and res.seen_metrics:  # every labelled image trained or chose the model: no headline
+        out.print(metrics_table({"seen in training": res.seen_metrics},
+                                title="Scores against the folder labels (images the model was trained or chosen on)"))
 
     if res.sort_into is not None:
         _print_sort(res)
