@@ -128,3 +128,15 @@ def test_a_folder_of_training_images_only_has_no_headline(fitted, tmp_path):
                             "--workers", "0"])
     assert r.exit_code == 0, r.output
     assert "seen in training" in r.stdout and "unseen" not in r.stdout
+
+
+def test_a_set_too_large_to_hash_is_recorded_as_such_and_predict_warns(fitted, tmp_path, monkeypatch):
+    from featx.data import seen
+
+    data, head = fitted
+    monkeypatch.setattr(seen, "MAX_FILES", 5)
+    fit = featx.fit_head(head.parent / "features.npz", C=1.0, cv=0)
+    rec = fit.head.meta["seen"]
+    assert "trained_unrecorded" in rec and rec["n_trained"] == 10 and not rec.get("trained")
+    res = featx.predict_folder(data, model=fit.head, output=False, workers=0)
+    assert res.seen_paths == [] and any("record of its training images is incomplete" in w for w in res.warnings)

@@ -17,6 +17,10 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 HASH = "sha256[:8]"  # what the record holds; another value is a record this featx cannot match
+# Above this many images of one role nothing is hashed: reading every file again at fit time would cost minutes to
+# hours on large or remote sets (the features are all fit reads otherwise), and the record would pass a megabyte.
+# The record says so and predict warns instead of claiming the images are unseen.
+MAX_FILES = 200_000
 _CHUNK = 1 << 20
 
 
@@ -67,6 +71,10 @@ def record_files(files: Sequence, relpaths: Sequence[str], role: str = "trained"
                  record: Optional[dict] = None) -> dict:
     """`make_record` for image files given one by one (None: not readable), each with its relative path."""
     rec = dict(record) if record else {"hash": HASH}
+    if len(relpaths) > MAX_FILES:
+        rec[f"n_{role}"] = len(relpaths)
+        rec[f"{role}_unrecorded"] = f"{len(relpaths):,} images, more than featx hashes ({MAX_FILES:,})"
+        return rec
     readable = [(i, f) for i, f in enumerate(files) if f is not None]
     found = [None] * len(relpaths)
     for (i, _), v in zip(readable, content_prefixes([f for _, f in readable])):
@@ -75,7 +83,9 @@ def record_files(files: Sequence, relpaths: Sequence[str], role: str = "trained"
     rec[f"n_{role}"] = len(relpaths)
     unread = sorted(str(p) for p, v in zip(relpaths, found) if v is None)
     if unread:
-        rec[f"{role}_paths"] = unread  # the fallback: matched by relative path
+        rec[f"{role}_paths"] = unread[:MAX_FILES // 10]  # the fallback: matched by relative path
+        if len(unread) > MAX_FILES // 10:
+            rec[f"{role}_unrecorded"] = f"{len(unread):,} images could not be read when the model was made"
     return rec
 
 
@@ -108,7 +118,8 @@ def match(record: Optional[dict], files: Sequence, relpaths: Sequence[str]) -> O
             role = next((name for name, ps in where.items() if file in ps), "")
             by_path += bool(role)
         roles.append(role)
-    return {"seen": np.array([bool(r) for r in roles], dtype=bool), "role": roles, "by_path": by_path}
+    return {"seen": np.array([bool(r) for r in roles], dtype=bool), "role": roles, "by_path": by_path,
+            "unrecorded": [record[k] for k in ("trained_unrecorded", "selected_unrecorded") if record.get(k)]}
 
 
 def _resolved(path) -> str:

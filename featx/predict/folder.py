@@ -532,6 +532,9 @@ def _set_seen_apart(res: PredictResult, folder, pred: Predictor, idx: list) -> l
                                 "images it was trained or chosen on cannot be told apart here, and scores on them "
                                 "overstate its accuracy; fit or train it again to record them")
         return idx
+    for what in found.get("unrecorded", []):  # the model's record is partial: some seen images may be counted
+        res.warnings.append(f"this model's record of its training images is incomplete ({what}): images it was "
+                            "trained or chosen on may be in the scores, which then overstate its accuracy")
     seen = [i for i, s in zip(idx, found["seen"]) if s]
     if not seen:
         return idx
