@@ -17,7 +17,7 @@ FEATURE_SUFFIXES = (".npz", ".parquet")  # a feature store; anything else is a m
 @run_boundary
 def export_cmd(
     source: Path = typer.Argument(..., help="A head file (.skops), a run folder / model.json from `featx finetune` / "
-                                  "`featx scratch`, or a feature store (.npz, .parquet)."),
+                                  "`featx scratch`, or a feature store (.npz, .parquet, a sharded folder)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="model.onnx for a model; features.parquet "
                                           "(or .npz) for a feature store. Default: featx-out/model.onnx or "
                                           "featx-out/features.parquet."),
@@ -33,7 +33,7 @@ def export_cmd(
     json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):
     """Export a model to ONNX (checked against featx on real images) or a feature store to Parquet."""
-    if source.suffix.lower() in FEATURE_SUFFIXES:
+    if source.suffix.lower() in FEATURE_SUFFIXES or (source / "manifest.json").is_file():  # a sharded store folder
         from ..errors import UsageError
         from ..export.parquet import DEFAULT_PARQUET_OUTPUT, export_features
 

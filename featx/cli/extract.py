@@ -15,7 +15,8 @@ from .plain_help import PlainHelpCommand
 @run_boundary
 def extract_cmd(
     images: Path = typer.Argument(..., help="Image folder: class subfolders give labels, train/ val/ test/ give splits."),
-    output: Path = typer.Option(Path("featx-out/features.npz"), "-o", "--output", help="Feature store to write (.npz)."),
+    output: str = typer.Option("featx-out/features.npz", "-o", "--output",
+                               help="Feature store to write: .npz, .parquet, or a folder (ending in /) of shards."),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", "-b", help="Backbone name (see `featx models`)."),
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random (seeded) initialisation instead of ImageNet weights."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file (.safetensors or torch state dict)."),
@@ -40,6 +41,14 @@ def extract_cmd(
     compile_: bool = typer.Option(False, "--compile",
                                   help="torch.compile the network: faster batches after tens of seconds of compiling "
                                        "(pays on large folders only)."),
+    format_: Optional[str] = typer.Option(
+        None, "--format", help="npz | parquet | sharded (default: from -o; sharded = a folder of memory-mappable "
+                               ".npy shards + manifest.json, for millions of images or many workers)."),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", help="I/N: this worker extracts its share (every N-th chunk from the I-th) into the "
+                              "sharded store; the last of the N workers merges them (default under torchrun: "
+                              "RANK/WORLD_SIZE)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 (half the disk; npz and sharded stores)."),
     json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):
     """Extract features for every image in a folder (resumes if interrupted)."""
@@ -51,6 +60,7 @@ def extract_cmd(
             images, output, backbone=backbone, pretrained=not no_pretrained, weights=weights, layer=layer,
             device=device, batch_size=batch_size, workers=workers, chunk_size=chunk_size, strict=strict,
             overwrite=overwrite, progress=update, decoder=decoder, image_size=image_size, compile=compile_,
+            format=format_, shard=shard, dtype=dtype,
         )
     for w in res.warnings:
         warn(w)

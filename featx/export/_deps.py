@@ -1,31 +1,6 @@
-"""Optional dependencies of `featx export`: import them, or say in one line which extra installs them."""
+"""Optional dependencies of `featx export`: the helpers live in featx._deps (shared with features/, which never imports export/)."""
 from __future__ import annotations
 
-import importlib
+from .._deps import EXTRAS, available, require
 
-from ..errors import UsageError
-
-# module -> (pip extra, what it is needed for)
-EXTRAS = {
-    "onnx": ("export", "writing ONNX files"),
-    "onnxscript": ("export", "the torch.onnx dynamo exporter"),
-    "onnxruntime": ("export", "running ONNX files"),
-    "pyarrow": ("parquet", "Parquet feature stores"),
-}
-
-
-def require(module: str):
-    """The imported module, or UsageError naming the featx extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        extra, why = EXTRAS[module]
-        raise UsageError(f"{module} is not installed ({why}); install it with: pip install 'featx[{extra}]'") from exc
-
-
-def available(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-        return True
-    except ImportError:
-        return False
+__all__ = ["EXTRAS", "available", "require"]

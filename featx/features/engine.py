@@ -12,6 +12,9 @@ Design notes (the why):
 - A run that did no work leaves nothing behind: on failure ``OUTPUT.partial/`` is removed unless it holds a
   finished chunk worth resuming (a folder of garbage removes it whatever it holds: nothing there is worth keeping).
 - Under torchrun, ranks take chunks round-robin and rank 0 assembles the single store.
+- A sharded store (`featx.features.sharded`, a folder) is written by independent workers instead: `--shard I/N` (or
+  torchrun's RANK / WORLD_SIZE) takes chunks c with c % N == I, writes each as its own shard file and a part
+  manifest, with no process group and no shared file; the last worker to finish merges the parts.
 
 `extract_features` = check -> claim the output -> plan chunks -> run them -> assemble the store.
 """
@@ -333,6 +336,7 @@ class _Plan:
     mine: list  # chunks this rank computes now
     rank: int = 0
     world: int = 1
+    job: dict = field(default_factory=dict)  # what the chunks were computed from (job.json)
 
     @property
     def n(self) -> int:
@@ -374,6 +378,9 @@ def extract_features(
     compile: Union[bool, str] = False,
     prefetch: Optional[int] = None,
     defer_copy: bool = True,
+    format: Optional[str] = None,
+    shard=None,
+    dtype: Optional[str] = None,
 ) -> ExtractResult:
     """Extract features for every image under `images` and write one feature store at `output`.
 
@@ -399,29 +406,39 @@ def extract_features(
             only: compiling takes tens of seconds (see BENCHMARKS.md for the measured gain).
         prefetch, defer_copy: the pipeline's parts, switchable to measure each (`iter_outputs`); the defaults are
             the fast path, and the features do not depend on them.
+        format: npz | parquet | sharded (default: from `output`, `featx.features.formats.format_of`: a folder or a
+            path ending in "/" is sharded, .parquet is Parquet, else .npz).
+        shard: "I/N" or (I, N): this worker computes every N-th chunk from the I-th into a sharded store, and the last
+            of the N workers merges their manifests (default under torchrun with a sharded output: RANK/WORLD_SIZE).
+        dtype: float32 (default) | float16 storage (npz and sharded stores).
 
     Ctrl-C raises KeyboardInterrupt after the finished chunks were written (the CLI turns it, and SIGTERM, into
     exit 130 / 143 with a resume hint).
     """
     from ..data.discover import discover
     from ..devices import setup_distributed
+    from . import formats
 
     t0 = time.perf_counter()
-    root, output = Path(images), Path(output)
+    root = Path(images)
+    fmt = formats.format_of(output, format)
+    output = Path(output)
+    store = _Store(fmt, formats.check_dtype(fmt, dtype), _shard_of(shard, fmt), overwrite)
     image_size = parse_image_size(image_size)  # an absurd size is refused before the folder is even listed
     folder = discover(root)
     refuse_inside(output, root)
     _check_options(chunk_size, decoder, prefetch)
-    dist, dev = setup_distributed(device)
+    dist, dev = setup_distributed(device) if store.shard is None else _independent(device)
     try:
-        with _claim(output, overwrite, dist):
+        with _claim(store.target(output), overwrite, dist, store.recogniser()):
             if strict and folder.skipped:  # known before any work: fail before loading a model
                 raise _strict_error(folder.skipped)
             bb, size_choice = _backbone(backbone, pretrained, weights, layer, image_size, folder)
             run = _RunOptions(precision=precision, max_pixels=max_pixels, decoder=decoder, compile=compile,
                               prefetch=prefetch, defer_copy=defer_copy)
             return _extract(folder, root, output, bb, dev, dist, t0, batch_size=batch_size, workers=workers,
-                            chunk_size=chunk_size, strict=strict, progress=progress, run=run, size_choice=size_choice)
+                            chunk_size=chunk_size, strict=strict, progress=progress, run=run, size_choice=size_choice,
+                            store=store)
     finally:
         dist.cleanup()
 
@@ -438,14 +455,66 @@ class _RunOptions:
     defer_copy: bool = True
 
 
+@dataclass
+class _Store:
+    """What the run writes: the format, the features' dtype, and for a sharded store this worker's (I, N)."""
+
+    fmt: str = "npz"
+    dtype: str = "float32"
+    shard: Optional[tuple] = None
+    overwrite: bool = False
+
+    def target(self, output: Path) -> Path:
+        """The file this run claims and locks: the store, or in a sharded store this worker's part manifest."""
+        if self.shard is None:
+            return output
+        from .sharded import check_folder, part_name
+
+        check_folder(output, self.overwrite)
+        return output / part_name(*self.shard)
+
+    def recogniser(self):
+        if self.shard is None:
+            return is_features_store
+        from .sharded import sharded_written_by_featx
+
+        return sharded_written_by_featx
+
+
+def _shard_of(shard, fmt: str) -> Optional[tuple]:
+    """(I, N) for a sharded store: --shard, else torchrun's RANK / WORLD_SIZE, else (0, 1); None for one file."""
+    from ..devices import dist_env
+    from .sharded import parse_shard
+
+    if fmt != "sharded":
+        if shard is not None:
+            raise UsageError("--shard writes a sharded store (a folder): pass --format sharded or an -o folder")
+        return None
+    parsed = parse_shard(shard)
+    if parsed is None:
+        env = dist_env()
+        parsed = (env.rank, env.world_size) if env.enabled else (0, 1)
+    return parsed
+
+
+def _independent(device: str):
+    """A worker of a sharded run: no process group (collectives are identities), its device by LOCAL_RANK."""
+    from ..devices import Dist, dist_env, resolve_device
+
+    env = dist_env()
+    return Dist(), resolve_device(device, env.local_rank if env.enabled else None)
+
+
 def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, chunk_size, strict, progress,
-             run: _RunOptions, size_choice: SizeChoice) -> ExtractResult:
+             run: _RunOptions, size_choice: SizeChoice, store: Optional[_Store] = None) -> ExtractResult:
     """Plan, run and assemble with the output claimed; cleans up a partial folder that holds nothing to resume."""
     from ..data.jpeg_batch import resolve_decoder
     from ..devices import default_workers
 
+    store = store or _Store()
     decoder = run.decoder = resolve_decoder(run.decoder, dev, bb.preprocess)
-    plan = _plan_chunks(folder, root, output, bb, chunk_size, run.max_pixels, decoder, dist)
+    plan = _plan_chunks(folder, root, store.target(output), bb, chunk_size, run.max_pixels, decoder, dist,
+                        select=store.shard)
     warnings = _notes(folder)
     timings: dict = {}
     try:
@@ -461,19 +530,22 @@ def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, ch
                 fn = compile_forward(fn, bsize, "inductor" if run.compile is True else str(run.compile))
             _run_chunks(plan, bb.preprocess, fn, dev, bsize, nw, run, progress, timings)
         dist.barrier()
-        if plan.rank != 0:
+        if not dist.is_main:
             dist.barrier()
             return ExtractResult(path=output, n_images=0, n_skipped=0, feature_dim=bb.feature_dim,
                                  seconds=time.perf_counter() - t0, images_per_s=0.0, device=str(dev), backbone=bb.name,
                                  decoder=decoder, timings=_rounded(timings), image_size=size_choice.to_dict())
         try:
-            res = _assemble(plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice)
+            if store.shard is not None:
+                res = _assemble_shards(plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice, store)
+            else:
+                res = _assemble(plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice, store)
             res.timings = _rounded(timings)
         finally:
             dist.barrier()
         return res
     except BaseException as exc:
-        if plan.rank == 0:
+        if dist.is_main:
             _drop_debris(plan.part, everything=isinstance(exc, _Garbage))
         raise
 
@@ -524,17 +596,18 @@ def is_features_store(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _claim(output: Path, overwrite: bool, dist):
+def _claim(output: Path, overwrite: bool, dist, recognise=None):
     """Check (a foreign file, a folder, an unwritable place) and lock the output for the run; rank 0 does it and
     tells every rank the verdict, so all of them fail together with the same message."""
     stack = contextlib.ExitStack()
     failure = None
     if dist.is_main:
         try:
-            if output.is_file() and not overwrite and not written_by_featx(output, is_features_store):
+            recognise = recognise or is_features_store
+            if output.is_file() and not overwrite and not written_by_featx(output, recognise):
                 raise UsageError(f"{safe_str(str(output))} exists and is not a featx features file; refusing to "
                                  "overwrite it (pass --overwrite)")
-            stack.enter_context(claim_outputs({output: is_features_store}, overwrite=overwrite))
+            stack.enter_context(claim_outputs({output: recognise}, overwrite=overwrite))
         except FeatxError as exc:
             failure = exc
     verdict = dist.broadcast_object(None if failure is None else (str(failure), failure.exit_code))
@@ -547,7 +620,8 @@ def _claim(output: Path, overwrite: bool, dist):
 
 
 # -- plan ---------------------------------------------------------------------------------------------------------
-def _plan_chunks(folder, root, output, bb, chunk_size, max_pixels, decoder, dist) -> _Plan:
+def _plan_chunks(folder, root, output, bb, chunk_size, max_pixels, decoder, dist, select=None) -> _Plan:
+    """The chunks, and those this process computes: rank r of torchrun's w, or worker I of N (`select`)."""
     records = folder.records
     meta = bb.meta()
     job = {
@@ -566,9 +640,10 @@ def _plan_chunks(folder, root, output, bb, chunk_size, max_pixels, decoder, dist
     n = len(records)
     n_chunks = (n + chunk_size - 1) // chunk_size
     done = {c for c in range(n_chunks) if (part / _chunk_name(c)).is_file()}
-    mine = [c for c in range(n_chunks) if c % dist.world_size == dist.rank and c not in done]
+    rank, world = select or (dist.rank, dist.world_size)
+    mine = [c for c in range(n_chunks) if c % world == rank and c not in done]
     return _Plan(root=root, folder=folder, part=part, chunk_size=chunk_size, n_chunks=n_chunks, done=done, mine=mine,
-                 rank=dist.rank, world=dist.world_size)
+                 rank=rank, world=world, job=job)
 
 
 _OURS = re.compile(r"(chunk-\d{6}\.npz|job\.json|\.featx-tmp-.*)")
@@ -657,8 +732,8 @@ def _file_batch(plan: _Plan, chunk_acc, batch: Batch, k: int, seen: dict) -> Non
 
 
 # -- assemble -------------------------------------------------------------------------------------------------------
-def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice: SizeChoice
-              ) -> ExtractResult:
+def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice: SizeChoice,
+              store: Optional[_Store] = None) -> ExtractResult:
     """Rank 0: read every chunk in order, apply --strict, write the store, remove the partial folder."""
     from ..data.discover import find_leakage
 
@@ -700,7 +775,7 @@ def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings
         splits=[r.split for r in kept] if folder.has_splits else None,
         classes=folder.classes,
         meta=meta,
-    ), output)
+    ), output, format=store.fmt if store else None, dtype=store.dtype if store else None)
     shutil.rmtree(plan.part, ignore_errors=True)
     resumed = sum(plan.size(c) for c in plan.done)
     run_s = time.perf_counter() - t_run
@@ -708,6 +783,54 @@ def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings
         path=output, n_images=len(kept), n_skipped=len(skipped), feature_dim=int(feats.shape[1]),
         seconds=round(time.perf_counter() - t0, 3),
         images_per_s=round((plan.n - resumed) / run_s, 1) if run_s > 0 else 0.0,
+        device=str(dev), backbone=bb.name, skipped=skipped, leakage=leakage, resumed_images=resumed,
+        warnings=warnings, decoder=decoder, image_size=size_choice.to_dict(),
+    )
+
+
+def _assemble_shards(plan: _Plan, output: Path, bb, dev, decoder, strict, t0, t_run, warnings,
+                     size_choice: SizeChoice, store: _Store) -> ExtractResult:
+    """A worker of a sharded store: turn each of its chunks into a shard file named by the chunk's number, publish
+    its part manifest, and merge all parts into ``manifest.json`` if it is the last worker to finish."""
+    from ..data.discover import find_leakage
+    from .sharded import features_name, merge_parts, rows_name, write_part, write_shard
+
+    folder, records = plan.folder, plan.folder.records
+    rank, world = store.shard
+    shards, chunk_errors, skipped = [], [], list(folder.skipped)
+    for c in range(rank, plan.n_chunks, world):
+        idx, feats, errs = _read_chunk(plan.part / _chunk_name(c))
+        chunk_errors.append([c, errs])
+        skipped.extend(errs)
+        for name in (features_name(c), rows_name(c)):  # temp files a killed earlier run left for this shard
+            sweep_stale_temps(output, name)
+        if len(idx):
+            kept = [records[i] for i in idx]
+            shards.append(write_shard(
+                output, c, feats, [r.relpath for r in kept],
+                [r.label or "" for r in kept] if folder.has_labels else None,
+                [r.split for r in kept] if folder.has_splits else None, store.dtype))
+    if strict and skipped:
+        raise _strict_error(skipped)
+    leakage = find_leakage(folder) if folder.has_splits else []
+    meta = bb.meta()
+    meta.update({"root": str(plan.root.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "n_files": int(plan.n), "leakage": leakage, "device": str(dev), "decoder": decoder,
+                 "warnings": list(folder.warnings), "image_size": size_choice.to_dict()})
+    write_part(output, rank, world, {"job": plan.job, "dim": int(bb.feature_dim), "dtype": store.dtype,
+                                     "classes": list(folder.classes), "meta": meta, "shards": shards,
+                                     "chunk_errors": chunk_errors, "discover_skipped": list(folder.skipped)})
+    shutil.rmtree(plan.part, ignore_errors=True)
+    if merge_parts(output, world) is None:
+        warnings = warnings + [f"worker {rank}/{world} finished; the store at {safe_str(str(output))} is readable "
+                               f"once all {world} workers have finished (the last one merges their manifests)"]
+    resumed = sum(plan.size(c) for c in plan.done)
+    run_s = time.perf_counter() - t_run
+    n_mine = sum(plan.size(c) for c in range(rank, plan.n_chunks, world))
+    return ExtractResult(
+        path=output, n_images=int(sum(s["n"] for s in shards)), n_skipped=len(skipped),
+        feature_dim=int(bb.feature_dim), seconds=round(time.perf_counter() - t0, 3),
+        images_per_s=round((n_mine - resumed) / run_s, 1) if run_s > 0 else 0.0,
         device=str(dev), backbone=bb.name, skipped=skipped, leakage=leakage, resumed_images=resumed,
         warnings=warnings, decoder=decoder, image_size=size_choice.to_dict(),
     )

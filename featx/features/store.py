@@ -1,6 +1,7 @@
-"""The feature store: one ``.npz`` file (no pickle) holding features, paths, labels, splits and provenance.
+"""The feature store: ``FeatureSet``, ``load_features`` / ``save_features`` for every format, and the ``.npz`` layout.
 
-This module is the only place that knows the file layout. numpy users read it with
+The formats (npz here, Parquet, sharded folders) are chosen in ``featx.features.formats``; this module owns the
+in-memory ``FeatureSet``, the checks every loaded store passes, and the single-file layout. numpy users read it with
 ``np.load(path, allow_pickle=False)``; pandas users with ``pd.DataFrame(z["features"]).assign(path=z["paths"])``.
 
 Keys: ``features`` (N x D float32), ``paths`` (N, str: posix paths relative to the image root),
@@ -138,12 +139,35 @@ def _str_array(values) -> np.ndarray:
     return arr if len(arr) else np.zeros((0,), dtype="<U1")
 
 
-def save_features(fs: FeatureSet, path) -> Path:
-    """Write ``fs`` to ``path`` atomically (the old file stays valid until the new one is complete)."""
+def save_features(fs: FeatureSet, path, *, format: Optional[str] = None, dtype: Optional[str] = None) -> Path:
+    """Write ``fs`` to ``path`` atomically (the old store stays valid until the new one is complete), in ``format``
+    (default: decided by the path, see :func:`featx.features.formats.format_of`), with features stored as ``dtype``
+    (float32, or float16 for npz and sharded stores: half the disk, see BENCHMARKS.md for the accuracy cost)."""
+    from . import formats
+
+    fmt = formats.format_of(path, format)
+    dtype = formats.check_dtype(fmt, dtype)
+    if fmt == "npz":
+        return _save_npz(fs, path, dtype=dtype)
+    return formats.writer(fmt)(fs, path, dtype=dtype)
+
+
+def cast_features(features: np.ndarray, dtype: str) -> np.ndarray:
+    """``features`` as the storage ``dtype``; DataError when a finite value does not fit (float16 tops at 65504)."""
+    with np.errstate(over="ignore"):  # refused just below, with the number that caused it
+        stored = np.ascontiguousarray(features, dtype=dtype)
+    if stored.dtype != features.dtype and not np.isfinite(stored).all() and np.isfinite(features).all():
+        big = float(np.abs(features).max())
+        raise DataError(f"features as large as {big:.4g} do not fit in {dtype} (at most {np.finfo(dtype).max:.0f}); "
+                        f"store them as float32")
+    return stored
+
+
+def _save_npz(fs: FeatureSet, path, dtype: str = "float32") -> Path:
     path = Path(path)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **fs.meta}
     arrays = {
-        "features": fs.features.astype(np.float32, copy=False),
+        "features": cast_features(fs.features, dtype),
         "paths": _str_array(fs.paths),
         "classes": _str_array(fs.classes),
         "meta": np.asarray(json.dumps(meta, default=str)),
@@ -190,10 +214,11 @@ def read_npz(path, keys, what: str = "features file") -> dict:
 _NPY_HEADER_MAX = 1 << 16  # numpy refuses .npy headers above 10,000 bytes unless told otherwise
 
 
-def npy_layout(raw, key: str, path, what: str) -> tuple:
+def npy_layout(raw, key: str, path, what: str, total: Optional[int] = None) -> tuple:
     """``(shape, fortran_order, dtype, data offset)`` of the ``.npy`` bytes ``raw`` (a member read under the zip caps),
     or ArtifactError: not a ``.npy`` array (raw bytes, e.g. a pickle), an unreadable header, pickled objects, or a
-    header that declares another amount of data than follows it (so nothing is ever allocated from the header)."""
+    header that declares another amount of data than follows it (so nothing is ever allocated from the header).
+    ``total``: the size of the whole ``.npy`` when ``raw`` is only its first bytes (a file about to be mapped)."""
     fmt = np.lib.format
     if bytes(raw[:len(fmt.MAGIC_PREFIX)]) != fmt.MAGIC_PREFIX:
         raise ArtifactError(f"{path} is not a safe featx {what}: member {key!r} is not a numpy array (raw bytes, e.g. "
@@ -214,7 +239,7 @@ def npy_layout(raw, key: str, path, what: str) -> tuple:
         raise ArtifactError(f"{path} is not a safe featx {what}: member {key!r} holds pickled Python objects (Object "
                             f"arrays cannot be loaded when allow_pickle=False); nothing in it was run. Re-create it")
     count = math.prod(int(d) for d in shape)
-    need, have = count * dtype.itemsize, len(raw) - head.tell()
+    need, have = count * dtype.itemsize, (len(raw) if total is None else total) - head.tell()
     if need != have or (count and not dtype.itemsize):
         shown = " x ".join(str(d) for d in shape) or "0-d"
         raise ArtifactError(f"refusing {path}: its member {key!r} declares a {shown} {dtype} array ({need:,} bytes) "
@@ -284,6 +309,12 @@ def _meta(raw: np.ndarray, path) -> dict:
     return meta
 
 
+def npz_written_by_featx(path) -> bool:
+    """Recogniser for check_outputs: an ``.npz`` whose meta says featx wrote it (only that member is read)."""
+    meta = read_meta(path)
+    return bool(meta) and meta.get("format") == FORMAT
+
+
 def read_meta(path) -> Optional[dict]:
     """The metadata of the ``.npz`` at ``path`` (only that member is read, under the same caps as a full load), or
     None for anything that is not a readable featx-style store."""
@@ -304,16 +335,22 @@ def load_features(path) -> FeatureSet:
     absolute, climb out of the image root or repeat are refused with ArtifactError. Rows of NaN/Inf are kept (see
     :meth:`FeatureSet.nonfinite_rows`); ``fit_head`` refuses them.
     """
-    path = Path(path)
-    if path.suffix.lower() == ".parquet":  # hook: the Parquet layout lives in featx.export.parquet (featx[parquet])
-        from ..export.parquet import read_features
+    from . import formats
 
-        try:
-            fs = read_features(path)
-        except ArtifactError as exc:
-            shown = safe_str(str(path))
-            raise (exc if shown in str(exc) else ArtifactError(f"{shown}: {exc}")) from None
-        return _checked(fs, safe_str(str(path)))
+    path = Path(path)
+    fmt = formats.format_of(path)
+    if fmt == "npz":
+        return _checked(_load_npz(path), str(path))
+    try:
+        fs = formats.reader(fmt)(path)
+    except ArtifactError as exc:
+        shown = safe_str(str(path))
+        raise (exc if shown in str(exc) else ArtifactError(f"{shown}: {exc}")) from None
+    return _checked(fs, safe_str(str(path)))
+
+
+def _load_npz(path: Path) -> FeatureSet:
+    """The ``.npz`` layout, read under featx's caps (see :func:`load_features`); paths not yet checked."""
     if not path.exists():
         raise ArtifactError(f"features file {path} does not exist; run `featx extract IMAGES -o {path}` first")
     if path.is_dir():
@@ -334,7 +371,7 @@ def load_features(path) -> FeatureSet:
         )
     except ArtifactError as exc:  # rows and columns that do not fit together: say which file
         raise ArtifactError(f"{path}: {exc}") from None
-    return _checked(fs, str(path))
+    return fs
 
 
 def _checked(fs: FeatureSet, where: str) -> FeatureSet:
