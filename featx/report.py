@@ -22,6 +22,8 @@ from ._io import atomic_write, safe_str, stamp, write_json, written_by_featx
 
 __all__ = [
     "classification_metrics",
+    "chance_check",
+    "beats_chance",
     "summary",
     "save_confusion_png",
     "save_learning_curve_png",
@@ -31,7 +33,74 @@ __all__ = [
     "save_evaluation",
 ]
 
-SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "n")
+SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "n", "majority_rate", "beats_chance")
+
+# When does an accuracy "clearly beat" the majority-class rate (what always answering the commonest class scores)?
+# Both: a one-sided binomial test rejects "no better than the majority rate" at 0.1 % (small folders: a few lucky
+# rows are not a signal), and the model closes at least a tenth of the gap from that rate to perfect accuracy (large
+# sets: 50.3 % against 50.0 % is "significant" on 100,000 rows and still useless). The one rule for every score featx
+# prints (fit, predict, finetune, scratch, compare, --shots) and for audit's label check (issue 24.1; issue 22.10:
+# random features gave 24,846 "label errors" without a word; issue 24: a LeNet calling every photo "bees" was listed
+# as a result).
+CHANCE_ALPHA = 1e-3
+CHANCE_GAP = 0.10
+
+
+def majority_rate(y_true: Sequence) -> float:
+    """Share of the commonest true class: the accuracy of always answering it (NaN when there are no labels)."""
+    y = np.asarray(y_true).astype(str)
+    return float(np.unique(y, return_counts=True)[1].max() / len(y)) if len(y) else float("nan")
+
+
+def beats_chance(correct: int, n: int, majority: float) -> Optional[bool]:
+    """Does ``correct`` of ``n`` clearly beat the majority-class rate ``majority``? (the rule above; None for n = 0)"""
+    if not n or majority is None or not math.isfinite(majority):
+        return None
+    if majority >= 1.0:  # one class only: nothing to beat, nothing learned
+        return False
+    from scipy.stats import binomtest
+
+    correct = int(round(correct))
+    return bool(binomtest(correct, int(n), float(majority), alternative="greater").pvalue < CHANCE_ALPHA
+                and correct / n >= majority + CHANCE_GAP * (1.0 - majority))
+
+
+def chance_note(accuracy, majority, balanced=None, what: str = "accuracy") -> str:
+    """The one sentence featx prints wherever a score does not clearly beat the majority-class rate."""
+    bal = f" (balanced accuracy {balanced:.3f})" if balanced is not None and math.isfinite(balanced) else ""
+    return (f"at chance level: {what} {accuracy:.3f}{bal} is not clearly above the majority-class rate "
+            f"{majority:.3f}, what always answering the commonest class scores")
+
+
+def metrics_chance_note(metrics: Mapping, what: str = "accuracy") -> Optional[str]:
+    """`chance_note` for a metrics dict (classification_metrics or its summary) that does not beat chance, else None."""
+    if not metrics or metrics.get("beats_chance") is not False:
+        return None
+    return chance_note(metrics["accuracy"], metrics["majority_rate"], metrics.get("balanced_accuracy"), what)
+
+
+def chance_check(y_true: Sequence, y_pred: Sequence) -> dict:
+    """``{majority_rate, balanced_accuracy, beats_chance, note}`` for predictions against true labels: THE chance rule.
+
+    ``beats_chance`` is None when there is nothing to judge (no rows); ``note`` is the warning text when the model
+    does not clearly beat the majority-class rate, else None.
+    """
+    from sklearn.metrics import balanced_accuracy_score
+
+    y_true = np.asarray(y_true).astype(str)
+    y_pred = np.asarray(y_pred).astype(str)
+    n = len(y_true)
+    majority = majority_rate(y_true)
+    if n:
+        with warnings.catch_warnings():  # a class never predicted warns about y_pred's labels; the score stands
+            warnings.simplefilter("ignore")
+            balanced = float(balanced_accuracy_score(y_true, y_pred))
+    else:
+        balanced = float("nan")
+    correct = int((y_true == y_pred).sum())
+    verdict = beats_chance(correct, n, majority)
+    note = chance_note(correct / n, majority, balanced) if verdict is False else None
+    return {"majority_rate": majority, "balanced_accuracy": balanced, "beats_chance": verdict, "note": note}
 
 
 def classification_metrics(y_true: Sequence, y_pred: Sequence, classes: Sequence | None = None) -> dict:
@@ -61,11 +130,15 @@ def classification_metrics(y_true: Sequence, y_pred: Sequence, classes: Sequence
         precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=order, zero_division=0)
     support = cm.sum(axis=1)
     present = support > 0
+    majority = float(support.max() / n) if n else float("nan")
+    correct = int(np.trace(cm))
     return {
         "accuracy": float(np.trace(cm) / n) if n else float("nan"),
         "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
         "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
         "n": n,
+        "majority_rate": majority,  # accuracy of always answering the commonest true class
+        "beats_chance": beats_chance(correct, n, majority),  # the chance_check rule
         "classes": order,
         "per_class": {
             c: {

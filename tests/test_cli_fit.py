@@ -75,7 +75,8 @@ def test_fit_json_summary(feats, tmp_path):
     assert d["head"] == "knn" and d["params"] == {"n_neighbors": 3}
     assert d["cv"]["fixed"] is True and d["cv"]["folds"] == 5
     for split in ("val", "test"):
-        assert set(d["scores"][split]) == {"accuracy", "balanced_accuracy", "macro_f1", "n"}
+        assert set(d["scores"][split]) == {"accuracy", "balanced_accuracy", "macro_f1", "n",
+            "majority_rate", "beats_chance"}
     assert d["scores"]["val"]["n"] == 180 and d["scores"]["val"]["accuracy"] > 0.9
     assert d["path"].endswith("k.skops")
 
@@ -83,11 +84,11 @@ def test_fit_json_summary(feats, tmp_path):
 def test_fit_all_prints_a_sorted_comparison(feats, tmp_path):
     r = runner.invoke(app, ["fit", str(feats / "f.npz"), "--head", "all", "--cv", "0", "-o", str(tmp_path / "b.skops")])
     assert r.exit_code == 0, r.output
-    assert "Heads, sorted by val accuracy" in r.stdout and "Best:" in r.stdout
+    assert "Heads, sorted by their selection score" in r.stdout and "Best:" in r.stdout
     for kind in HEADS:
         assert kind in r.stdout and (tmp_path / f"b-{kind}.skops").is_file()
     rep = json.loads((tmp_path / "b.report.json").read_text())
-    accs = [x["scores"]["val"]["accuracy"] for x in rep["comparison"]]
+    accs = [x["selection_score"] for x in rep["comparison"]]  # issue 24.3: ranked on rows the headline does not use
     assert accs == sorted(accs, reverse=True) and rep["head"] == rep["comparison"][0]["head"]
     assert (tmp_path / "b.comparison.png").is_file()
 

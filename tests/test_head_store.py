@@ -65,7 +65,8 @@ def test_round_trip_keeps_pipeline_and_self_description(fitted):
     assert head.classes == [f"c{i}" for i in range(10)] and head.kind == "logistic"
     m = head.meta
     assert m["format"] == "featx.head" and m["params"] == {"C": 0.1} and m["classes"] == head.classes
-    assert set(m["scores"]["val"]) == {"accuracy", "balanced_accuracy", "macro_f1", "n"}
+    assert set(m["scores"]["val"]) == {"accuracy", "balanced_accuracy", "macro_f1", "n",
+            "majority_rate", "beats_chance"}
     prov = m["features"]
     assert prov["backbone"] == "efficientnet_lite0" and prov["weights_sha256"] == "e1" * 32
     assert prov["preprocess"]["resize"] == 256 and prov["feature_dim"] == 64 and prov["versions"]["pillow"] == "13"

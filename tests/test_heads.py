@@ -76,7 +76,8 @@ def test_every_head_kind_fits_and_scores_on_held_out_rows(kind, small):
     assert pred.dtype.kind == "U"
     np.testing.assert_array_equal(np.asarray(res.head.classes)[scores.argmax(1)], pred)
     d = res.to_dict()
-    assert set(d["scores"]["val"]) == {"accuracy", "balanced_accuracy", "macro_f1", "n"}
+    assert set(d["scores"]["val"]) == {"accuracy", "balanced_accuracy", "macro_f1", "n",
+            "majority_rate", "beats_chance"}
 
 
 def test_splits_train_on_train_and_report_val_and_test():
@@ -224,7 +225,7 @@ def test_all_heads_sorted_by_validation_and_each_saved(tmp_path):
     fs = digits(n=500)
     res = fit_head(fs, "all", cv=0, output=tmp_path / "best.skops")
     assert [r.kind for r in res.results] and sorted(r.kind for r in res.results) == sorted(HEADS)
-    accs = [r.scores["val"]["accuracy"] for r in res.results]
+    accs = [res.selection["scores"][r.kind] for r in res.results]  # issue 24.3: chosen on half of val
     assert accs == sorted(accs, reverse=True)
     assert res.kind == res.results[0].kind and res.path == tmp_path / "best.skops"
     for kind in HEADS:

@@ -23,7 +23,8 @@ def test_metrics_match_sklearn_and_rows_are_true_classes():
     assert m["confusion"] == [[1, 0, 0], [0, 1, 1], [0, 1, 2]]  # row "cat": 1 predicted dog, 2 cat
     assert m["per_class"]["cat"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
     assert m["per_class"]["owl"]["support"] == 1
-    assert report.summary(m) == {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "n")}
+    assert report.summary(m) == {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "n", "majority_rate",
+                                                 "beats_chance")}
 
 
 def test_labels_outside_classes_are_appended_not_dropped():

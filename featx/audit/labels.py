@@ -58,29 +58,14 @@ def out_of_sample_probabilities(X: np.ndarray, y: np.ndarray, *, C: float, folds
     return cross_val_predict(head, X, y, cv=cv, method="predict_proba", n_jobs=n_jobs)
 
 
-# When is a cross-validated accuracy "clearly above" the majority-class rate (what always guessing the commonest
-# class scores)? Both: a one-sided binomial test rejects "no better than the majority rate" at 0.1 % (small folders:
-# a few lucky rows are not a signal), and the head closes at least a tenth of the gap from that rate to perfect
-# accuracy (large stores: 50.3 % against 50.0 % is "significant" on 100,000 rows and still useless). Below that the
-# probabilities carry no information about the labels and every "likely label error" is noise (issue 22.10: random
-# features gave 24,846 of them without a word).
-CHANCE_ALPHA = 1e-3
-CHANCE_GAP = 0.10
-
-
 def chance_level(y: np.ndarray, suggested: np.ndarray) -> tuple:
-    """(is the CV accuracy at chance level?, majority-class rate) for labels ``y`` and predictions ``suggested``."""
-    from scipy.stats import binomtest
+    """(is the CV accuracy at chance level?, majority-class rate) for labels ``y`` and predictions ``suggested``:
+    featx.report's one chance rule (`chance_check`), so audit and every printed score agree."""
+    from ..report import chance_check
 
-    y = np.asarray(y)
-    n = len(y)
-    majority = float(np.unique(y, return_counts=True)[1].max() / n) if n else 0.0
-    correct = int((np.asarray(suggested) == y).sum())
-    if n == 0 or majority >= 1.0:
-        return True, majority
-    clear = (binomtest(correct, n, majority, alternative="greater").pvalue < CHANCE_ALPHA
-             and correct / n >= majority + CHANCE_GAP * (1.0 - majority))
-    return not clear, majority
+    found = chance_check(np.asarray(y), np.asarray(suggested))
+    majority = found["majority_rate"] if len(y) else 0.0
+    return found["beats_chance"] is not True, majority
 
 
 def find_label_issues(X: np.ndarray, labels: np.ndarray, *, C: float = 0.1, folds: int = 5, seed: int = 0,

@@ -228,7 +228,8 @@ def _duplicates_png(groups: list, path: Path, root: Optional[Path], columns: int
                       f"#{g['group']} {m['role'] or m['split'] or ''} {m['label'] or ''}",
                       f"{'exact' if m['exact'] else format(m['similarity'], '.3f')} {Path(m['path']).name}", colour)
                      for m in g["members"][:columns]])
-    return _gallery(rows, f"near-duplicate groups: {len(groups)} (across splits = leakage, in red)", path,
+    shown = f"{len(rows)} of {len(groups)}" if len(rows) < len(groups) else f"{len(groups)}"  # count what is drawn
+    return _gallery(rows, f"near-duplicate groups: {shown} (across splits = leakage, in red)", path,
                     "no near-duplicates")
 
 

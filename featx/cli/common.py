@@ -16,7 +16,11 @@ from rich.text import Text
 # The one escaping rule: markup is OFF on both consoles, so every string printed (file names, class names, error
 # messages, table cells) appears exactly as it is. featx's own styling goes through `styled()` (or Text objects),
 # which escapes each value it interpolates.
-out = Console(highlight=False, soft_wrap=True, markup=False)
+# Piped or captured stdout has no width: Rich then assumes 80 columns and cuts table cells to "…" (issue 24.9). A
+# terminal keeps its own width, and COLUMNS (which Rich reads) still wins; otherwise tables get room to be whole.
+PIPED_WIDTH = 240
+out = Console(highlight=False, soft_wrap=True, markup=False,
+              width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else PIPED_WIDTH)
 err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)  # one error = one line
 
 

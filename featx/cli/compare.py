@@ -63,7 +63,7 @@ def compare_cmd(
     out.print(_table(res))
     out.print("* best head kind / best scratch architecture")
     if res.curve is not None:
-        out.print(_curve_table(res.curve))
+        out.print(_curve_table(res.curve, res))
         if res.curve.sentence:
             out.print(res.curve.sentence)
     for note in [*res.notes, *(res.curve.notes if res.curve is not None else [])]:
@@ -75,7 +75,9 @@ def compare_cmd(
 def _table(res) -> Table:
     from ..comparison.render import method_label
 
-    t = Table(title=f"validation: {res.n_val} images ({res.split})")
+    majority = next((r.majority_rate for r in res.rows if r.majority_rate is not None), None)
+    t = Table(title=f"validation: {res.n_val} images ({res.split})"
+                    + (f"; majority-class rate {majority:.4f}" if majority is not None else ""))
     t.add_column("method", justify="left", no_wrap=True)
     for col in ("val accuracy", "balanced accuracy", "seconds", "trainable params"):
         t.add_column(col, justify="right")
@@ -85,15 +87,17 @@ def _table(res) -> Table:
                       f"{r.seconds:.1f}", "")
             continue
         label = method_label(r)
+        acc = styled("[yellow]{} chance[/]", f"{r.accuracy:.4f}") if r.beats_chance is False else f"{r.accuracy:.4f}"
         t.add_row(label if r.best_in_family or r.family == "finetune" else styled("[dim]{}[/]", label),
-                  f"{r.accuracy:.4f}", f"{r.balanced_accuracy:.4f}", f"{r.seconds:.1f}",
+                  acc, f"{r.balanced_accuracy:.4f}", f"{r.seconds:.1f}",
                   "-" if r.trainable_params is None else f"{r.trainable_params:,}")
     return t
 
 
-def _curve_table(curve) -> Table:
-    from ..comparison.render import draws_title, point_cell
+def _curve_table(curve, res=None) -> Table:
+    from ..comparison.render import draws_title, point_at_chance, point_cell
 
+    at_chance = point_at_chance(res) if res is not None else (lambda p: False)
     points = curve.points()
     pts = {(p["method"], p["k"]): p for p in points}
     draws, with_n = draws_title(points)  # the draws that ran, not the --repeats asked for
@@ -103,5 +107,6 @@ def _curve_table(curve) -> Table:
         t.add_column(str(k), justify="right")
     t.add_column(f"all ({curve.per_class_all:.0f})", justify="right")
     for method, label in curve.labels.items():
-        t.add_row(label, *[point_cell(pts.get((method, k)), compact=True, with_n=with_n) for k in [*curve.ks, None]])
+        t.add_row(label, *[point_cell(pts.get((method, k)), compact=True, with_n=with_n,
+                                      chance=at_chance(pts.get((method, k)))) for k in [*curve.ks, None]])
     return t

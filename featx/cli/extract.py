@@ -71,7 +71,7 @@ def extract_cmd(
     if len(res.skipped) > 20:
         warn(f"... and {len(res.skipped) - 20} more skipped files, all listed in the store's meta['skipped']")
     for g in res.leakage:
-        warn(f"train/val leakage: identical files {', '.join(g['paths'])}")
+        warn(f"{'/'.join(g['splits'])} leakage: identical files {', '.join(g['paths'])}")  # the splits it spans
     if res.leakage:
         warn("these are byte-identical copies only; run `featx audit` on the features to also find resized, "
              "re-encoded or cropped copies across splits")

@@ -33,6 +33,8 @@ def log_message(msg: str) -> None:
 
 
 def print_result(res, json_: bool) -> None:
+    from ..report import metrics_chance_note
+
     if not is_main_rank():
         return
     if json_:
@@ -45,7 +47,16 @@ def print_result(res, json_: bool) -> None:
     else:
         score = styled("no validation images; kept the last epoch ({})", b["epoch"])
     state = "" if res.completed else " [yellow](stopped early on request: continue with --resume)[/]"
-    out.print(score + styled(", {} epochs in {} s" + state, len(res.rows), f"{res.seconds:.1f}"))
+    n_epochs = len(res.rows)
+    out.print(score + styled(", {} epoch{} in {} s" + state, n_epochs, "" if n_epochs == 1 else "s",
+                             f"{res.seconds:.1f}"))
+    for what, m in (("val", res.metrics), ("test", res.test_metrics)):  # the one chance rule (featx.report)
+        if m and m.get("majority_rate") is not None:
+            line = f"{what}: majority-class rate {m['majority_rate']:.4f}"
+            if m.get("beats_chance") is False:
+                out.print(styled("[yellow]{}; {}[/]", line, metrics_chance_note(m, f"{what} accuracy")))
+            else:
+                out.print(line)
     for note in res.notes:  # which epoch the model keeps, and whether fine-tuning beat the head phase
         out.print(note)
     t = res.test_metrics

@@ -68,13 +68,20 @@ def _print_one(res) -> None:
     out.print(f"validated on {res.validation}")
     if t.get("excluded"):
         x = t["excluded"]
-        out.print(f"left out {x['excluded']} image(s) listed in {x['file']} "
-                  f"({', '.join(f'{k} {v}' for k, v in x['by_split'].items())})")
+        by_split = ", ".join(f"{k} {v}" for k, v in x["by_split"].items() if v)
+        if not x["excluded"]:  # an empty list (an audit that found no duplicates): no "left out 0 ... ()"
+            out.print(f"nothing left out: {x['file']} lists no images")
+        else:
+            out.print(f"left out {x['excluded']} image(s) listed in {x['file']}"
+                      + (f" ({by_split})" if by_split else ""))
     out.print(cv_line(res.cv))
     if res.head.calibration:
         out.print(_calibration_line(res.head.calibration))
-    out.print(metrics_table(res.scores, title="Scores (held-out data)"))
-    for name, m in res.scores.items():
+    if res.selection:  # --head all: the kept head's score comes from rows that did not choose it
+        out.print(f"chosen by {res.selection['how']}")
+    out.print(metrics_table(res.held_out, title="Scores (held-out data)" if not res.selection else
+                            "Scores of the kept head (held-out data that did not choose it)"))
+    for name, m in res.held_out.items():
         out.print(per_class_table(m, title=f"Per class, {name}"))
         out.print(confusion_table(m, title=f"Confusion matrix, {name} (rows = true)"))
     out.print(styled("[dim]accuracy on the training rows themselves (not a score): {}[/dim]", fmt(t['training_data_accuracy'])))
@@ -103,11 +110,17 @@ def _calibration_line(cal: dict) -> str:
 
 def _print_comparison(res) -> None:
     split = res.selection_split or "val"
-    rows = [r.to_dict() for r in res.results]
-    cols = [("head", "head"), ("params", "params"), ("CV mean", "cv.mean"), ("CV std", "cv.std"),
-            (f"{split} acc.", f"scores.{split}.accuracy"), (f"{split} bal. acc.", f"scores.{split}.balanced_accuracy"),
+    sel = res.selection or {}
+    rows = [dict(r.to_dict(), selection_score=sel.get("scores", {}).get(r.kind)) for r in res.results]
+    metric = sel.get("metric", "accuracy").replace("_", " ")
+    used = "val rows, all (half of them chose)" if sel.get("rows") else "not used to choose"
+    cols = [("head", "head"), ("params", "params"), ("selection score", "selection_score"),
+            ("CV std", "cv.std"), (f"{split} acc.", f"scores.{split}.accuracy"),
+            (f"{split} bal. acc.", f"scores.{split}.balanced_accuracy"),
             (f"{split} macro-F1", f"scores.{split}.macro_f1")]
     if any("test" in r["scores"] for r in rows) and split != "test":
         cols.append(("test acc.", "scores.test.accuracy"))
     cols.append(("fit s", "training.fit_seconds"))
-    out.print(comparison_table(rows, cols, title=f"Heads, sorted by {split} accuracy"))
+    table = comparison_table(rows, cols, title=f"Heads, sorted by their selection score ({metric}; how: below); "
+                                               f"{split} columns: {used}")
+    out.print(table)

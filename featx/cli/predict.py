@@ -25,6 +25,7 @@ def predict_cmd(
     format_: Optional[str] = typer.Option(None, "--format", help="csv | jsonl (default: from the -o suffix, else csv)."),
     top_k: int = typer.Option(3, "--top-k", min=0, help="Top classes and scores per row."),
     sort_into: Optional[Path] = typer.Option(None, "--sort-into", help="Also copy each image into DIR/<predicted class>/."),
+    copy: bool = typer.Option(False, "--copy", help="With --sort-into: copy the images (the default)."),
     link: bool = typer.Option(False, "--link", help="With --sort-into: hard-link (symlink across file systems) instead of copying."),
     move: bool = typer.Option(False, "--move", help="With --sort-into: move the images (the only mode that removes sources)."),
     min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="With --sort-into: images whose probability is below this go to DIR/_uncertain/. Needs a model that gives probabilities: SVM/ridge heads give decision scores unless fitted with `featx fit --calibrate`."),
@@ -45,10 +46,10 @@ def predict_cmd(
     from ..errors import FeatxError, UsageError
     from ..predict import predict_folder
 
-    if link and move:
-        raise UsageError("--link and --move exclude each other")
-    if (link or move) and sort_into is None:
-        raise UsageError("--link/--move apply to sorting; add --sort-into DIR")
+    if copy + link + move > 1:
+        raise UsageError("--copy, --link and --move exclude each other")
+    if (copy or link or move) and sort_into is None:  # `--copy` alone was once answered "did you mean --top-k?"
+        raise UsageError("--copy/--link/--move apply to sorting; add --sort-into DIR")
     mode = "move" if move else "link" if link else "copy"
     try:
         with progress_bar("predicting", unit="img") as update:
@@ -117,12 +118,19 @@ def _print(res) -> None:
 
     if res.labelled and res.metrics is not None:
         scores = {"all": res.metrics, **res.split_metrics} if res.split_metrics else {"all": res.metrics}
+        if res.seen_metrics:  # issue 24.2: training images scored apart, never in the rows above
+            scores = {("unseen" if k == "all" else k): v for k, v in scores.items()}
+            scores["seen in training"] = res.seen_metrics
         out.print(metrics_table(scores, title="Scores against the folder labels"))
-        out.print(per_class_table(res.metrics, title="Per class"))
+        out.print(per_class_table(res.metrics, title="Per class" + (", unseen images" if res.seen_metrics else "")))
         out.print(confusion_table(res.metrics, title="Confusion matrix (rows = true)"))
         if res.report_dir:
             extra = f", {res.gallery_png.name}" if res.gallery_png else " (nothing misclassified, no gallery)"
             out.print(f"report -> {res.report_dir} (confusion.png{extra}, metrics.json)")
+
+    elif res.labelled and res.seen_metrics:  # every labelled image trained or chose the model: no headline
+        out.print(metrics_table({"seen in training": res.seen_metrics},
+                                title="Scores against the folder labels (images the model was trained or chosen on)"))
 
     if res.sort_into is not None:
         _print_sort(res)

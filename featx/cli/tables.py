@@ -47,15 +47,31 @@ def cv_line(cv: Optional[Mapping]) -> Text:
 
 
 def metrics_table(scores: Mapping[str, Mapping], title: Optional[str] = None) -> Table:
-    """One row per evaluated split: accuracy, balanced accuracy, macro-F1, n."""
-    table = Table(title=title, title_justify="left")
+    """One row per evaluated split: accuracy, balanced accuracy, majority-class rate, macro-F1, n. A split whose
+    accuracy does not clearly beat the majority-class rate (featx.report's chance rule) is marked "chance" in
+    yellow and explained under the table."""
+    table = Table(title=title, title_justify="left", caption_justify="left")
     table.add_column("split")
-    for col in ("accuracy", "balanced acc.", "macro-F1", "n"):
+    for col in ("accuracy", "balanced acc.", "majority rate", "macro-F1", "n"):
         table.add_column(col, justify="right")
+    flagged = []
     for name, m in scores.items():
-        table.add_row(name, fmt(m.get("accuracy")), fmt(m.get("balanced_accuracy")), fmt(m.get("macro_f1")),
+        chance = m.get("beats_chance") is False
+        acc = Text(fmt(m.get("accuracy")) + (" chance" if chance else ""), style="yellow" if chance else "")
+        table.add_row(name, acc, fmt(m.get("balanced_accuracy")), fmt(m.get("majority_rate")), fmt(m.get("macro_f1")),
                       fmt(m.get("n")))
+        if chance:
+            flagged.append(name)
+    if flagged:
+        table.caption = chance_caption(flagged)
+        table.caption_style = "yellow"
     return table
+
+
+def chance_caption(names: Sequence[str]) -> str:
+    """What the "chance" mark means, under a table that has one."""
+    return (f"chance: {', '.join(map(str, names))} not clearly above the majority-class rate (always answering the "
+            f"commonest class): this model has not shown that it learned anything")
 
 
 def per_class_table(metrics: Mapping, title: Optional[str] = None) -> Table:

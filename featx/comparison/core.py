@@ -55,7 +55,8 @@ def compare(images: str | os.PathLike, *, settings: Optional[CompareSettings] = 
         result = CompareResult(run_dir=claim.path, rows=rows, report_path=claim.path / "report.md", chart_path=None,
                                split=split.source, n_train=len(split.train), n_val=len(split.val),
                                seconds=time.perf_counter() - t0, settings=s, curve=curve,
-                               notes=list(ctx.budget.notes), val_images=[str(r.relpath) for r in split.val])
+                               notes=list(ctx.budget.notes) + methods.chance_notes(rows),
+                               val_images=[str(r.relpath) for r in split.val])
         render.write_outputs(result)
         failed = False
         return result

@@ -98,6 +98,7 @@ def run_all(ctx: Context, bb) -> list:
     if not any(r.ok for r in rows):
         raise _all_failed(rows, errors)
     mark_best(rows)
+    mark_chance(rows, [r.label for r in ctx.split.val])
     rows.sort(key=lambda r: (not r.ok, -(r.accuracy if r.accuracy is not None else -1.0)))
     return rows
 
@@ -148,6 +149,26 @@ def mark_best(rows: list) -> None:
             best[r.family] = r
     for r in best.values():
         r.best_in_family = True
+
+
+def mark_chance(rows: list, val_labels: list) -> None:
+    """``majority_rate`` and ``beats_chance`` of every row that ran: featx.report's one chance rule on the shared
+    validation images (every method is scored on the same ones)."""
+    from ..report import beats_chance, majority_rate
+
+    majority = majority_rate(val_labels)
+    for r in rows:
+        r.majority_rate = majority
+        if r.ok:
+            r.beats_chance = beats_chance(round(r.accuracy * len(val_labels)), len(val_labels), majority)
+
+
+def chance_notes(rows: list) -> list:
+    """One note per method that does not clearly beat the majority-class rate (compare's notes and report.md)."""
+    from ..report import chance_note
+
+    return [f"{r.method}: " + chance_note(r.accuracy, r.majority_rate, r.balanced_accuracy, "val accuracy")
+            + "; not a result" for r in rows if r.ok and r.beats_chance is False]
 
 
 # -- heads on frozen features ---------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ def render_report(result: CompareResult) -> str:
              f"- backbone for heads and fine-tuning: `{s.backbone}`" + (" (random init)" if not s.pretrained else ""),
              f"- budget: {'quick' if s.quick else 'default'}"
              + (f", --budget {s.budget:g} s" if s.budget else "") + f"; total wall time {result.seconds:.1f} s", "",
+             f"- majority-class rate of the validation images: {_f(_majority(result))} (always answering the "
+             f"commonest class); a method not clearly above it is marked **chance**", "",
              "| method | val accuracy | balanced accuracy | seconds | trainable params |", "|---|---|---|---|---|"]
     for r in result.rows:
         if r.skipped:
@@ -56,7 +58,9 @@ def render_report(result: CompareResult) -> str:
             lines.append(f"| {r.method} | failed: {_cell(r.error)} | | {r.seconds:.1f} | |")
         else:
             tp = "-" if r.trainable_params is None else f"{r.trainable_params:,}"
-            lines.append(f"| {method_label(r)} | {_f(r.accuracy)} | {_f(r.balanced_accuracy)} | {r.seconds:.1f} | {tp} |")
+            mark = " **chance**" if r.beats_chance is False else ""
+            lines.append(f"| {method_label(r)} | {_f(r.accuracy)}{mark} | {_f(r.balanced_accuracy)} | {r.seconds:.1f} "
+                         f"| {tp} |")
     lines += ["", "`*` best head kind / best scratch architecture on these validation images.", ""]
     if result.chart_path:
         lines += ["![validation accuracy](accuracy.png)", ""]
@@ -72,6 +76,10 @@ def render_report(result: CompareResult) -> str:
     lines += [f"- {r.method}: `{r.artifact}`" for r in result.rows if r.artifact and r.ok]
     lines.append("")
     return "\n".join(lines)
+
+
+def _majority(result: CompareResult) -> Optional[float]:
+    return next((r.majority_rate for r in result.rows if r.majority_rate is not None), None)
 
 
 def _cell(text: str) -> str:
@@ -90,11 +98,14 @@ def render_curve(result: CompareResult) -> list:
     head = [str(k) for k in c.ks] + [f"all ({c.per_class_all:.0f})"]
     lines = ["## Accuracy against training images per class (`--shots`)", "", c.sentence or "(no curve to read)", "",
              "| method | " + " | ".join(head) + " |", "|---" * (len(cols) + 1) + "|"]
+    at_chance = point_at_chance(result)
     for method, label in c.labels.items():
-        cells = [point_cell(pts.get((method, k)), state.get((method, k))) for k in cols]
+        cells = [point_cell(pts.get((method, k)), state.get((method, k)), chance=at_chance(pts.get((method, k))))
+                 for k in cols]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Mean validation accuracy over the draws (± standard deviation, n = draws); the same "
-              f"{len(c.val_images)} validation images for every cell."]
+              f"{len(c.val_images)} validation images for every cell; **chance**: a mean not clearly above the "
+              f"majority-class rate {_f(_majority(result))}."]
     if result.curve_path:
         lines += ["", "![learning curve](learning_curve.png)"]
     lines += ["", f"How: k images per class are drawn (seeded) from the training split only; the smallest size is "
@@ -108,15 +119,30 @@ def render_curve(result: CompareResult) -> list:
     return lines
 
 
-def point_cell(p: Optional[dict], state: Optional[str] = None, compact: bool = False, with_n: bool = True) -> str:
-    """A curve point as text: mean, and ± standard deviation (n = draws) where there were several draws."""
+def point_at_chance(result: CompareResult):
+    """-> f(point) -> whether its mean accuracy fails featx.report's chance rule on the shared validation images."""
+    from ..report import beats_chance
+
+    majority, n = _majority(result), result.n_val
+
+    def at_chance(p: Optional[dict]) -> bool:
+        return (p is not None and majority is not None and n > 0
+                and beats_chance(round(float(p["mean"]) * n), n, majority) is False)
+    return at_chance
+
+
+def point_cell(p: Optional[dict], state: Optional[str] = None, compact: bool = False, with_n: bool = True,
+               chance: bool = False) -> str:
+    """A curve point as text: mean, and ± standard deviation (n = draws) where there were several draws; "chance"
+    after a mean that does not clearly beat the majority-class rate."""
     if p is None:
         return state or "-"
+    mark = (" chance" if compact else " **chance**") if chance else ""
     if p["n"] == 1:
-        return f"{p['mean']:.3f}"
+        return f"{p['mean']:.3f}{mark}"
     if compact:
-        return f"{p['mean']:.2f}±{p['std']:.2f}" + (f" (n={p['n']})" if with_n else "")
-    return f"{p['mean']:.3f} ± {p['std']:.3f} (n={p['n']})"
+        return f"{p['mean']:.2f}±{p['std']:.2f}" + (f" (n={p['n']})" if with_n else "") + mark
+    return f"{p['mean']:.3f} ± {p['std']:.3f} (n={p['n']})" + mark
 
 
 def draws_title(points: list) -> tuple:

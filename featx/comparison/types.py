@@ -57,6 +57,8 @@ class MethodResult:
     artifact: Optional[str] = None  # what `featx predict --model` accepts
     error: Optional[str] = None
     skipped: Optional[str] = None  # why it did not run (the --budget was spent)
+    majority_rate: Optional[float] = None  # always answering the commonest validation class (featx.report)
+    beats_chance: Optional[bool] = None  # False: not clearly above majority_rate (featx.report.beats_chance)
 
     @property
     def ok(self) -> bool:

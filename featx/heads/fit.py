@@ -77,6 +77,15 @@ class FitResult:
     results: list = field(default_factory=list)  # head="all": every head's FitResult, best first
     report_path: Optional[Path] = None
     calibration: Optional[dict] = None  # --calibrate: temperature, ECE before/after per split with reliability bins
+    # head="all": how the kept head was chosen ({how, metric, rows, scores: kind -> selection score}); None for one head
+    selection: Optional[dict] = None
+    # split -> metrics of the kept head on rows that did not choose it (the honest headline); None: ``scores`` are
+    headline: Optional[dict] = None
+
+    @property
+    def held_out(self) -> dict:
+        """split -> metrics on rows that neither trained nor chose this head: what to report as its score."""
+        return self.headline if self.headline is not None else self.scores
 
     @property
     def kind(self) -> str:
@@ -93,11 +102,6 @@ class FitResult:
     def score(self) -> float:
         s = self.scores.get(self.selection_split or "", {})
         return float(s.get("accuracy", float("nan")))
-
-    def _rank_key(self):
-        s = self.scores.get(self.selection_split or "", {})
-        acc, f1 = s.get("accuracy", -1.0), s.get("macro_f1", -1.0)
-        return (-(acc if math.isfinite(acc) else -1.0), -(f1 if math.isfinite(f1) else -1.0))
 
     def to_dict(self) -> dict:
         """The ``--json`` summary: head, params, cv, and per evaluated split accuracy/balanced_accuracy/macro_f1/n."""
@@ -116,6 +120,8 @@ class FitResult:
             "validation": self.validation,
             "scores": {name: summary(m) for name, m in self.scores.items()},
             "selection_split": self.selection_split,
+            "selection": self.selection,
+            "held_out": {name: summary(m) for name, m in self.held_out.items()},
             "training": dict(self.training),
             "calibration": self.head.calibration,
             "classes": self.head.classes,
@@ -204,19 +210,80 @@ def fit_head(features, head: str = "logistic", *, output=None, C: Optional[float
             if s.calibrate:
                 _calibrate(res, plan, s)
             results.append(res)
-        best = _best_of(results) if s.head == "all" else results[0]
+        best = _best_of(results, plan, s) if s.head == "all" else results[0]
+        _record_seen([best, *best.results], plan, s, selected=bool(s.calibrate or (best.selection or {}).get("rows")))
         if files:
             _save(best, output, rdir, every=s.head == "all")
     return best
 
 
-def _best_of(results: list) -> FitResult:
-    results.sort(key=FitResult._rank_key)
-    best = copy.copy(results[0])
+def _best_of(results: list, plan: _Plan, s: FitSettings) -> FitResult:
+    """Keep the best head, chosen on rows its reported score does not use (issue 24.3: picking the best of six on
+    val and then reporting that same val score as "held-out" flatters the winner). With CV on, heads are ranked by
+    their cross-validated score on the training rows and the winner's validation score stays untouched; with
+    --cv 0 half of the validation rows (stratified, seeded) choose and the winner is scored on the other half."""
+    val = plan.evals.get("val")
+    if all(r.cv and r.cv.get("mean") is not None for r in results):
+        metric = results[0].cv.get("metric", "accuracy")
+        chosen_by = {r.kind: float(r.cv["mean"]) for r in results}
+        how = (f"{results[0].cv.get('folds')}-fold cross-validated {metric.replace('_', ' ')} on the training rows; "
+               f"the validation rows took no part in choosing")
+        rows = None
+        headline = None
+    else:
+        metric = "balanced_accuracy" if s.class_weight == "balanced" else "accuracy"
+        choose, score = _val_halves(val.labels, s.seed)
+        chosen_by = {r.kind: float(classification_metrics(val.labels[choose],
+                                                          r.head.pipeline.predict(val.features[choose]),
+                                                          r.head.classes)[metric]) for r in results}
+        how = (f"{metric.replace('_', ' ')} on {len(choose)} of the {len(val)} validation rows (a stratified seeded "
+               f"half; --cv 0); the kept head is scored on the other {len(score)}")
+        rows = {"choose": int(len(choose)), "score": int(len(score))}
+        headline = {}
+    results.sort(key=lambda r: -chosen_by[r.kind] if math.isfinite(chosen_by[r.kind]) else math.inf)  # stable
+    winner = results[0]
+    if headline is not None:
+        pipe = winner.head.pipeline
+        headline = {"val": classification_metrics(val.labels[score], pipe.predict(val.features[score]),
+                                                  winner.head.classes),
+                    **{n: m for n, m in winner.scores.items() if n != "val"}}
+    best = copy.copy(winner)
     # Its own Head object: the best is saved twice (<stem>.skops and <stem>-<kind>.skops), each records its path.
-    best.head = Head(results[0].head.pipeline, dict(results[0].head.meta))
+    best.head = Head(winner.head.pipeline, dict(winner.head.meta))
     best.results = results
+    best.selection = {"how": how, "metric": metric, "scores": chosen_by, **({"rows": rows} if rows else {})}
+    best.headline = headline
+    best.head.meta["selection"] = {**best.selection,
+                                   "held_out": {n: summary(m) for n, m in best.held_out.items()}}
     return best
+
+
+def _record_seen(results: list, plan: _Plan, s: FitSettings, selected: bool) -> None:
+    """Record in each head which images trained it and, when validation rows chose or calibrated it, those too
+    (content hashes, featx.data.seen): `featx predict` then scores such images apart (issue 24.2)."""
+    from ..data.seen import make_record
+
+    record = make_record(plan.train.meta.get("root"), plan.train.paths, "trained")
+    val = plan.evals.get("val")
+    if selected and val is not None:
+        record = make_record(val.meta.get("root"), val.paths, "selected", record)
+    for r in results:
+        r.head.meta["seen"] = record
+
+
+def _val_halves(labels: np.ndarray, seed: int) -> tuple:
+    """(rows that choose, rows that score): a stratified seeded half of the validation rows each (unstratified when a
+    class has a single row)."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    if len(idx) < 2:
+        raise DataError("--head all with --cv 0 needs at least 2 validation rows: half choose the head, half score it")
+    try:
+        choose, score = train_test_split(idx, test_size=0.5, stratify=labels, random_state=seed)
+    except ValueError:  # a class with one validation row cannot be in both halves
+        choose, score = train_test_split(idx, test_size=0.5, random_state=seed)
+    return np.sort(choose), np.sort(score)
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -648,6 +715,7 @@ def _report(r: FitResult) -> dict:
         d["calibration"] = r.calibration  # with the reliability bins per split
     if r.results:
         d["comparison"] = [{"head": x.kind, "params": x.head.meta.get("params"),
+                            "selection_score": (r.selection or {}).get("scores", {}).get(x.kind),
                             "scores": {n: summary(m) for n, m in x.scores.items()},
                             "path": str(x.path) if x.path else None} for x in r.results]
     return d

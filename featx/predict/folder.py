@@ -126,6 +126,9 @@ class PredictResult:
     metrics: Optional[dict] = None  # classification_metrics over labelled rows that decoded
     split_metrics: dict = field(default_factory=dict)  # per split headline scores, when the folder has splits
     unknown_classes: list = field(default_factory=list)  # true classes the model was never taught
+    # images the model was trained or selected on (by content; issue 24.2): scored apart, left out of ``metrics``
+    seen_metrics: Optional[dict] = None
+    seen_paths: list = field(default_factory=list)
     report_dir: Optional[Path] = None
     confusion_png: Optional[Path] = None
     gallery_png: Optional[Path] = None
@@ -189,6 +192,7 @@ class PredictResult:
             d["metrics"] = {**summary(self.metrics), "per_class": self.metrics["per_class"],
                             "classes": self.metrics["classes"], "confusion": self.metrics["confusion"]}
             d["split_metrics"] = self.split_metrics
+            d["seen_in_training"] = {"n": len(self.seen_paths), "metrics": self.seen_metrics}
             d["unknown_classes"] = self.unknown_classes
             d["report"] = {"dir": str(self.report_dir) if self.report_dir else None,
                            "confusion_png": str(self.confusion_png) if self.confusion_png else None,
@@ -516,6 +520,11 @@ def _evaluate(res: PredictResult, folder, pred: Predictor) -> None:
     if not idx:
         res.warnings.append("no labelled image could be read; no scores")
         return
+    idx = _set_seen_apart(res, folder, pred, idx)
+    if not idx:
+        return
+    y_true = [res.rows[i]["true_label"] for i in idx]
+    y_pred = [res.rows[i]["label"] for i in idx]
     res.metrics = classification_metrics(y_true, y_pred, pred.classes)
     if folder.has_splits:
         by_split: dict = {}
@@ -527,6 +536,44 @@ def _evaluate(res: PredictResult, folder, pred: Predictor) -> None:
                 m = classification_metrics([res.rows[i]["true_label"] for i in ii], [res.rows[i]["label"] for i in ii],
                                            pred.classes)
                 res.split_metrics[split] = summary(m)
+
+
+def _set_seen_apart(res: PredictResult, folder, pred: Predictor, idx: list) -> list:
+    """Score the images the model was trained or selected on apart (matched by file content, featx.data.seen);
+    -> the rows left for the headline. A model that records no such images gets a warning instead."""
+    from ..data.seen import match
+    from ..report import classification_metrics, summary
+
+    record, how = pred.seen, "file content"
+    if record is None and pred.kind in ("finetune", "scratch") and pred.path is not None:
+        from ..data.seen import old_run_record
+
+        record, how = old_run_record(Path(pred.path).parent), "path only: the run records no file hashes"
+    found = match(record, [folder.records[i].path for i in idx], [res.rows[i]["path"] for i in idx])
+    if found is None:
+        if pred.needs_torch:  # a head or run made before featx recorded its images (an ONNX export carries none)
+            res.warnings.append(f"this {pred.kind} model records no training images (made by an older featx): "
+                                "images it was trained or chosen on cannot be told apart here, and scores on them "
+                                "overstate its accuracy; fit or train it again to record them")
+        return idx
+    for what in found.get("unrecorded", []):  # the model's record is partial: some seen images may be counted
+        res.warnings.append(f"this model's record of its training images is incomplete ({what}): images it was "
+                            "trained or chosen on may be in the scores, which then overstate its accuracy")
+    seen = [i for i, s in zip(idx, found["seen"]) if s]
+    if not seen:
+        return idx
+    seen_set = set(seen)
+    rest = [i for i in idx if i not in seen_set]
+    res.seen_paths = [res.rows[i]["path"] for i in seen]
+    res.seen_metrics = summary(classification_metrics([res.rows[i]["true_label"] for i in seen],
+                                                      [res.rows[i]["label"] for i in seen], pred.classes))
+    by_path = f", {found['by_path']} of them by path" if found["by_path"] and how == "file content" else ""
+    res.warnings.append(f"{len(seen)} of the {len(idx)} labelled images were used to train or choose this model "
+                        f"(matched by {how}{by_path}): they are scored apart as 'seen in training' and the "
+                        f"scores cover the other {len(rest)} only")
+    if not rest:
+        res.warnings.append("every labelled image was seen in training: no score on unseen images")
+    return rest
 
 
 def _sort(res: PredictResult, folder, plan: _Plan, s: PredictSettings) -> Optional[MoveJournal]:
@@ -567,21 +614,23 @@ def _write(res: PredictResult, folder, plan: _Plan, top_k: int) -> None:
 def _write_report(res: PredictResult, folder, rep_dir: Path) -> None:
     from ..report import save_evaluation
 
+    seen = set(res.seen_paths)  # images the model was trained or chosen on are not in the scores, nor here
+    scored = [(i, r) for i, r in enumerate(res.rows)
+              if r["error"] is None and r.get("true_label") is not None and r["path"] not in seen]
     mistakes = [{"path": r["path"], "file": folder.records[i].path, "true": r["true_label"], "pred": r["label"],
-                 "confidence": r["confidence"]}
-                for i, r in enumerate(res.rows)
-                if r["error"] is None and r.get("true_label") is not None and r["label"] != r["true_label"]]
+                 "confidence": r["confidence"]} for i, r in scored if r["label"] != r["true_label"]]
     files = save_evaluation(
         rep_dir, res.metrics, mistakes, info={"model": res.model, "confidence_kind": res.confidence_kind},
-        extra={"split_metrics": res.split_metrics, "unknown_classes": res.unknown_classes, "n_errors": res.n_errors},
+        extra={"split_metrics": res.split_metrics, "unknown_classes": res.unknown_classes, "n_errors": res.n_errors,
+               "seen_in_training": {"n": len(res.seen_paths), "metrics": res.seen_metrics,
+                                    "paths": res.seen_paths}},
         score_name=res.confidence_kind, what="predictions vs folder labels")
     res.report_dir, res.confusion_png, res.gallery_png = rep_dir, files["confusion"], files["gallery"]
     from ..report_html import evaluation_page  # report.html: the confusion matrix with its images, sortable
 
     evaluation_page(rep_dir / "report.html", res.metrics,
                     [{"path": r["path"], "file": folder.records[i].path, "true": r["true_label"], "pred": r["label"],
-                      "confidence": r["confidence"]} for i, r in enumerate(res.rows)
-                     if r["error"] is None and r.get("true_label") is not None],
+                      "confidence": r["confidence"]} for i, r in scored],
                     title=f"featx predict: {res.model} on {folder.root}", score_name=res.confidence_kind,
                     notes=res.warnings)
 

@@ -71,6 +71,8 @@ class Predictor:
     # what ``forward`` outputs, for featx.runtime's graph cache key and messages (changes whenever ``forward``
     # computes something else from the same weights)
     what: str = "outputs"
+    # the images the model was trained or selected on (featx.data.seen record); None: the artifact records none
+    seen: Optional[dict] = None
 
     @property
     def needs_torch(self) -> bool:
@@ -221,7 +223,8 @@ def _from_head(model, *, weights=None, strict: bool = False) -> Predictor:
     return Predictor(
         preprocess=bb.preprocess, forward=bb.forward_features, to_scores=lambda feats: head.predict_scores(feats)[0],
         classes=list(head.classes), score_kind=head.score_kind, description=f"{head.kind} head on {bb.name} features",
-        kind="head", network=bb.model, path=head.path, what=f"features of {bb.name} at {bb.layer}")
+        kind="head", network=bb.model, path=head.path, what=f"features of {bb.name} at {bb.layer}",
+        seen=head.meta.get("seen"))
 
 
 def _from_trained(model, *, weights=None, strict: bool = False) -> Predictor:
@@ -244,7 +247,8 @@ def _from_trained(model, *, weights=None, strict: bool = False) -> Predictor:
         preprocess=tm.preprocess, forward=forward, to_scores=lambda p: np.asarray(p, dtype=np.float64),
         classes=[str(c) for c in tm.classes], score_kind="probability",
         description=f"{tm.kind or 'trained'} model {tm.name}", kind=tm.kind or "trained", network=net, path=tm.path,
-        what=f"probabilities of {tm.kind or 'trained'} model {tm.name}")
+        what=f"probabilities of {tm.kind or 'trained'} model {tm.name}",
+        seen=(getattr(tm, "meta", None) or {}).get("seen"))
 
 
 def _from_onnx(model, *, weights=None, strict: bool = False) -> Predictor:

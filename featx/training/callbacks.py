@@ -28,7 +28,8 @@ class EarlyStopping(Callback):
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         if (self.patience and trainer.val_batches is not None and trainer.phase.early_stop
                 and trainer.state["since_best"] >= self.patience and not trainer.state["done"]):
-            trainer.stop("early", f"early stopping: no better validation accuracy for {self.patience} epochs")
+            trainer.stop("early", f"early stopping: no better validation accuracy for {self.patience} "
+                                    f"epoch{'' if self.patience == 1 else 's'}")
 
 
 class StopAfter(Callback):
@@ -76,7 +77,9 @@ class EpochLog(Callback):
 
     def on_phase_start(self, trainer: Trainer, phase: Phase) -> None:
         first = 1 + sum(p.epochs for p in trainer.phases[:trainer.phase_index])
-        self.log(f"phase {phase.name}: epochs {first}-{first + phase.epochs - 1}, "
+        last = first + phase.epochs - 1
+        span = f"epochs {first}-{last}" if last > first else f"epoch {first}"  # never "epochs 1-1"
+        self.log(f"phase {phase.name}: {span}, "
                  f"{trainer.trainable:,} trainable parameters, {trainer.precision.name}")
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:

@@ -24,7 +24,7 @@ from ..data.split import Split, split_records
 from .callbacks import print_epoch, print_message
 from .config import SMALL_DATA, FinetuneConfig
 from .optim import layer_decay_groups, param_groups
-from .runs import RunSpec, execute, run_training, training_subset
+from .runs import RunSpec, execute, run_training, seen_of, training_subset
 from .trainer import Phase, seed_everything
 
 
@@ -73,7 +73,7 @@ def _finetune_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch
                    val_batches=b.val, test_batches=b.test, phases=phases, cfg=cfg, run_dir=run_dir, model_info=info,
                    dist=dist, device=device, n_train=b.n_train, n_val=b.n_val, n_test=b.n_test, split_how=split.source,
                    skipped=b.skipped, warnings=split.warnings, config_extra=extra, resume_state=resume_state, log=log,
-                   on_epoch=on_epoch)
+                   on_epoch=on_epoch, seen=seen_of(split))
     return execute(spec)
 
 

@@ -86,8 +86,22 @@ def _header(run_dir: Path, r: TrainResult, title: str, split_how: str, classes: 
         t = r.test_metrics
         lines.append(f"- test (scored once, best weights): accuracy {_fmt(t['accuracy'])}, balanced accuracy "
                      f"{_fmt(t['balanced_accuracy'])}, {t['n']} images")
+    lines += _chance_lines(r)
     lines += [f"- trainable parameters: {r.trainable_params:,} of {r.total_params:,}; precision {r.precision}",
               f"- wall time: {r.seconds:.1f} s", ""]
+    return lines
+
+
+def _chance_lines(r: TrainResult) -> list:
+    """The majority-class rate beside each score, and a warning where the model does not clearly beat it."""
+    from ..report import metrics_chance_note
+
+    lines = []
+    for what, m in (("val", r.metrics), ("test", r.test_metrics)):
+        if m and m.get("majority_rate") is not None:
+            note = metrics_chance_note(m, f"{what} accuracy")
+            lines.append(f"- {what} majority-class rate (always answering the commonest class): "
+                         f"{_fmt(m['majority_rate'])}" + (f"; **{note}**: not a result" if note else ""))
     return lines
 
 

@@ -45,6 +45,7 @@ class TrainResult:
             "model": str(self.model_path),
             "best": self.best,
             "restored_best_epoch": self.restored_best,
+            "val": metrics_summary(self.metrics) if self.metrics else None,  # best weights; majority rate, chance
             "test": metrics_summary(self.test_metrics) if self.test_metrics else None,
             "epochs_run": len(self.rows),
             "completed": self.completed,

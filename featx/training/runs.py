@@ -251,6 +251,7 @@ class RunSpec:
     warnings: list = field(default_factory=list)
     config_extra: dict = field(default_factory=dict)  # written to config.json with the settings
     resume_state: Optional[tuple] = None  # (loop state, optimizer state) from resume.safetensors
+    seen: Optional[dict] = None  # the images that trained (train) and chose (val: the best epoch) it: seen_of(split)
     log: Callable[[str], None] = lambda msg: None
     on_epoch: Optional[Callable[[dict], None]] = None
 
@@ -297,7 +298,18 @@ def model_json(spec: RunSpec, trainer: Trainer) -> dict:
     """The fields of model.json (checkpoint.write_model_json adds format, weights hash and versions)."""
     return {"kind": spec.kind, **spec.model_info, "classes": list(spec.classes),
             "preprocess": spec.preprocess.to_dict(), "best": best_of(trainer.state),
-            "trainable_params": trainer.trainable, "split": spec.split_how}
+            "trainable_params": trainer.trainable, "split": spec.split_how,
+            **({"seen": spec.seen} if spec.seen else {})}
+
+
+def seen_of(split) -> dict:
+    """Content hashes of the training images and of the validation images that chose the best epoch
+    (featx.data.seen): `featx predict` scores them apart (issue 24.2)."""
+    from ..data.seen import record_files
+
+    train = {str(r.relpath): r.path for r in split.train}  # a --shots subset repeats its images
+    rec = record_files(list(train.values()), list(train), "trained")
+    return record_files([r.path for r in split.val], [str(r.relpath) for r in split.val], "selected", rec)
 
 
 def result_of(spec: RunSpec, trainer: Trainer) -> TrainResult:

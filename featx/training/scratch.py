@@ -25,7 +25,7 @@ from . import zoo
 from .callbacks import print_epoch, print_message
 from .config import ScratchConfig
 from .optim import param_groups
-from .runs import RunSpec, execute, run_training, training_subset
+from .runs import RunSpec, execute, run_training, seen_of, training_subset
 from .trainer import Phase, seed_everything
 
 
@@ -99,7 +99,7 @@ def _train_scratch_in(run_dir, resume_state, cfg, images, dist, device, log, on_
                    val_batches=b.val, test_batches=b.test, phases=phases, cfg=cfg, run_dir=run_dir,
                    model_info={"arch": cfg.arch, "image_size": size}, dist=dist, device=device, n_train=b.n_train,
                    n_val=b.n_val, n_test=b.n_test, split_how=split.source, skipped=b.skipped, warnings=split.warnings,
-                   config_extra=extra, resume_state=resume_state, log=log, on_epoch=on_epoch)
+                   config_extra=extra, resume_state=resume_state, log=log, on_epoch=on_epoch, seen=seen_of(split))
     return execute(spec)
 
 
