@@ -193,3 +193,15 @@ def test_audit_neighbours_option_with_k_as_a_hidden_alias(tmp_path, monkeypatch)
         assert got["k"] == want
     help_text = CliRunner().invoke(app, ["audit", "--help"], terminal_width=200).output
     assert "--neighbours" in help_text and "--k " not in help_text
+
+
+def test_compare_resolves_auto_once_for_extraction_and_finetuning(tmp_path):
+    from featx.comparison.core import _backbone
+    from featx.comparison.types import CompareSettings
+    from featx.data.discover import discover
+    from featx.data.split import split_records
+
+    folder = make_folder(tmp_path / "imgs", n_per_class=3, size=40)
+    s = CompareSettings(backbone="timm/test_resnet", pretrained=False, image_size="auto")
+    bb = _backbone(s, split_records(discover(folder), 0.2, 0))
+    assert s.image_size == bb.preprocess.input_size == 64  # a number now: every method runs at the same size

@@ -23,7 +23,7 @@ def audit_cmd(
     checks: str = typer.Option("duplicates,labels,outliers", "--checks",
                                help="Comma-separated: duplicates, labels, outliers (labels needs a labelled store)."),
     threshold: float = typer.Option(0.88, "--threshold", help="Cosine similarity at which two images are near-duplicates."),
-    # --neighbours, not --k: fit's --k is a cross-validation fold count; the old name stays as a hidden alias
+    # --neighbours, not --k: fit's --k is the k-NN head's k, another thing; the old name stays as a hidden alias
     k: int = typer.Option(10, "--neighbours", "--neighbors", min=1,
                           help="Outlier score: distance to the N-th nearest image."),
     k_old: Optional[int] = typer.Option(None, "--k", hidden=True, min=1, help="Old name of --neighbours."),
