@@ -93,3 +93,17 @@ def test_another_backbone_is_refused_naming_both(store):
     r = CliRunner().invoke(app, ["extract", str(folder), "-o", str(out), "--no-pretrained", "--image-size", "40",
                                  "--workers", "0"])
     assert r.exit_code == 2 and "40 px" in " ".join(r.output.split())
+
+
+def test_a_parquet_store_is_reused_and_protected_too(tmp_path, monkeypatch):
+    pytest.importorskip("pyarrow")
+    folder = make_folder(tmp_path / "imgs", n_per_class=2, size=24)
+    out = tmp_path / "f.parquet"
+    assert _extract(folder, out).exit_code == 0
+    _never_build(monkeypatch)
+    r = _extract(folder, out, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["already_complete"] is True
+    other = make_folder(tmp_path / "other", n_per_class=2, size=24, seed=5)
+    r = _extract(other, out)
+    assert r.exit_code == 2 and str(other.resolve()) in r.output

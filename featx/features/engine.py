@@ -497,6 +497,10 @@ class _Store:
         return output / part_name(*self.shard)
 
     def recogniser(self):
+        if self.shard is None and self.fmt != "npz":  # a Parquet store featx wrote may be replaced as an npz one may
+            from . import formats
+
+            return formats.recogniser(self.fmt)
         if self.shard is None:
             return is_features_store
         from .sharded import sharded_written_by_featx
