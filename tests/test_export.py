@@ -420,7 +420,7 @@ def test_efficientnet_lite0_head_keeps_tf_same_padding(tmp_path):
     p = res.parity
     assert 1 in p["batch_sizes"] and any(b > 1 and b % 2 for b in p["batch_sizes"])  # the dynamic batch axis
     assert p["passed"] and p["images"] == 9 and p["top1_agreement"] == 1.0 and p["features_max_rel_diff"] < 1e-4
-    assert p["folder"].endswith("examples") and res.input_size == 256
+    assert p["folder"].endswith("check_images") and res.input_size == 256
 
     model = onnx.load(str(res.output))
     pads = [list(onnx.numpy_helper.to_array(init)) for init in model.graph.initializer if "pad" in init.name.lower()]

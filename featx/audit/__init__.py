@@ -58,7 +58,7 @@ class AuditSettings:
         if not 0.5 <= self.threshold <= 1.0:
             raise UsageError(f"--threshold {self.threshold} is outside 0.5..1 (cosine similarity; default 0.88)")
         if self.k < 1:
-            raise UsageError("--k must be at least 1")
+            raise UsageError("--neighbours (k) must be at least 1")
         if self.folds < 2:
             raise UsageError("--folds must be at least 2 (out-of-sample probabilities need cross-validation)")
         if self.C <= 0:

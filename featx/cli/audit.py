@@ -23,7 +23,10 @@ def audit_cmd(
     checks: str = typer.Option("duplicates,labels,outliers", "--checks",
                                help="Comma-separated: duplicates, labels, outliers (labels needs a labelled store)."),
     threshold: float = typer.Option(0.88, "--threshold", help="Cosine similarity at which two images are near-duplicates."),
-    k: int = typer.Option(10, "--k", help="Outlier score: distance to the k-th nearest image."),
+    # --neighbours, not --k: fit's --k is the k-NN head's k, another thing; the old name stays as a hidden alias
+    k: int = typer.Option(10, "--neighbours", "--neighbors", min=1,
+                          help="Outlier score: distance to the N-th nearest image."),
+    k_old: Optional[int] = typer.Option(None, "--k", hidden=True, min=1, help="Old name of --neighbours."),
     fence: float = typer.Option(3.0, "--fence", help="Outliers: score above Q3 + FENCE x IQR (lower lists more)."),
     C: float = typer.Option(0.1, "--C", help="Regularisation of the cross-validated logistic head (label check)."),
     folds: int = typer.Option(5, "--folds", help="Cross-validation folds for out-of-sample probabilities."),
@@ -44,6 +47,7 @@ def audit_cmd(
     """List near-duplicates (cross-split leakage first), likely label errors and outliers. Never moves or deletes images."""
     from ..audit import audit
 
+    k = k if k_old is None else k_old
     with progress_bar("searching neighbours", unit="img") as update:
         res = audit(features, report_dir=False if no_report else (report_dir or True), images=images,
                     overwrite=overwrite, checks=[c.strip() for c in checks.split(",") if c.strip()],

@@ -12,6 +12,7 @@ from .app import app, run_boundary
 from .common import out, print_json, styled, warn
 from .finetune import epoch_line, log_message
 from .plain_help import PlainHelpCommand
+from ..features.sizing import parse_image_size
 
 
 @app.command("compare", cls=PlainHelpCommand)
@@ -29,7 +30,7 @@ def compare_cmd(
     budget: Optional[float] = typer.Option(None, "--budget", metavar="SECONDS", help="Cap the total time: fine-tuning and scratch runs that would not fit are skipped and listed; the heads (seconds in all) run first and always."),
     finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", min=1, help="Fine-tuning epochs (default 15, or 4 with --quick)."),
     scratch_epochs: Optional[int] = typer.Option(None, "--scratch-epochs", min=1, help="Scratch epochs (default 30, or 8 with --quick)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size for extraction and fine-tuning (default: the backbone's)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="Crop size for extraction and fine-tuning (default: the backbone's), or auto: the backbone's own unless the images are small, then a smaller one (as `featx extract`)."),
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random-init backbone (a sanity check, not a real comparison)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Local weights file for the backbone."),
     val_split: float = typer.Option(0.2, "--val-split", help="Held-out fraction (stratified, seeded) when there is no val/ folder."),
@@ -51,8 +52,8 @@ def compare_cmd(
     res = compare(
         images, backbone=backbone, quick=quick, skip_heads=skip_heads, skip_finetune=skip_finetune,
         skip_scratch=skip_scratch, finetune_epochs=finetune_epochs, scratch_epochs=scratch_epochs,
-        image_size=image_size, pretrained=not no_pretrained, weights=str(weights) if weights else None,
-        val_split=val_split, seed=seed, device=device, workers=workers, runtime=runtime, threads=threads,
+        image_size=parse_image_size(image_size), pretrained=not no_pretrained,
+        weights=str(weights) if weights else None, val_split=val_split, seed=seed, device=device, workers=workers, runtime=runtime, threads=threads,
         runs_dir=str(runs_dir), name=name,
         exist_ok=overwrite or exist_ok, shots=shots, repeats=repeats, budget=budget, log=log_message,
         on_epoch=None if json_ else epoch_line, **kw,

@@ -22,7 +22,7 @@ def export_cmd(
                                           "(or .npz) for a feature store. Default: featx-out/model.onnx or "
                                           "featx-out/features.parquet."),
     check: Optional[Path] = typer.Option(None, "--check", help="Folder of images for the parity check "
-                                         "(default: the bundled examples/ folder)."),
+                                         "(default: 12 photos shipped with featx)."),
     check_limit: int = typer.Option(64, "--check-limit", min=0, help="At most this many check images, spread "
                                     "evenly over the folder (0 = all)."),
     with_features: bool = typer.Option(False, "--with-features", help="Also output the features (second output)."),

@@ -78,6 +78,11 @@ def extract_cmd(
     if json_:
         print_json(res.to_dict())
         return
+    if res.already_complete:
+        out.print(styled("already complete: [bold green]{}[/] images, [bold]{}[/] skipped, {}-d features from {} "
+                         "at {} -> {} (same folder, files and options; nothing was run; --overwrite extracts again)",
+                         res.n_images, res.n_skipped, res.feature_dim, res.backbone, _recipe(res), res.path))
+        return
     resumed = f" ({res.resumed_images} resumed)" if res.resumed_images else ""
     out.print(styled(
         "[bold green]{}[/] images{}, [bold]{}[/] skipped, {}-d features from {} at {} on {} ({} decoding) in {} s "

@@ -10,6 +10,7 @@ import typer
 from .app import app, run_boundary
 from .common import err, out, print_json, styled, warn
 from .plain_help import PlainHelpCommand
+from ..features.sizing import parse_image_size
 
 
 def is_main_rank() -> bool:
@@ -76,7 +77,7 @@ def finetune_cmd(
     epochs: int = typer.Option(15, "--epochs", min=1, help="Total epochs (head phase + fine-tuning phase)."),
     head_epochs: int = typer.Option(3, "--head-epochs", min=0, help="Epochs training only the new head (capped at epochs/3)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch (per process under torchrun)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size (default: the backbone's own)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="Crop size (default: the backbone's own), or auto: the backbone's own unless the images are small, then a smaller one (as `featx extract`)."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate of the head in phase 2; lower layers get less."),
     head_lr: float = typer.Option(3e-3, "--head-lr", help="Learning rate of phase 1 (head on the frozen backbone)."),
     unfreeze: str = typer.Option("all", "--unfreeze", help="Layer groups to unfreeze in phase 2: N or 'all'."),
@@ -107,7 +108,7 @@ def finetune_cmd(
 
     _check_order(backbone, images)
     res = finetune(
-        backbone, images, epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, image_size=image_size,
+        backbone, images, epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, image_size=parse_image_size(image_size),
         lr=lr, head_lr=head_lr, unfreeze=unfreeze, layer_decay=layer_decay, scale_to_data=scale_to_data, augment=augment, optimizer=optimizer,
         weight_decay=weight_decay, label_smoothing=label_smoothing, patience=patience, val_split=val_split,
         weights=str(weights) if weights else None, pretrained=not no_pretrained, seed=seed, device=device, precision=precision,

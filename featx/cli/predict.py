@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -19,9 +19,9 @@ SKIP_LINES = 20  # folders/files discovery skipped, listed on stderr (as `featx 
 @app.command("predict", cls=PlainHelpCommand)
 @run_boundary
 def predict_cmd(
-    images: Path = typer.Argument(..., help="Folder of images. Class subfolders = labelled: accuracy, confusion matrix, gallery."),
+    images: List[Path] = typer.Argument(..., help="Folder of images (class subfolders = labelled: accuracy, confusion matrix, gallery), or image files, or a list file (@list.txt or a .txt file, one path a line): their predictions are printed."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Head file (.skops) from `featx fit`, a run folder / model.json from `featx finetune` / `featx scratch`, or an .onnx file from `featx export` (runs in onnxruntime; torch not needed). Default: featx-out/head.skops."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Table to write. Default: featx-out/predictions.csv (.jsonl with --format jsonl)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Table to write. Default: featx-out/predictions.csv (.jsonl with --format jsonl) for a folder; none for image files (printed)."),
     format_: Optional[str] = typer.Option(None, "--format", help="csv | jsonl (default: from the -o suffix, else csv)."),
     top_k: int = typer.Option(3, "--top-k", min=0, help="Top classes and scores per row."),
     sort_into: Optional[Path] = typer.Option(None, "--sort-into", help="Also copy each image into DIR/<predicted class>/."),
@@ -39,7 +39,7 @@ def predict_cmd(
     report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Labelled input: where confusion.png, misclassified.png, metrics.json go (default: <output stem>.report/)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing existing output files (table, report files) that featx did not write."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights file, for a head fitted on features from a local weights file."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="Only confirms the model's crop size: predict always uses the preprocessing recorded in the model, and another size is refused."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="auto (the model's own) or a number that only confirms the model's crop size: predict always uses the preprocessing recorded in the model, and another size is refused."),
     json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):
     """Classify every image in a folder: a CSV/JSONL table, counts per class, scores when the folder is labelled."""
@@ -51,10 +51,18 @@ def predict_cmd(
     if (copy or link or move) and sort_into is None:  # `--copy` alone was once answered "did you mean --top-k?"
         raise UsageError("--copy/--link/--move apply to sorting; add --sort-into DIR")
     mode = "move" if move else "link" if link else "copy"
+    from ..data.filelist import is_file_source
+    from ..features.sizing import parse_image_size
+
+    source = images[0] if len(images) == 1 else list(images)
+    named = is_file_source(source)  # image files (yolo / timm style): print each prediction; a table only with -o
+    if named and output is None:
+        output = False
+    image_size = parse_image_size(image_size)
     try:
         with progress_bar("predicting", unit="img") as update:
             res = predict_folder(
-                images, model, output=output, format=format_, top_k=top_k, device=device, batch_size=batch_size,
+                source, model, output=output, format=format_, top_k=top_k, device=device, batch_size=batch_size,
                 workers=workers, sort_into=sort_into, mode=mode, min_confidence=min_confidence, dry_run=dry_run,
                 strict=strict, report_dir=report_dir, overwrite=overwrite, weights=weights, image_size=image_size,
                 progress=update, runtime=runtime, threads=threads,
@@ -62,12 +70,12 @@ def predict_cmd(
     except FeatxError as exc:  # a failed sort or --strict: the run finished; show what it did, then the error
         if getattr(exc, "result", None) is None:
             raise
-        _report(exc.result, json_)
+        _report(exc.result, json_, named)
         raise
-    _report(res, json_)
+    _report(res, json_, named)
 
 
-def _report(res, json_: bool) -> None:
+def _report(res, json_: bool, named: bool = False) -> None:
     for w in res.warnings:
         warn(w)
     for k in res.skipped[:SKIP_LINES]:
@@ -80,9 +88,37 @@ def _report(res, json_: bool) -> None:
         if a.status == "failed":
             warn(f"could not sort {safe_str(str(a.source))}: {a.error}")
     if json_:
-        print_json(res.to_dict())
+        d = res.to_dict()
+        if named and res.output is None:  # no table was written: the predictions themselves are the answer
+            d["rows"] = [_json_row(r) for r in res.rows]
+        print_json(d)
         return
+    if named:
+        _print_rows(res)
     _print(res)
+
+
+def _json_row(row: dict) -> dict:
+    return {"path": safe_str(str(row["path"])), "label": row.get("label"),
+            "confidence": None if row.get("confidence") is None else float(row["confidence"]),
+            "top_k": [{"label": t["label"], "score": float(t["score"])} for t in row.get("top_k") or []],
+            "error": row.get("error")}
+
+
+def _print_rows(res) -> None:
+    """One line per named image, as `yolo predict` and timm's inference script show them: path, class, score, top-k."""
+    from rich.table import Table
+
+    table = Table(title="Predictions", title_justify="left")
+    for col, just in (("image", "left"), ("class", "left"), ("score", "right"), ("top classes", "left")):
+        table.add_column(col, justify=just)
+    for row in res.rows:
+        if row.get("error"):
+            table.add_row(safe_str(str(row["path"])), "(unreadable)", "", str(row["error"]), style="red")
+            continue
+        top = ", ".join(f"{t['label']} {fmt(float(t['score']))}" for t in row.get("top_k") or [])
+        table.add_row(safe_str(str(row["path"])), str(row["label"]), fmt(float(row["confidence"])), top)
+    out.print(table)
 
 
 def _print(res) -> None:

@@ -10,6 +10,7 @@ import typer
 from .app import app, run_boundary
 from .finetune import epoch_line, is_main_rank, log_message, print_result
 from .plain_help import PlainHelpCommand
+from ..features.sizing import parse_image_size
 
 # A literal copy of featx.training.zoo.ARCHS (name, default size, description), not imported: the zoo imports torch,
 # every command module is imported at start-up, and `featx predict --model model.onnx` must run on a machine without
@@ -33,7 +34,7 @@ def scratch_cmd(
     arch: str = typer.Option("lenet5", "--arch", help=f"Architecture: {_ARCH_HELP}."),
     epochs: int = typer.Option(30, "--epochs", min=1, help="Epochs (early stopping may end sooner)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per batch (default: about n_train/16, 32-512)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size (default: the architecture's, e.g. 32 for lenet5)."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="Input size (default: the architecture's, e.g. 32 for lenet5), or auto: the architecture's unless the images are smaller."),
     lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate (warm-up, then cosine)."),
     augment: str = typer.Option("standard", "--augment", help="none | light (random crop) | standard (crop + flip)."),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | sgd (Nesterov momentum 0.9)."),
@@ -57,7 +58,7 @@ def scratch_cmd(
     from ..training import train_scratch
 
     res = train_scratch(
-        images, arch=arch, epochs=epochs, batch_size=batch_size, image_size=image_size, lr=lr, augment=augment,
+        images, arch=arch, epochs=epochs, batch_size=batch_size, image_size=parse_image_size(image_size), lr=lr, augment=augment,
         optimizer=optimizer, weight_decay=weight_decay, label_smoothing=label_smoothing, patience=patience,
         val_split=val_split, in_memory=in_memory, seed=seed, device=device, precision=precision, workers=workers, runs_dir=str(runs_dir),
         name=name, exist_ok=overwrite or exist_ok, resume=resume, stop_after=max_epochs,

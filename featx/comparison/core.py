@@ -36,7 +36,7 @@ def compare(images: str | os.PathLike, *, settings: Optional[CompareSettings] = 
     if not split.val:
         raise UsageError("compare needs validation images: add a val/ folder or use --val-split > 0")
     plan = shots.plan(s, split) if s.shots is not None else None  # bad --shots fail before any work
-    bb = _backbone(s)  # missing weights fail here (exit 4), before any run folder exists
+    bb = _backbone(s, split)  # missing weights fail here (exit 4), before any run folder exists
     claim = _claim(s, images)
     failed = True
     try:
@@ -79,10 +79,10 @@ def _settings(settings: Optional[CompareSettings], kw: dict) -> CompareSettings:
         raise UsageError(f"--budget must be a positive number of seconds, got {s.budget}")
     if int(s.repeats) != s.repeats or s.repeats < 1:
         raise UsageError(f"--repeats must be a whole number >= 1, got {s.repeats}")
-    from ..data.preprocess import check_image_size
+    from ..features.sizing import parse_image_size
 
-    if s.image_size is not None:
-        check_image_size(s.image_size)  # before any method runs, not when the first one that uses it starts
+    if s.image_size is not None:  # before any method runs, not when the first one that uses it starts
+        s.image_size = parse_image_size(s.image_size)
     from ..training import zoo
 
     for a in s.archs:
@@ -100,14 +100,27 @@ def _check_input(images, s: CompareSettings) -> Path:
     return images
 
 
-def _backbone(s: CompareSettings):
+def _backbone(s: CompareSettings, split=None):
     """The backbone heads and fine-tuning share, built once up front: without its weights neither can run, so the
-    comparison stops with the weights error (exit 4) instead of two failed rows (issue 12). Heads reuse it."""
+    comparison stops with the weights error (exit 4) instead of two failed rows (issue 12). Heads reuse it.
+
+    ``--image-size auto`` is resolved here, once, from the training images (`featx.features.sizing`), and
+    ``s.image_size`` becomes that number: extraction and fine-tuning then run at the same crop size."""
     if s.skip_heads and s.skip_finetune:
         return None
     from ..backbones import create_backbone
+    from ..features.sizing import AUTO, resolve_size
 
-    return create_backbone(s.backbone, pretrained=s.pretrained, weights=s.weights, image_size=s.image_size)
+    auto = s.image_size == AUTO
+    bb = create_backbone(s.backbone, pretrained=s.pretrained, weights=s.weights,
+                         image_size=None if auto else s.image_size)
+    if auto:
+        s.image_size = resolve_size(AUTO, [r.path for r in (split.train if split else [])], bb.preprocess)
+        if s.image_size != bb.preprocess.input_size:
+            import dataclasses
+
+            bb = dataclasses.replace(bb, preprocess=bb.preprocess.with_size(s.image_size))
+    return bb
 
 
 def _claim(s: CompareSettings, images: Path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -25,7 +25,7 @@ class CompareSettings:
     skip_scratch: bool = False
     finetune_epochs: Optional[int] = None  # None: finetune's default (15), or 4 with --quick
     scratch_epochs: Optional[int] = None  # None: scratch's default (30), or 8 with --quick
-    image_size: Optional[int] = None  # finetune/extract crop size; None: the backbone's own
+    image_size: Optional[Union[int, str]] = None  # finetune/extract crop size; None: the backbone's own; "auto"
     scratch_image_size: Optional[int] = None  # None: each architecture's default
     pretrained: bool = True
     weights: Optional[str] = None

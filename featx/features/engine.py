@@ -36,6 +36,7 @@ import numpy as np
 
 from .._io import atomic_write, claim_outputs, fingerprint, refuse_inside, safe_str, sweep_stale_temps, written_by_featx
 from ..errors import DataError, FeatxError, StrictModeError, UsageError
+from . import reuse
 from .sizing import SizeChoice, choose_image_size, parse_image_size
 from .store import DEFAULT_FEATURES_PATH, FORMAT, FeatureSet, read_meta, read_npz, save_features
 
@@ -324,6 +325,8 @@ class ExtractResult:
     # how the crop size was chosen (`featx.features.sizing.SizeChoice`: mode, size, default, median_short_side, ...)
     image_size: dict = field(default_factory=dict)
     runtime: str = "torch"  # the engine that ran the network: "torch" | "onnxruntime" (featx.runtime)
+    # the output already held this very extraction (same folder, options and files): nothing ran (`reuse`)
+    already_complete: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -453,10 +456,18 @@ def extract_features(
         with _claim(store.target(output), overwrite, dist, store.recogniser()):
             if strict and folder.skipped:  # known before any work: fail before loading a model
                 raise _strict_error(folder.skipped)
+            old = None if overwrite or store.shard is not None else reuse.existing_store(output, fmt)
+            stamp = {"request": reuse.request_key(backbone, pretrained=pretrained, weights=weights, layer=layer,
+                                                  image_size=image_size, max_pixels=max_pixels),
+                     "files": reuse.files_key(folder)}
+            if reuse.is_complete(old, root, stamp["request"], stamp["files"]):
+                return _complete(old, output, t0)
+            reuse.refuse_other_folder(old, output, root, backbone)
             bb, size_choice = _backbone(backbone, pretrained, weights, layer, image_size, folder)
+            reuse.refuse_other_backbone(old, output, bb.meta())
             run = _RunOptions(precision=precision, max_pixels=max_pixels, decoder=decoder, compile=compile,
                               prefetch=prefetch, defer_copy=defer_copy,
-                              runtime=resolve_runtime("torch" if compile else runtime, dev), threads=threads)
+                              runtime=resolve_runtime("torch" if compile else runtime, dev), threads=threads, stamp=stamp)
             return _extract(folder, root, output, bb, dev, dist, t0, batch_size=batch_size, workers=workers,
                             chunk_size=chunk_size, strict=strict, progress=progress, run=run, size_choice=size_choice,
                             store=store)
@@ -477,6 +488,19 @@ class _RunOptions:
     runtime: str = "torch"  # resolved (featx.runtime.resolve_runtime): "torch" | "onnx"
     threads: Optional[int] = None
     ran: Optional[str] = None  # the engine that ran the network: "torch" | "onnxruntime" (featx.runtime.runtime_of)
+    stamp: dict = field(default_factory=dict)  # the request and file listing, kept in meta (`reuse`)
+
+
+def _complete(meta: dict, output: Path, t0: float) -> ExtractResult:
+    """The summary of a store that already holds this extraction, read from its meta (nothing was run)."""
+    skipped = list(meta.get("skipped") or [])
+    return ExtractResult(
+        path=output, n_images=int(meta.get("n_images", 0)), n_skipped=len(skipped),
+        feature_dim=int(meta.get("feature_dim") or 0), seconds=round(time.perf_counter() - t0, 3), images_per_s=0.0,
+        device=str(meta.get("device", "")), backbone=str(meta.get("backbone", "")), skipped=skipped,
+        leakage=list(meta.get("leakage") or []), warnings=[],
+        decoder=str(meta.get("decoder", "pil")), image_size=dict(meta.get("image_size") or {}), already_complete=True,
+        runtime=str(meta.get("runtime") or "torch"))
 
 
 @dataclass
@@ -498,6 +522,10 @@ class _Store:
         return output / part_name(*self.shard)
 
     def recogniser(self):
+        if self.shard is None and self.fmt != "npz":  # a Parquet store featx wrote may be replaced as an npz one may
+            from . import formats
+
+            return formats.recogniser(self.fmt)
         if self.shard is None:
             return is_features_store
         from .sharded import sharded_written_by_featx
@@ -571,7 +599,7 @@ def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, ch
                                        store, ran)
             else:
                 res = _assemble(plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice, store,
-                                ran)
+                                ran, run.stamp)
             res.timings = _rounded(timings)
         finally:
             dist.barrier()
@@ -765,7 +793,8 @@ def _file_batch(plan: _Plan, chunk_acc, batch: Batch, k: int, seen: dict) -> Non
 
 # -- assemble -------------------------------------------------------------------------------------------------------
 def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice: SizeChoice,
-              store: Optional[_Store] = None, runtime: str = "torch") -> ExtractResult:
+              store: Optional[_Store] = None, runtime: str = "torch",
+              stamp: Optional[dict] = None) -> ExtractResult:
     """Rank 0: read every chunk in order, apply --strict, write the store, remove the partial folder."""
     from ..data.discover import find_leakage
 
@@ -800,6 +829,7 @@ def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings
         "world_size": plan.world,
         "warnings": list(folder.warnings),
         "image_size": size_choice.to_dict(),  # how the crop size in meta["preprocess"] was chosen
+        **(stamp or {}),  # request + file listing: a re-run of the same extraction returns at once (`reuse`)
     })
     save_features(FeatureSet(
         features=feats,

@@ -114,3 +114,9 @@ def choose_image_size(paths: Sequence, preprocess, requested) -> SizeChoice:
         return SizeChoice("fixed", int(requested), default)
     short, n = median_short_side(paths)
     return SizeChoice(AUTO, auto_size(default, int(preprocess.resize), short), default, short, n)
+
+
+def resolve_size(requested, paths: Sequence, preprocess) -> int:
+    """The crop side ``--image-size`` (None, a number or "auto") gives for these images: what finetune and scratch
+    train at, by the same rule extract uses (`choose_image_size`)."""
+    return choose_image_size(paths, preprocess, requested).size

@@ -26,7 +26,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -70,7 +70,7 @@ class PredictSettings:
     weights: Optional[str] = None  # backbone weights file for a head whose backbone came from a local file
     # Only confirms the model's recorded crop size (another size is refused): a head's features and a trained
     # network's weights mean something only at the preprocessing they were made with.
-    image_size: Optional[int] = None
+    image_size: Optional[Union[int, str]] = None  # or "auto": the model's own, as None
     # auto | torch | onnx: how the network runs (featx.runtime; auto = onnxruntime on the CPU, torch on CUDA); an
     # exported .onnx model always runs in onnxruntime
     runtime: str = "auto"
@@ -85,6 +85,8 @@ class PredictSettings:
             raise UsageError(f"sort mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if isinstance(self.image_size, str) and self.image_size.strip().lower() == "auto":
+            self.image_size = None  # auto = the model's own: predict always uses the recorded preprocessing
         if self.image_size is not None:
             check_image_size(self.image_size)
         if self.min_confidence is not None and self.sort_into is None:
@@ -257,6 +259,9 @@ def predict_folder(
         images: a folder. Flat = unlabeled; class subfolders (or train/ val/ test/ splits of them) = labelled, and then
             accuracy, balanced accuracy, per-class scores, a confusion matrix and a gallery of the most confidently
             misclassified images are produced as well (the PNGs in ``report_dir``).
+            Or images named one by one: an image file, a list of them, or a list file (``@list.txt`` or a ``.txt``
+            file, one path a line): unlabelled rows with paths relative to the folder holding them all
+            (`featx.data.filelist`).
         model: a head file from ``featx fit`` (default: ``featx-out/head.skops``), a run folder / ``model.json`` /
             ``.safetensors`` from ``featx finetune`` or ``featx scratch``, an ``.onnx`` file from ``featx export``
             (runs in onnxruntime on the CPU; torch is not needed), or a loaded ``Head`` / ``TrainedModel`` /
@@ -290,9 +295,12 @@ def predict_folder(
                         dry_run=dry_run, strict=strict, report_dir=report_dir, overwrite=overwrite, weights=weights,
                         image_size=image_size, runtime=runtime, threads=threads)
     s.check()
-    root = Path(images)
-    folder = _discover(root, s)
-    plan = _plan_outputs(s, root, folder.has_labels)
+    from ..data.filelist import discover_files, is_file_source
+
+    named = is_file_source(images)  # image files named one by one (or a list file), not a folder
+    folder = discover_files(images) if named else _discover(Path(images), s)
+    root = folder.root if named else Path(images)
+    plan = _plan_outputs(s, root, folder.has_labels, named=[r.path for r in folder.records] if named else None)
     with interruptible(RESUME_HINT), _claim(plan, s):
         if s.strict and folder.skipped:  # known before any work, as in extract: fail before loading a model
             raise _strict_skips(folder.skipped)
@@ -336,8 +344,9 @@ def _discover(root: Path, s: PredictSettings):
     return folder
 
 
-def _plan_outputs(s: PredictSettings, root: Path, labelled: bool) -> _Plan:
-    """Resolve the table, report and sort paths; refuse any that lies inside the image folder."""
+def _plan_outputs(s: PredictSettings, root: Path, labelled: bool, named: Optional[list] = None) -> _Plan:
+    """Resolve the table, report and sort paths; refuse any that lies inside the image folder (for images named one
+    by one, ``named``: only the table being one of them; a later run reads the same names, not the folder)."""
     if s.output is False:
         table = None
         fmt = resolve_format(None, s.format)
@@ -350,8 +359,13 @@ def _plan_outputs(s: PredictSettings, root: Path, labelled: bool) -> _Plan:
     report = Path(s.report_dir) if s.report_dir else table.with_name(table.stem + ".report") if table else None
     plan = _Plan(root=root, fmt=fmt, table=table, report_dir=report if labelled else None,
                  sort_root=Path(s.sort_into) if s.sort_into is not None else None)
-    for path, what in ((plan.table, "output"), (plan.report_dir, "report folder"),
-                       (plan.sort_root, "--sort-into folder")):
+    if named is not None:
+        if plan.table is not None and plan.table.resolve() in {Path(p).resolve() for p in named}:
+            raise UsageError(f"the output {safe_str(str(plan.table))} is one of the images; choose another -o")
+        checked = ((plan.sort_root, "--sort-into folder"),)
+    else:
+        checked = ((plan.table, "output"), (plan.report_dir, "report folder"), (plan.sort_root, "--sort-into folder"))
+    for path, what in checked:
         if path is not None:
             refuse_inside(path, root, what)
     return plan

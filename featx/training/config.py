@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Union
 
-from ..data.preprocess import check_image_size
+from ..features.sizing import parse_image_size
 from ..devices import PRECISIONS
 from ..errors import UsageError
 
@@ -23,7 +23,9 @@ class TrainConfig:
 
     epochs: int = 15  # total epochs over all phases; early stopping may end the run sooner
     batch_size: Optional[int] = None  # None: a per-command default (32 for finetune, auto for scratch)
-    image_size: Optional[int] = None  # None: the backbone's own input size / the architecture's default
+    # None: the backbone's own input size / the architecture's default; "auto": that, unless the images are small,
+    # then a smaller one (featx.features.sizing, the rule `featx extract --image-size auto` uses)
+    image_size: Optional[Union[int, str]] = None
     lr: Optional[float] = None  # peak learning rate of the (last) phase; None: a per-command default
     optimizer: str = "adamw"  # adamw | sgd (SGD uses Nesterov momentum `momentum`)
     momentum: float = 0.9
@@ -58,8 +60,8 @@ class TrainConfig:
             raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.image_size is not None:
-            check_image_size(self.image_size)
+        if self.image_size is not None:  # a number, or "auto": chosen from the images once they are known
+            self.image_size = parse_image_size(self.image_size)
         if self.lr is not None and not self.lr > 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:

@@ -48,6 +48,7 @@ def finetune(backbone: str = "efficientnet_lite0", images: str | os.PathLike = "
 def _finetune_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch):
     from ..backbones import create_backbone
     from ..data.discover import discover
+    from ..features.sizing import resolve_size
 
     cfg.check()
     folder = discover(images)
@@ -56,7 +57,8 @@ def _finetune_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch
         log(f"warning: {w}")
     seed_everything(cfg.seed)  # the new head's initialisation is part of the run's reproducibility
     bb = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights)
-    pp = bb.preprocess.with_size(cfg.image_size) if cfg.image_size else bb.preprocess
+    size = resolve_size(cfg.image_size, [r.path for r in split.train], bb.preprocess)
+    pp = bb.preprocess.with_size(size) if size != bb.preprocess.input_size else bb.preprocess
     bb.reset_classifier(len(split.classes))
     log(f"{bb.name}: {'pretrained' if cfg.pretrained else 'random init'}, input {pp.input_size} px, "
         f"{len(split.classes)} classes, {len(split.train)} train / {len(split.val)} val"

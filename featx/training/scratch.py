@@ -70,11 +70,13 @@ class _Batches:
 
 def _train_scratch_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch):
     from ..data.discover import discover
+    from ..features.sizing import resolve_size
 
     cfg.check()
-    size = cfg.image_size or zoo.get_arch(cfg.arch).image_size
     folder = discover(images)
     split = training_subset(split_records(folder, cfg.val_split, cfg.seed), cfg, log)
+    own = zoo.get_arch(cfg.arch).image_size  # auto: the architecture's own unless the images are smaller
+    size = resolve_size(cfg.image_size, [r.path for r in split.train], Preprocess(input_size=own, resize=own))
     for w in [*getattr(folder, "warnings", []), *split.warnings]:
         log(f"warning: {w}")
     saved = _saved_preprocess(run_dir) if resume_state is not None else None
