@@ -120,7 +120,7 @@ def test_sigterm_during_audit(tmp_path):
 def test_sigterm_during_export(tmp_path):
     features = store(tmp_path / "f.npz")
     out = tmp_path / "exported" / "f.parquet"
-    p, fd = run_until_held(tmp_path, "featx.export.parquet:write_features", ["export", features, "-o", out])
+    p, fd = run_until_held(tmp_path, "featx.features.parquet:write_features", ["export", features, "-o", out])
     rc, err, lines = terminate(p, fd)
     assert_stopped_cleanly(rc, err, lines, tmp_path)
     assert not out.parent.exists()
