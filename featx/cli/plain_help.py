@@ -5,13 +5,8 @@ from __future__ import annotations
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 
-class PlainHelpCommand(TyperCommand):
-    """Use as ``@app.command("name", cls=PlainHelpCommand)``.
-
-    Typer 0.29 writes a required argument as ``{images}`` in the usage line and gives every on/off flag a ``<bool>``
-    type column; both read like something to type. Arguments are shown by their name in capitals (as the README
-    writes them), flags bare.
-    """
+class _PlainParams:
+    """The shared part: every parameter, and the --help option Click adds late, drawn without type placeholders."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -23,6 +18,15 @@ class PlainHelpCommand(TyperCommand):
         if opt is not None:
             _plain(opt)
         return opt
+
+
+class PlainHelpCommand(_PlainParams, TyperCommand):
+    """Use as ``@app.command("name", cls=PlainHelpCommand)``.
+
+    Typer 0.29 writes a required argument as ``{images}`` in the usage line and gives every on/off flag a ``<bool>``
+    type column; both read like something to type. Arguments are shown by their name in capitals (as the README
+    writes them), flags bare.
+    """
 
     def collect_usage_pieces(self, ctx):
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -35,19 +39,8 @@ class PlainHelpCommand(TyperCommand):
         return pieces
 
 
-class PlainHelpGroup(TyperGroup):
+class PlainHelpGroup(_PlainParams, TyperGroup):
     """The same for the root (``typer.Typer(cls=PlainHelpGroup)``): its flags (--traceback, --version, --help)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for param in self.params:
-            _plain(param)
-
-    def get_help_option(self, ctx):
-        opt = super().get_help_option(ctx)
-        if opt is not None:
-            _plain(opt)
-        return opt
 
 
 def _plain(param) -> None:
