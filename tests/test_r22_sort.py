@@ -17,24 +17,10 @@ from featx.cli.app import app
 from featx.errors import Interrupted, OutputError, UsageError
 from featx.predict import sort as S
 from tests.test_predict import tiny_head  # noqa: F401  (session fixture: one tiny head for all predict tests)
+from tests.test_predict_reliability import engine_must_not_run, val  # noqa: F401  (shared fixtures)
 
 runner = CliRunner()
 PRECIOUS = b'{"not": "a featx journal"}\n'
-
-
-@pytest.fixture
-def val(tiny_head, tmp_path):  # noqa: F811
-    return Path(shutil.copytree(tiny_head[0] / "val", tmp_path / "val"))
-
-
-@pytest.fixture
-def engine_must_not_run(monkeypatch):
-    import featx.features.engine as engine
-
-    def boom(*a, **k):
-        raise AssertionError("the model ran before the refusal")
-
-    monkeypatch.setattr(engine, "iter_outputs", boom)
 
 
 def images_in(folder: Path) -> list:
