@@ -57,6 +57,14 @@ def val_metrics(fit: dict) -> dict:
     return (fit.get("held_out") or fit["scores"])["val"]
 
 
+def run_size(row: dict):
+    """The input size a compare sub-run trained at (its model.json's ``image_size``), or None if unreadable."""
+    try:
+        return json.loads((Path(row["artifact"]) / "model.json").read_text()).get("image_size")
+    except (KeyError, TypeError, OSError, ValueError):
+        return None
+
+
 def _f(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -105,6 +113,7 @@ def table(data: Path, work: Path, device: str, results: Path | None) -> str:
         # compare's defaults when the settings leave them to it (core.CompareSettings)
         ep = settings.get(f"{fam}_epochs") or {"finetune": 4 if quick else 15, "scratch": 8 if quick else 30}[fam]
         px = settings.get("image_size") if fam == "finetune" else settings.get("scratch_image_size")
+        px = run_size(r) if px in (None, "auto") else px  # the size the run resolved, from its model.json
         how = (f"inside `featx compare{' --quick' if quick else ''}`, {ep} epochs"
                f"{f', {px} px' if px else ''}, {device.upper()}")
         cmd = f"featx finetune {name}" if fam == "finetune" else f"featx scratch --arch {name}"
