@@ -20,7 +20,7 @@ DEFAULT_HEAD = Path("featx-out") / "head.skops"
 @run_boundary
 def fit_cmd(
     features: Path = typer.Argument(DEFAULT_FEATURES, help="Features file from `featx extract` (labelled)."),
-    head: str = typer.Option("logistic", "--head", help="logistic | svm | svm-rbf | linear | knn | mlp | all (any case)."),
+    head: str = typer.Option("logistic", "--head", help="logistic | svm | svm-rbf | linear | knn | mlp | all (any case). all: every head, ranked by CV on the training rows (val does not choose), best one kept."),
     output: Path = typer.Option(DEFAULT_HEAD, "-o", "--output", help="Head file to write (.skops); reports go beside it."),
     C: Optional[float] = typer.Option(None, "--C", help="Fix the regularisation strength (ridge: alpha=1/(2C)) instead of a CV search."),
     k: Optional[int] = typer.Option(None, "--k", help="Fix k for the knn head instead of a CV search."),

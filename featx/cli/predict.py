@@ -28,7 +28,7 @@ def predict_cmd(
     copy: bool = typer.Option(False, "--copy", help="With --sort-into: copy the images (the default)."),
     link: bool = typer.Option(False, "--link", help="With --sort-into: hard-link (symlink across file systems) instead of copying."),
     move: bool = typer.Option(False, "--move", help="With --sort-into: move the images (the only mode that removes sources)."),
-    min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="With --sort-into: images whose probability is below this go to DIR/_uncertain/. Needs a model that gives probabilities: SVM/ridge heads give decision scores unless fitted with `featx fit --calibrate`."),
+    min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="With --sort-into: images whose probability is below this go to DIR/_uncertain/. Needs a model that gives probabilities (refused otherwise): svm, svm-rbf and linear heads give decision scores unless fitted with `featx fit --calibrate`."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Predict and print the sort plan; write, copy and move nothing."),
     strict: bool = typer.Option(False, "--strict", help="Exit 6 if any image could not be read (after writing the rest) or a folder was skipped (before any work); with --sort-into, stop at the first file that cannot be sorted (exit 7)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),
@@ -42,7 +42,7 @@ def predict_cmd(
     image_size: Optional[str] = typer.Option(None, "--image-size", help="auto (the model's own) or a number that only confirms the model's crop size: predict always uses the preprocessing recorded in the model, and another size is refused."),
     json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):
-    """Classify every image in a folder: a CSV/JSONL table, counts per class, scores when the folder is labelled."""
+    """Classify a folder of images (or image files, or a list of paths): a CSV/JSONL table, counts per class, scores when the folder is labelled (images seen in training scored apart)."""
     from ..errors import FeatxError, UsageError
     from ..predict import predict_folder
 
