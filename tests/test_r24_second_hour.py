@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from featx.cli.app import app
 from tests.imagegen import make_folder
+from tests.test_r24_vocabulary import _capture  # records the library call a command makes, then stops
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,23 +115,6 @@ def test_export_works_without_the_source_tree(head, tmp_path):
 
 
 # ------------------------------------------------------------------------------- item 7: --image-size auto everywhere
-def _capture(monkeypatch, module: str, name: str) -> dict:
-    import importlib
-
-    got = {}
-
-    class Stop(Exception):
-        pass
-
-    def record(*args, **kw):
-        got.update(kw)
-        raise Stop
-
-    monkeypatch.setattr(importlib.import_module(module), name, record)
-    got["_stop"] = Stop
-    return got
-
-
 @pytest.mark.parametrize("command,module,name,args", [
     ("finetune", "featx.training", "finetune", ["efficientnet_lite0"]),
     ("scratch", "featx.training", "train_scratch", []),
