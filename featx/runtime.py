@@ -333,11 +333,8 @@ class OnnxNetwork:
         layout: the parity reference, and the fallback gives the very features torch would)."""
         import torch
 
-        pp = self.preprocess  # the constants and order of featx.features.engine.normalizer
-        mean = torch.tensor(pp.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(pp.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        with torch.inference_mode():
-            xt = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - mean) / std
+        with torch.inference_mode():  # Preprocess.normalize: the engine's arithmetic (engine.normalizer) exactly
+            xt = self.preprocess.normalize(torch.from_numpy(x).permute(0, 3, 1, 2))
             return self.fn(xt.contiguous()).float().numpy()
 
     def _start(self, x: np.ndarray) -> None:
