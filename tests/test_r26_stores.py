@@ -275,3 +275,24 @@ def test_merge_waits_for_every_part_refuses_mixed_jobs_and_runs_once(tmp_path):
     assert not errors and sum(r is not None for r in results) == 1  # one merges; the other finds nothing left
     assert read_manifest(folder)["n"] == 8
     assert np.array_equal(featx.load_features(folder).features, fs.features)
+
+
+def test_sharded_store_is_reused_or_protected_like_an_npz(tmp_path):
+    """A finished sharded store: the same extraction again returns at once; another folder or another crop size is
+    refused (store untouched) unless --overwrite; the summary names the runtime that ran."""
+    a = make_folder(tmp_path / "a", classes=("x", "y"), n_per_class=3, splits=None, size=32)
+    b = make_folder(tmp_path / "b", classes=("x", "y"), n_per_class=3, splits=None, size=32, seed=5)
+    out = tmp_path / "store"
+    kw = dict(backbone="efficientnet_lite0", pretrained=False, workers=0, format="sharded", runtime="torch")
+    first = featx.extract_features(a, out, image_size=32, **kw)
+    assert first.runtime == "torch" and not first.already_complete
+    manifest = (out / "manifest.json").read_bytes()
+    assert featx.extract_features(a, out, image_size=32, **kw).already_complete
+    with pytest.raises(UsageError, match="another folder"):
+        featx.extract_features(b, out, image_size=32, **kw)
+    with pytest.raises(UsageError, match="another backbone"):
+        featx.extract_features(a, out, image_size=48, **kw)
+    assert (out / "manifest.json").read_bytes() == manifest
+    again = featx.extract_features(a, out, image_size=48, overwrite=True, **kw)
+    assert not again.already_complete
+    assert featx.load_features(out).meta["preprocess"]["input_size"] == 48

@@ -456,7 +456,7 @@ def extract_features(
         with _claim(store.target(output), overwrite, dist, store.recogniser()):
             if strict and folder.skipped:  # known before any work: fail before loading a model
                 raise _strict_error(folder.skipped)
-            old = None if overwrite or store.shard is not None else reuse.existing_store(output, fmt)
+            old = None if overwrite else reuse.existing_store(output, fmt)
             stamp = {"request": reuse.request_key(backbone, pretrained=pretrained, weights=weights, layer=layer,
                                                   image_size=image_size, max_pixels=max_pixels),
                      "files": reuse.files_key(folder)}
@@ -596,7 +596,7 @@ def _extract(folder, root, output, bb, dev, dist, t0, *, batch_size, workers, ch
             ran = run.ran or ("onnxruntime" if run.runtime == "onnx" else "torch")
             if store.shard is not None:
                 res = _assemble_shards(plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice,
-                                       store, ran)
+                                       store, ran, run.stamp)
             else:
                 res = _assemble(plan, output, bb, dev, decoder, strict, t0, t_run, warnings, size_choice, store,
                                 ran, run.stamp)
@@ -852,14 +852,20 @@ def _assemble(plan: _Plan, output, bb, dev, decoder, strict, t0, t_run, warnings
 
 
 def _assemble_shards(plan: _Plan, output: Path, bb, dev, decoder, strict, t0, t_run, warnings,
-                     size_choice: SizeChoice, store: _Store, runtime: str = "torch") -> ExtractResult:
+                     size_choice: SizeChoice, store: _Store, runtime: str = "torch",
+                     stamp: Optional[dict] = None) -> ExtractResult:
     """A worker of a sharded store: turn each of its chunks into a shard file named by the chunk's number, publish
     its part manifest, and merge all parts into ``manifest.json`` if it is the last worker to finish."""
     from ..data.discover import find_leakage
-    from .sharded import features_name, merge_parts, rows_name, write_part, write_shard
+    from .sharded import MANIFEST, features_name, merge_parts, rows_name, write_part, write_shard
 
     folder, records = plan.folder, plan.folder.records
     rank, world = store.shard
+    # An older store's manifest (a re-extraction `reuse` let through, or --overwrite) goes before its first shard is
+    # replaced: readers see "not finished" until the merge, never an old manifest over new shards. The new manifest
+    # cannot exist yet: the merge waits for this worker's part.
+    with contextlib.suppress(FileNotFoundError):
+        (output / MANIFEST).unlink()
     shards, chunk_errors, skipped = [], [], list(folder.skipped)
     for c in range(rank, plan.n_chunks, world):
         idx, feats, errs = _read_chunk(plan.part / _chunk_name(c))
@@ -880,7 +886,8 @@ def _assemble_shards(plan: _Plan, output: Path, bb, dev, decoder, strict, t0, t_
     meta.update({"root": str(plan.root.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  "n_files": int(plan.n), "leakage": leakage, "device": str(dev), "decoder": decoder,
                  "runtime": runtime,  # this worker's engine (featx.runtime); not part of the provenance
-                 "warnings": list(folder.warnings), "image_size": size_choice.to_dict()})
+                 "warnings": list(folder.warnings), "image_size": size_choice.to_dict(),
+                 **(stamp or {})})  # request + file listing: a re-run of the same extraction returns at once (`reuse`)
     write_part(output, rank, world, {"job": plan.job, "dim": int(bb.feature_dim), "dtype": store.dtype,
                                      "classes": list(folder.classes), "meta": meta, "shards": shards,
                                      "chunk_errors": chunk_errors, "discover_skipped": list(folder.skipped)})
@@ -896,7 +903,7 @@ def _assemble_shards(plan: _Plan, output: Path, bb, dev, decoder, strict, t0, t_
         feature_dim=int(bb.feature_dim), seconds=round(time.perf_counter() - t0, 3),
         images_per_s=round((n_mine - resumed) / run_s, 1) if run_s > 0 else 0.0,
         device=str(dev), backbone=bb.name, skipped=skipped, leakage=leakage, resumed_images=resumed,
-        warnings=warnings, decoder=decoder, image_size=size_choice.to_dict(),
+        warnings=warnings, decoder=decoder, image_size=size_choice.to_dict(), runtime=runtime,
     )
 
 

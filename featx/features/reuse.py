@@ -53,8 +53,19 @@ def files_key(folder) -> str:
 
 
 def existing_store(output: Path, fmt: str = "npz") -> Optional[dict]:
-    """The meta of the featx store at `output`, or None (no file, not a featx store, or a sharded folder: its
-    workers' part manifests already make a re-run resume or finish, `featx.features.sharded`)."""
+    """The meta of the finished featx store at `output`, or None (none there, or not one featx can read back: an
+    unfinished sharded folder resumes through its workers' chunks, `featx.features.sharded`)."""
+    if fmt == "sharded":
+        from ..errors import FeatxError
+        from .sharded import MANIFEST, read_manifest
+
+        if not (Path(output) / MANIFEST).is_file():
+            return None
+        try:
+            meta = read_manifest(output)["meta"]
+        except FeatxError:  # damaged: nothing to reuse; check_folder still guards what is not ours
+            return None
+        return meta if isinstance(meta, dict) else None
     if not Path(output).is_file():
         return None
     if fmt == "npz":
