@@ -158,6 +158,24 @@ def test_two_workers_write_the_same_store_as_one_process(bb, tmp_path):
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(("features-", "rows-"))) == ["manifest.json"]
 
 
+def test_torchrun_variables_make_each_process_one_worker(bb, tmp_path, monkeypatch):
+    """What torchrun hands each rank (RANK / WORLD_SIZE / LOCAL_RANK) is its shard of a sharded output, with no
+    process group: rank 1 then rank 0 give the single-process store (the real launcher: the opt-in test below)."""
+    folder = make_folder(tmp_path / "imgs", classes=("cat", "dog"), n_per_class=4, splits=("train", "val"), size=32)
+    kw = dict(backbone=bb, workers=0, chunk_size=4, batch_size=4)
+    one = featx.extract_features(folder, tmp_path / "one.npz", **kw)
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        featx.extract_features(folder, tmp_path / "out", format="sharded", **kw)
+        import torch.distributed as dist
+        assert not dist.is_initialized()
+    merged = featx.load_features(tmp_path / "out")
+    _same(featx.load_features(one.path), merged)
+    assert merged.meta["world_size"] == 2
+
+
 def test_shard_option_is_checked(bb, tmp_path):
     folder = make_folder(tmp_path / "imgs", classes=("a",), n_per_class=2, splits=None, size=24)
     for bad in ("2/2", "1", "a/b"):
@@ -195,7 +213,7 @@ def test_fit_audit_export_read_a_sharded_store(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("FEATX_TEST_TORCHRUN") != "1",
                     reason="~25 s of torch start-up in 2 processes: set FEATX_TEST_TORCHRUN=1 (the in-process "
-                           "two-worker test above covers the same merge)")
+                           "tests above cover the same merge, from --shard and from torchrun's variables)")
 def test_torchrun_two_ranks_write_one_sharded_store(bb, tmp_path):
     """Under torchrun, each rank is one independent worker (RANK/WORLD_SIZE); no process group, no shared file."""
     import subprocess
