@@ -75,7 +75,7 @@ def _finetune_in(run_dir, resume_state, cfg, images, dist, device, log, on_epoch
                    val_batches=b.val, test_batches=b.test, phases=phases, cfg=cfg, run_dir=run_dir, model_info=info,
                    dist=dist, device=device, n_train=b.n_train, n_val=b.n_val, n_test=b.n_test, split_how=split.source,
                    skipped=b.skipped, warnings=split.warnings, config_extra=extra, resume_state=resume_state, log=log,
-                   on_epoch=on_epoch, seen=seen_of(split))
+                   on_epoch=on_epoch, seen=seen_of(split), cpu_channels_last=True)
     return execute(spec)
 
 

@@ -254,6 +254,7 @@ class RunSpec:
     seen: Optional[dict] = None  # the images that trained (train) and chose (val: the best epoch) it: seen_of(split)
     log: Callable[[str], None] = lambda msg: None
     on_epoch: Optional[Callable[[dict], None]] = None
+    cpu_channels_last: bool = False  # train in channels_last on the CPU (the recipe measured it faster: Trainer)
 
     @property
     def title(self) -> str:
@@ -267,7 +268,7 @@ def execute(spec: RunSpec) -> TrainResult:
     trainer = Trainer(
         spec.model, spec.phases, train_batches=spec.train_batches, val_batches=spec.val_batches,
         test_batches=spec.test_batches, preprocess=spec.preprocess, classes=spec.classes, cfg=cfg,
-        device=spec.device, dist=spec.dist, log=spec.log,
+        device=spec.device, dist=spec.dist, log=spec.log, cpu_channels_last=spec.cpu_channels_last,
         callbacks=(EpochLog(spec.log, spec.on_epoch), EarlyStopping(cfg.patience), StopAfter(cfg.stop_after),
                    Checkpointer(spec.run_dir, lambda t: model_json(spec, t)),
                    RunReport(spec.run_dir, make_result, spec.title, spec.split_how, spec.warnings)))
@@ -276,7 +277,8 @@ def execute(spec: RunSpec) -> TrainResult:
     trainer.add_skipped(spec.skipped)
     if spec.dist.is_main and spec.resume_state is None:
         write_json(spec.run_dir / "config.json", {**cfg.to_dict(), **spec.config_extra,
-                                                  "precision_used": trainer.precision.name})
+                                                  "precision_used": trainer.precision.name,
+                                                  "memory_format": trainer.memory_format})
     trainer.fit()
     return make_result(trainer)
 

@@ -101,7 +101,8 @@ def _train_scratch_in(run_dir, resume_state, cfg, images, dist, device, log, on_
                    val_batches=b.val, test_batches=b.test, phases=phases, cfg=cfg, run_dir=run_dir,
                    model_info={"arch": cfg.arch, "image_size": size}, dist=dist, device=device, n_train=b.n_train,
                    n_val=b.n_val, n_test=b.n_test, split_how=split.source, skipped=b.skipped, warnings=split.warnings,
-                   config_extra=extra, resume_state=resume_state, log=log, on_epoch=on_epoch, seen=seen_of(split))
+                   config_extra=extra, resume_state=resume_state, log=log, on_epoch=on_epoch, seen=seen_of(split),
+                   cpu_channels_last=zoo.get_arch(cfg.arch).cpu_channels_last)
     return execute(spec)
 
 

@@ -92,7 +92,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, phases: list, *, train_batches, val_batches=None, test_batches=None,
                  preprocess, classes: list, cfg, device: torch.device, dist: Optional[Dist] = None,
-                 callbacks: tuple = (), log: Callable[[str], None] = lambda msg: None):
+                 callbacks: tuple = (), log: Callable[[str], None] = lambda msg: None, cpu_channels_last: bool = False):
         self.model, self.phases, self.cfg, self.device = model, list(phases), cfg, device
         self.train_batches, self.val_batches, self.test_batches = train_batches, val_batches, test_batches
         self.preprocess, self.classes = preprocess, list(classes)
@@ -100,6 +100,10 @@ class Trainer:
         self.callbacks, self.log = list(callbacks), log
         self.precision = devices.resolve_precision(device, cfg.precision)
         self.scaler = devices.grad_scaler(device, self.precision)
+        # channels_last: on CUDA whenever autocast runs (tensor cores); on the CPU where the recipe measured it faster
+        # (finetune's backbones 1.4-1.6x, featx's small CNNs but LeNet-5: benchmarks/bench_cpu_training.py)
+        self.channels_last = (self.precision.dtype is not None) if device.type == "cuda" else \
+            (device.type == "cpu" and bool(cpu_channels_last))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.total_epochs = sum(ph.epochs for ph in self.phases)
         self.state = fresh_state()
@@ -114,6 +118,11 @@ class Trainer:
         self.phase_index, self.step = -1, 0
         self._pending_opt_state: Optional[dict] = None
         self._t_run = time.perf_counter()
+
+    @property
+    def memory_format(self) -> str:
+        """What config.json records: "channels_last" or "contiguous"."""
+        return "channels_last" if self.channels_last else "contiguous"
 
     # -- public API --------------------------------------------------------------------------------------------
     def resume(self, loop_state: dict, optimizer_state: dict, last: dict, best: Optional[dict]) -> None:
@@ -139,7 +148,7 @@ class Trainer:
     def fit(self) -> "Trainer":
         """Train the remaining epochs, then restore and score the best weights; returns ``self``."""
         self.model.to(self.device)
-        if self.device.type == "cuda" and self.precision.dtype is not None:
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self._t_run = time.perf_counter() - float(self.state["seconds"])
         self._call("on_fit_start")
@@ -224,7 +233,7 @@ class Trainer:
 
     def _input(self, xb: torch.Tensor) -> torch.Tensor:
         x = self.preprocess.normalize(xb)
-        if self.device.type == "cuda" and self.precision.dtype is not None:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
