@@ -240,3 +240,18 @@ def test_help_and_api_docstring_say_stores(tmp_path):
     assert r.exit_code == 0 and "feature store" in r.output
     assert "feature store" in featx.predict_folder.__doc__
     assert os.environ.get("FEATX_NO_PROGRESS") == "1"
+
+
+def test_images_extraction_skipped_are_listed_and_strict_refuses_before_work(tmp_path, head):
+    fs = _fs()
+    fs.meta["skipped"] = [{"path": "ant/broken.jpg", "reason": "truncated file", "stage": "decode"}]
+    store = _save(fs, tmp_path, "npz")
+    out = tmp_path / "p.csv"
+    with pytest.raises(StrictModeError):
+        featx.predict_folder(store, model=head, output=out, strict=True)
+    assert not out.exists()
+    res = featx.predict_folder(store, model=head, output=out, dry_run=True)
+    assert res.skipped[0]["path"] == "ant/broken.jpg" and res.dry_run and not out.exists()
+    assert not (tmp_path / "p.report").exists()
+    with pytest.raises(UsageError, match="min-confidence"):
+        featx.predict_folder(store, model=head, output=out, min_confidence=0.5)

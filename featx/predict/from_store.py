@@ -73,7 +73,13 @@ def is_feature_store(source) -> bool:
         return formats.recogniser("sharded")(p)
     if p.suffix.lower() in (formats.FORMATS["npz"].suffix, formats.FORMATS["parquet"].suffix):
         return True
-    return formats.recogniser("npz")(p) or formats.recogniser("parquet")(p)
+    try:  # the first bytes first: an image never pays for opening a zip or importing pyarrow
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+    except OSError:
+        return False
+    return ((magic == b"PK\x03\x04" and formats.recogniser("npz")(p))
+            or (magic == b"PAR1" and formats.recogniser("parquet")(p)))
 
 
 # -- the store as blocks of rows --------------------------------------------------------------------------------------
@@ -225,6 +231,8 @@ def predict_store(store, model=None, *, output=None, format: Optional[str] = Non
     if weights is not None:
         raise UsageError(f"--weights names backbone weights for images; {shown} is a feature store, scored by the head "
                          "alone with no backbone built: drop --weights")
+    if min_confidence is not None:
+        raise UsageError("--min-confidence applies to sorting images, and a feature store is not sorted: drop it")
     if str(runtime or "auto").lower() != "auto":
         raise UsageError(f"--runtime {runtime}: no network runs for a feature store ({shown}); the head scores the "
                          "stored features. Drop --runtime")
