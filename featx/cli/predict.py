@@ -19,7 +19,7 @@ SKIP_LINES = 20  # folders/files discovery skipped, listed on stderr (as `featx 
 @app.command("predict", cls=PlainHelpCommand)
 @run_boundary
 def predict_cmd(
-    images: List[Path] = typer.Argument(..., help="Folder of images (class subfolders = labelled: accuracy, confusion matrix, gallery), or image files, or a list file (@list.txt or a .txt file, one path a line): their predictions are printed. Or a feature store from `featx extract` (.npz, .parquet, or a sharded folder with manifest.json): its features are scored by a head (.skops) fitted on the same backbone, weights, layer and crop size, with no network run; a sharded store shard by shard in bounded memory; same table, scores when the store has labels. For a store, --sort-into, --weights and --runtime torch/onnx are refused, --image-size only confirms the store's crop size, --device/--workers/--threads are ignored and --batch-size is the rows scored at once."),
+    images: List[Path] = typer.Argument(..., help="Folder of images (class subfolders = labelled: accuracy, confusion matrix, gallery), or image files, or a list file (@list.txt or a .txt file, one path a line): their predictions are printed. Or a feature store from `featx extract` (.npz, .parquet, or a sharded folder with manifest.json): its features are scored by a head (.skops) fitted on the same backbone, weights, layer and crop size, with no network run; a sharded store shard by shard in bounded memory; same table, scores when the store has labels. For a store, --sort-into (and --min-confidence), --weights and --runtime torch/onnx are refused, --image-size only confirms the store's crop size, --device/--workers/--threads are ignored and --batch-size is the rows scored at once."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Head file (.skops) from `featx fit`, a run folder / model.json from `featx finetune` / `featx scratch`, or an .onnx file from `featx export` (runs in onnxruntime; torch not needed). Default: featx-out/head.skops."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Table to write. Default: featx-out/predictions.csv (.jsonl with --format jsonl) for a folder; none for image files (printed)."),
     format_: Optional[str] = typer.Option(None, "--format", help="csv | jsonl (default: from the -o suffix, else csv)."),
@@ -159,7 +159,8 @@ def _print(res) -> None:
         if res.seen_metrics:  # issue 24.2: training images scored apart, never in the rows above
             scores = {("unseen" if k == "all" else k): v for k, v in scores.items()}
             scores["seen in training"] = res.seen_metrics
-        out.print(metrics_table(scores, title="Scores against the folder labels"))
+        against = "the store's labels" if res.runtime == "stored features" else "the folder labels"
+        out.print(metrics_table(scores, title=f"Scores against {against}"))
         out.print(per_class_table(res.metrics, title="Per class" + (", unseen images" if res.seen_metrics else "")))
         out.print(confusion_table(res.metrics, title="Confusion matrix (rows = true)"))
         if res.report_dir:

@@ -205,8 +205,8 @@ class _Eval:
     split: list = field(default_factory=list)
     seen_paths: list = field(default_factory=list)
     by_path: int = 0
-    items: list = field(default_factory=list)  # heap of (confidence, order, item) of mistakes, or every item
-    correct: list = field(default_factory=list)
+    items: list = field(default_factory=list)  # heap of (confidence, -n, item): the most confident mistakes
+    correct: list = field(default_factory=list)  # the first REPORT_ITEMS rows predicted right
     n_items: int = 0
 
     def code(self, name: str) -> int:
