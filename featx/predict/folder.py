@@ -266,8 +266,8 @@ def predict_folder(
             told apart by `featx.features.formats`' recognisers): its stored features are scored by the head with no
             network built, a sharded store shard by shard in bounded memory (`featx.predict.from_store`); same
             table and, when the store has labels, the same evaluation. Only a head can score features, fitted on the
-            same backbone, weights, layer and crop size; ``sort_into``, ``weights`` and ``runtime`` other than auto
-            are refused, ``image_size`` only confirms the store's, ``device`` / ``workers`` / ``threads`` are
+            same backbone, weights, layer and crop size; ``sort_into`` / ``min_confidence``, ``weights`` and
+            ``runtime`` other than auto are refused, ``image_size`` only confirms the store's, ``device`` / ``workers`` / ``threads`` are
             ignored and ``batch_size`` is the rows scored at once.
         model: a head file from ``featx fit`` (default: ``featx-out/head.skops``), a run folder / ``model.json`` /
             ``.safetensors`` from ``featx finetune`` or ``featx scratch``, an ``.onnx`` file from ``featx export``
