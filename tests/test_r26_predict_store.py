@@ -60,6 +60,14 @@ def never_load_sharded_whole(monkeypatch):
         raise AssertionError("the whole sharded store was loaded")
     monkeypatch.setattr(ShardedStore, "load", refuse)
 
+    def no_network(*a, **k):
+        raise AssertionError("a network was built to predict from stored features")
+    import featx.backbones
+    import featx.runtime
+
+    monkeypatch.setattr(featx.backbones, "backbone_from_meta", no_network)
+    monkeypatch.setattr(featx.runtime, "network_for", no_network)
+
 
 def _expected_rows(fs, head_path, top_k=3):
     """What scoring the same features in memory gives, as the rows predict writes for images."""
@@ -255,3 +263,30 @@ def test_images_extraction_skipped_are_listed_and_strict_refuses_before_work(tmp
     assert not (tmp_path / "p.report").exists()
     with pytest.raises(UsageError, match="min-confidence"):
         featx.predict_folder(store, model=head, output=out, min_confidence=0.5)
+
+
+def test_seen_images_matched_by_content_when_the_store_images_are_here(tmp_path):
+    """A head fitted on features whose images were on disk records them by content; predicting a store of the same
+    images (another copy of the folder) scores those apart; with the images gone, a warning says they cannot be."""
+    import shutil
+
+    fs = _fs()
+    first = tmp_path / "first"
+    for i, p in enumerate(fs.paths):
+        (first / p).parent.mkdir(parents=True, exist_ok=True)
+        (first / p).write_bytes(f"image {i}".encode())
+    fs.meta["root"] = str(first)
+    head = tmp_path / "h.skops"
+    featx.fit_head(fs, "logistic", C=1.0, cv=0, output=head)
+    assert "trained" in featx.load_head(head).meta["seen"]  # by content, not by path
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    shutil.rmtree(first)
+    fs.meta["root"] = str(copy)
+    store = _save(fs, tmp_path, "sharded")
+    res = featx.predict_folder(store, model=head, output=tmp_path / "p.csv")
+    assert sorted(res.seen_paths) == sorted(fs.paths[:30]) and res.metrics["n"] == 15
+    shutil.rmtree(copy)
+    res = featx.predict_folder(store, model=head, output=tmp_path / "p.csv")
+    assert res.seen_paths == [] and res.metrics["n"] == 45
+    assert any("not on this machine" in w for w in res.warnings)
