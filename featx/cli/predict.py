@@ -19,9 +19,9 @@ SKIP_LINES = 20  # folders/files discovery skipped, listed on stderr (as `featx 
 @app.command("predict", cls=PlainHelpCommand)
 @run_boundary
 def predict_cmd(
-    images: List[Path] = typer.Argument(..., help="Folder of images (class subfolders = labelled: accuracy, confusion matrix, gallery), or image files, or a list file (@list.txt or a .txt file, one path a line): their predictions are printed."),
+    images: List[Path] = typer.Argument(..., help="Folder of images (class subfolders = labelled: accuracy, confusion matrix, gallery), or image files, or a list file (@list.txt or a .txt file, one path a line): their predictions are printed. Or a feature store from `featx extract` (.npz, .parquet, or a sharded folder with manifest.json): its features are scored by a head (.skops) fitted on the same backbone, weights, layer and crop size, with no network run; a sharded store shard by shard in bounded memory; same table, scores when the store has labels. For a store, --sort-into (and --min-confidence), --weights and --runtime torch/onnx are refused, --image-size only confirms the store's crop size, --device/--workers/--threads are ignored and --batch-size is the rows scored at once."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Head file (.skops) from `featx fit`, a run folder / model.json from `featx finetune` / `featx scratch`, or an .onnx file from `featx export` (runs in onnxruntime; torch not needed). Default: featx-out/head.skops."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Table to write. Default: featx-out/predictions.csv (.jsonl with --format jsonl) for a folder; none for image files (printed)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Table to write. Default: featx-out/predictions.csv (.jsonl with --format jsonl) for a folder or a feature store; none for image files (printed)."),
     format_: Optional[str] = typer.Option(None, "--format", help="csv | jsonl (default: from the -o suffix, else csv)."),
     top_k: int = typer.Option(3, "--top-k", min=0, help="Top classes and scores per row."),
     sort_into: Optional[Path] = typer.Option(None, "--sort-into", help="Also copy each image into DIR/<predicted class>/."),
@@ -42,7 +42,7 @@ def predict_cmd(
     image_size: Optional[str] = typer.Option(None, "--image-size", help="auto (the model's own) or a number that only confirms the model's crop size: predict always uses the preprocessing recorded in the model, and another size is refused."),
     json_: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ):
-    """Classify a folder of images (or image files, or a list of paths): a CSV/JSONL table, counts per class, scores when the folder is labelled (images seen in training scored apart)."""
+    """Classify a folder of images (or image files, or a list of paths, or the features a store already holds): a CSV/JSONL table, counts per class, scores when the folder or store is labelled (images seen in training scored apart)."""
     from ..errors import FeatxError, UsageError
     from ..predict import predict_folder
 
@@ -53,9 +53,11 @@ def predict_cmd(
     mode = "move" if move else "link" if link else "copy"
     from ..data.filelist import is_file_source
     from ..features.sizing import parse_image_size
+    from ..predict.from_store import is_feature_store
 
     source = images[0] if len(images) == 1 else list(images)
-    named = is_file_source(source)  # image files (yolo / timm style): print each prediction; a table only with -o
+    # image files (yolo / timm style): print each prediction; a table only with -o. A store file gets its table.
+    named = is_file_source(source) and not is_feature_store(source)
     if named and output is None:
         output = False
     image_size = parse_image_size(image_size)
@@ -157,7 +159,8 @@ def _print(res) -> None:
         if res.seen_metrics:  # issue 24.2: training images scored apart, never in the rows above
             scores = {("unseen" if k == "all" else k): v for k, v in scores.items()}
             scores["seen in training"] = res.seen_metrics
-        out.print(metrics_table(scores, title="Scores against the folder labels"))
+        against = "the store's labels" if res.runtime == "stored features" else "the folder labels"
+        out.print(metrics_table(scores, title=f"Scores against {against}"))
         out.print(per_class_table(res.metrics, title="Per class" + (", unseen images" if res.seen_metrics else "")))
         out.print(confusion_table(res.metrics, title="Confusion matrix (rows = true)"))
         if res.report_dir:

@@ -262,6 +262,13 @@ def predict_folder(
             Or images named one by one: an image file, a list of them, or a list file (``@list.txt`` or a ``.txt``
             file, one path a line): unlabelled rows with paths relative to the folder holding them all
             (`featx.data.filelist`).
+            Or a featx feature store (an ``.npz`` / ``.parquet`` or a sharded folder that `featx extract` wrote,
+            told apart by `featx.features.formats`' recognisers): its stored features are scored by the head with no
+            network built, a sharded store shard by shard in bounded memory (`featx.predict.from_store`); same
+            table and, when the store has labels, the same evaluation. Only a head can score features, fitted on the
+            same backbone, weights, layer and crop size; ``sort_into`` / ``min_confidence``, ``weights`` and
+            ``runtime`` other than auto are refused, ``image_size`` only confirms the store's, ``device`` / ``workers`` / ``threads`` are
+            ignored and ``batch_size`` is the rows scored at once.
         model: a head file from ``featx fit`` (default: ``featx-out/head.skops``), a run folder / ``model.json`` /
             ``.safetensors`` from ``featx finetune`` or ``featx scratch``, an ``.onnx`` file from ``featx export``
             (runs in onnxruntime on the CPU; torch is not needed), or a loaded ``Head`` / ``TrainedModel`` /
@@ -289,6 +296,16 @@ def predict_folder(
         OutputError (an output cannot be written or is in use; files that could not be sorted), StrictModeError.
         OutputError and StrictModeError raised after the run carry the finished result as ``.result``.
     """
+    from .from_store import is_feature_store  # a featx feature store: scored by the head alone (from_store.py)
+
+    if is_feature_store(images):
+        from .from_store import predict_store
+
+        return predict_store(images, model, output=output, format=format, top_k=top_k, device=device,
+                             batch_size=batch_size, workers=workers, sort_into=sort_into, mode=mode,
+                             min_confidence=min_confidence, dry_run=dry_run, strict=strict, report_dir=report_dir,
+                             overwrite=overwrite, weights=weights, image_size=image_size, progress=progress,
+                             runtime=runtime, threads=threads)
     t0 = time.perf_counter()
     s = PredictSettings(model=model, output=output, format=format, top_k=top_k, device=device, batch_size=batch_size,
                         workers=workers, sort_into=sort_into, mode=mode, min_confidence=min_confidence,
