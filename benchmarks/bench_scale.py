@@ -2,7 +2,8 @@
 
     python benchmarks/bench_scale.py formats [--n 100000] [--dim 1280]      # npz vs Parquet vs sharded .npy (f32/f16)
     python benchmarks/bench_scale.py float16                                 # logistic accuracy, float32 vs float16
-    python benchmarks/bench_scale.py scale [--sizes 100000,1000000] [--steps write,load,fit,audit]
+    python benchmarks/bench_scale.py scale [--sizes 100000,1000000] [--steps write,load,fit,fit_sklearn,audit]
+        [--fit-backend auto|stream] [--work DIR]
 
 formats: the same synthetic N x D features written in each format; write time, disk size, then in a fresh process
 each: a full load (time, peak RSS) and a read of 1,000 random rows (what a data loader or a lazy reader does).
@@ -10,7 +11,9 @@ float16: a logistic head (C fixed, same split) on features stored as float32 and
 digits (raw pixels and a random-projection "embedding" of them) and on a featx store given with --features.
 scale: for each size, synthetic features with class structure (10 classes, Gaussian clusters, 80/20 train/val)
 written shard by shard into a sharded store (never the whole matrix in memory), then `load_features`,
-`fit_head(logistic, C=1)` and `audit(checks)` each in a fresh process: seconds, peak RSS (VmHWM), disk size,
+`fit_head(logistic, C=1, cv=0)` (fit: the streaming path of featx.heads.large where it applies; fit_sklearn: the
+in-memory scikit-learn pipeline on the same split, and the accuracy difference) and `audit(checks)` each in a fresh
+process: seconds, peak RSS (VmHWM, also as a multiple of the float32 features), disk size,
 and the slope log(t2/t1)/log(n2/n1) between consecutive sizes (1 = linear). A step whose expected peak (PEAK_RATIO
 x the features) exceeds the memory available now or --max-gb is skipped with a note, not started. Load averages are
 printed with every size: this machine is shared.
@@ -35,7 +38,7 @@ DEFAULT_WORK = Path("/tmp/featx-scale-bench")
 SHARD = 65536
 # Expected peak RSS per step as a multiple of the float32 features (measured at 100k rows, BENCHMARKS.md; the issue
 # measured fit 5.0x and audit 6.8x at 200k): a step over the memory allowed is skipped, not started.
-PEAK_RATIO = {"rows": 0.1, "load": 1.2, "fit": 5.0, "audit": 7.0}
+PEAK_RATIO = {"rows": 0.1, "load": 1.2, "fit": 5.0, "fit_sklearn": 5.0, "audit": 7.0}
 
 
 def _rss_gb() -> float:
@@ -120,9 +123,15 @@ def _step(step: str, store: str, extra: str) -> dict:
             fs = featx.load_features(store)  # an .npz member cannot be read in part
             take = np.sort(rng.choice(len(fs), 1000, replace=False))
             out["rows"] = len(fs.features[take])
-    elif step == "fit":
-        res = featx.fit_head(store, head="logistic", C=1.0, device="cpu")
+    elif step in ("fit", "fit_sklearn"):
+        # fit: backend auto, which streams the store from featx.heads.large.STREAM_MIN values (2^28) and with
+        # "stream" in extra at any size; fit_sklearn: scikit-learn's in-memory pipeline on the same split and C.
+        # --cv 0: one fit each (on the streaming path a fixed C gets no k-fold score, so neither does sklearn's here)
+        backend = "sklearn" if step == "fit_sklearn" else (extra or "auto")
+        res = featx.fit_head(store, head="logistic", C=1.0, cv=0, backend=backend, device="cpu")
         out["accuracy"] = {k: round(float(v.get("accuracy", float("nan"))), 4) for k, v in res.scores.items()}
+        out.update({k: res.training.get(k) for k in ("backend", "fit_seconds", "iterations", "passes")
+                    if res.training.get(k) is not None})
     elif step == "audit":
         from featx.audit import audit
 
@@ -211,7 +220,7 @@ def cmd_scale(a) -> None:
         if "write" in steps or not (store / "manifest.json").is_file():
             row["write_s"] = round(synthetic(store, n, a.dim), 1)
         row["disk_gb"] = round(_disk(store) / 1e9, 2)
-        for step in ("rows", "load", "fit", "audit"):
+        for step in ("rows", "load", "fit", "fit_sklearn", "audit"):
             if step not in steps:
                 continue
             budget = min(_available_gb() - 1, a.max_gb or float("inf"))
@@ -219,13 +228,20 @@ def cmd_scale(a) -> None:
                 row[step] = {"skipped": f"expected peak ~{PEAK_RATIO[step] * need:.1f} GB "
                                         f"({PEAK_RATIO[step]}x the features) > {budget:.1f} GB allowed"}
             else:
-                row[step] = _child(step, store, a.checks if step == "audit" else "")
+                row[step] = _child(step, store, a.checks if step == "audit" else (a.fit_backend if step == "fit"
+                                                                                     else ""))
+                if "peak_rss_gb" in row[step]:
+                    row[step]["peak_x_features"] = round(row[step]["peak_rss_gb"] / need, 2)
             print(json.dumps({"n": n, step: row[step]}), flush=True)
+        if "accuracy" in row.get("fit", {}) and "accuracy" in row.get("fit_sklearn", {}):
+            row["fit_minus_sklearn_accuracy"] = {k: round(v - row["fit_sklearn"]["accuracy"].get(k, float("nan")), 4)
+                                                 for k, v in row["fit"]["accuracy"].items()}
+            print(json.dumps({"n": n, "fit_minus_sklearn_accuracy": row["fit_minus_sklearn_accuracy"]}), flush=True)
         row["load_average_at_end"] = _load()
         results.append(row)
     for prev, cur in zip(results, results[1:]):
         slopes = {}
-        for step in ("rows", "load", "fit", "audit"):
+        for step in ("rows", "load", "fit", "fit_sklearn", "audit"):
             t1, t2 = (r.get(step, {}).get("seconds") for r in (prev, cur))
             if t1 and t2:
                 slopes[step] = round(math.log(t2 / t1) / math.log(cur["n"] / prev["n"]), 2)
@@ -248,7 +264,8 @@ def main() -> None:
     s = sub.add_parser("scale")
     s.add_argument("--sizes", default="100000,1000000")
     s.add_argument("--dim", type=int, default=1280)
-    s.add_argument("--steps", default="write,rows,load,fit,audit")
+    s.add_argument("--steps", default="write,rows,load,fit,fit_sklearn,audit")
+    s.add_argument("--fit-backend", default="auto", help="fit step: auto (streams from 2^28 values) or stream")
     s.add_argument("--max-gb", type=float, default=None, help="skip steps expected to peak above this (shared hosts)")
     s.add_argument("--checks", default="duplicates,outliers", help="audit checks (labels runs a CV logistic)")
     s.add_argument("--work", default=str(DEFAULT_WORK))
