@@ -40,14 +40,15 @@ def small_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("kind,classes,class_weight", [("logistic", 3, None), ("logistic", 2, "balanced"),
-                                                       ("svm", 3, "balanced"), ("svm", 2, None)])
+                                                       ("svm", 3, "balanced"), ("svm", 2, None),
+                                                       ("linear", 3, "balanced"), ("linear", 2, None)])
 def test_streaming_fit_matches_sklearn_on_the_same_split(tmp_path, small_chunks, kind, classes, class_weight):
     counts = [1500, 400, 300][:classes] if class_weight else None
     store = _store(tmp_path / "s", classes=classes, counts=counts)
     kw = dict(head=kind, C=0.5, cv=0, class_weight=class_weight, device="cpu")
     got = featx.fit_head(store, backend="stream", **kw)
     ref = featx.fit_head(store, backend="sklearn", **kw)
-    assert got.training["backend"] == "stream" and got.training["passes"] >= 2
+    assert got.training["backend"] == "stream" and got.training["passes"] >= (1 if kind == "linear" else 2)
     assert got.training["n"] == ref.training["n"] and got.scores["val"]["n"] == ref.scores["val"]["n"]
     assert abs(got.scores["val"]["accuracy"] - ref.scores["val"]["accuracy"]) <= 0.005
     x = featx.load_features(store).split("val").features
@@ -55,8 +56,12 @@ def test_streaming_fit_matches_sklearn_on_the_same_split(tmp_path, small_chunks,
     assert agree >= 0.99
     a, b = (r.head.pipeline.named_steps["clf"].coef_ for r in (got, ref))
     assert a.shape == b.shape
-    # the same objective: logistic to lbfgs' tolerance; the svm against liblinear's dual solver, looser
-    assert np.abs(a - b).max() <= (2e-3 if kind == "logistic" else 2e-2) * np.abs(b).max()
+    # the same objective: ridge exactly (float32 products), logistic to lbfgs' tolerance; the svm against
+    # liblinear's dual solver, looser
+    assert np.abs(a - b).max() <= {"linear": 1e-4, "logistic": 2e-3, "svm": 2e-2}[kind] * np.abs(b).max()
+    if kind == "linear":
+        np.testing.assert_allclose(got.head.pipeline.named_steps["clf"].intercept_,
+                                   ref.head.pipeline.named_steps["clf"].intercept_, atol=1e-4)
     sa, sb = (r.head.pipeline.named_steps["scale"] for r in (got, ref))
     np.testing.assert_allclose(sa.mean_, sb.mean_, rtol=1e-6)
     np.testing.assert_allclose(sa.scale_, sb.scale_, rtol=1e-5)
@@ -126,15 +131,17 @@ def test_cli_streams_with_backend_stream_and_refuses_what_cannot(tmp_path, small
     # a search of C would pass over every row folds x grid values times: refused, naming what to do
     r = runner.invoke(app, ["fit", str(store), "--backend", "stream", "-o", str(tmp_path / "x.skops")])
     assert r.exit_code == 2 and "--C" in r.output and "--cv 0" in r.output
+    res = featx.fit_head(store, head="linear", C=1.0, cv=0, backend="stream")  # ridge: one pass, exact
+    assert res.training["backend"] == "stream" and res.training["passes"] == 1
     monkeypatch.setattr(large, "STREAM_MIN", 1000)  # the store (3000 x 24) is now "large"
-    for head in ("svm-rbf", "knn", "mlp", "linear", "all"):
+    for head in ("svm-rbf", "knn", "mlp", "all"):
         r = runner.invoke(app, ["fit", str(store), "--head", head, "-o", str(tmp_path / f"{head}.skops")])
         assert r.exit_code == 2, (head, r.output)
         line = r.output.strip()
         assert line.startswith("Error:") and "\n" not in line and "--head logistic" in line, line
         assert not (tmp_path / f"{head}.skops").exists()
     # naming a backend loads every row as before (the user's call)
-    res = featx.fit_head(store, head="linear", C=1.0, cv=0, backend="sklearn")
+    res = featx.fit_head(store, head="knn", k=3, cv=0, backend="sklearn")
     assert res.training["backend"] == "sklearn"
 
 
@@ -181,3 +188,18 @@ def test_device_cache_path_gives_the_same_head(tmp_path, small_chunks, monkeypat
     got = featx.fit_head(store, C=1.0, cv=0, backend="stream", device="cpu")
     np.testing.assert_array_equal(got.head.pipeline.named_steps["clf"].coef_,
                                   ref.head.pipeline.named_steps["clf"].coef_)
+
+
+def test_single_file_store_and_separate_val_stream_as_sklearn_fits_them(tmp_path, small_chunks):
+    """An .npz store (read whole, fitted chunk by chunk) with --val features: the same split and scores as sklearn."""
+    fs = featx.load_features(_store(tmp_path / "s", n=1500, shard=500))
+    train, val = fs.split("train"), fs.split("val")
+    train.splits = None  # a flat store: with --val given nothing is held out of it
+    featx.save_features(train, tmp_path / "train.npz")
+    featx.save_features(val, tmp_path / "val.npz")
+    kw = dict(head="logistic", C=1.0, cv=0, val=tmp_path / "val.npz")
+    got = featx.fit_head(tmp_path / "train.npz", backend="stream", **kw)
+    ref = featx.fit_head(tmp_path / "train.npz", backend="sklearn", **kw)
+    assert got.validation == ref.validation == "the --val features"
+    assert got.training["n"] == len(train) and got.scores["val"]["n"] == len(val)
+    assert abs(got.scores["val"]["accuracy"] - ref.scores["val"]["accuracy"]) <= 0.005

@@ -167,7 +167,7 @@ def fit_head(features, head: str = "logistic", *, output=None, C: Optional[float
         device, backend: the mlp runs in torch (CUDA when present), the svm too from n x d >= 1M (liblinear below,
             or with ``backend="sklearn"``); the logistic head runs in torch with ``backend="torch"``, with
             ``device="cuda"``, or automatically for large sets when CUDA is present. ``backend="stream"`` (logistic,
-            svm), automatic from ``featx.heads.large.STREAM_MIN`` values (n x d, 2^28 = 1 GiB of float32), reads the
+            svm, linear), automatic from ``featx.heads.large.STREAM_MIN`` values (n x d, 2^28 = 1 GiB of float32), reads the
             store chunk by chunk and needs ``C`` or ``cv=0`` (featx.heads.large); the other heads are refused at that
             size unless a backend is named. Every head is saved as an ordinary sklearn pipeline.
         report_dir: where ``<stem>.report.json`` and the PNGs go (default: beside the head).

@@ -11,7 +11,8 @@ rows is more than a 24 GB machine. Here:
    penalty; svm: ``LinearSVC``'s squared hinge, one-vs-rest) is minimised by scipy's L-BFGS-B, the solver and
    stopping rule ``LogisticRegression(solver="lbfgs")`` uses, with a loss and gradient summed over chunks of
    ``CHUNK_ROWS`` standardised training rows (float32 products in torch, sums in float64; on CUDA when present,
-   where the standardised rows stay on the GPU between passes if they fit);
+   where the standardised rows stay on the GPU between passes if they fit); linear (``RidgeClassifier``) is solved
+   exactly from sums over one pass (its normal equations, d x d);
 4. one more pass predicts the validation (and test) rows with the saved pipeline itself.
 
 Memory is one shard's mapped pages plus one chunk, whatever the number of rows; each L-BFGS step is one pass over
@@ -38,7 +39,7 @@ from ..errors import ArtifactError, DataError, UsageError
 
 log = logging.getLogger(__name__)
 
-STREAM_KINDS = ("logistic", "svm")
+STREAM_KINDS = ("logistic", "svm", "linear")
 # n x d (values in the training store) from which backend "auto" streams: 2^28 values = 1 GiB of float32, e.g.
 # 210,000 x 1,280. Below it the in-memory path (4.7-5x the features at 100k rows: at most ~5 GB here) is the one with
 # the cross-validated search; above it, its peak grows past what a 24 GB machine shared by a few jobs can give. A fixed
@@ -52,8 +53,7 @@ _WHY = {  # heads without a streaming fit: why each needs every row at once, and
     "svm-rbf": "its kernel matrix grows with the square of the rows (and libsvm's time faster still)",
     "knn": "the head would store every training row and compare each image with all of them",
     "mlp": "its trainer holds every training row in memory",
-    "linear": "the ridge solver holds every training row in memory",
-    "all": "it includes heads whose fit holds every row (svm-rbf, knn, mlp, linear)",
+    "all": "it includes heads whose fit holds every row (svm-rbf, knn, mlp)",
 }
 
 
@@ -91,7 +91,7 @@ def chosen(s, size: Optional[tuple]) -> bool:
 def refusal(head: str, n: int, d: int) -> str:
     """The one-line reason a head is not fitted on ``n`` x ``d`` features by the streaming path, and what to do."""
     return (f"the {head} head is not fitted on {n:,} x {d:,} features ({n * d * 4 / 1e9:.1f} GB of float32) by "
-            f"streaming: {_WHY.get(head, 'it has no streaming fit')}. Fit --head logistic or --head svm (read "
+            f"streaming: {_WHY.get(head, 'it has no streaming fit')}. Fit --head logistic, svm or linear (read "
             f"chunk by chunk), or pass --backend {'torch' if head == 'mlp' else 'sklearn'} to load every row anyway")
 
 
@@ -418,6 +418,42 @@ def _minimise(kind: str, batches: _TrainBatches, d: int, n_classes: int, *, C: f
         res.message)
 
 
+def _ridge(batches: _TrainBatches, d: int, n_classes: int, *, alpha: float, device: str) -> tuple:
+    """(coef (K, d), intercept (K,)) of ``RidgeClassifier(alpha)`` on the standardised rows, exactly, from one pass:
+    the weighted sums of x, x x^T, x y^T and y (float64) give the centred normal equations sklearn's cholesky solver
+    solves, (Xc^T W Xc + alpha I) coef = Xc^T W Yc with +-1 targets, intercept = ybar - xbar coef."""
+    import scipy.linalg
+    import torch
+
+    dev = torch.device(device)
+    k = 1 if n_classes == 2 else n_classes
+    s0 = 0.0
+    s1 = torch.zeros(d, dtype=torch.float64, device=dev)
+    s2 = torch.zeros(d, d, dtype=torch.float64, device=dev)
+    t = torch.zeros(d, k, dtype=torch.float64, device=dev)
+    ty = torch.zeros(k, dtype=torch.float64, device=dev)
+    with torch.no_grad():
+        for x, yi, sw in batches:
+            if k == 1:
+                Y = (yi.to(torch.float64) * 2 - 1)[:, None]
+            else:
+                Y = -torch.ones(len(yi), k, dtype=torch.float64, device=dev)
+                Y[torch.arange(len(yi), device=dev), yi] = 1.0
+            xd, w = x.double(), sw.double()[:, None]
+            xw = xd * w
+            s0 += float(w.sum())
+            s1 += xw.sum(dim=0)
+            s2 += xw.T @ xd
+            t += xw.T @ Y
+            ty += (w * Y).sum(dim=0)
+    s1, s2, t, ty = (v.cpu().numpy() for v in (s1, s2, t, ty))
+    xbar, ybar = s1 / s0, ty / s0
+    gram = s2 - np.outer(s1, xbar)
+    gram[np.diag_indices(d)] += alpha
+    W = scipy.linalg.solve(gram, t - np.outer(s1, ybar), assume_a="pos")
+    return W.T.copy(), ybar - xbar @ W
+
+
 def _pipeline(kind: str, scaler, classes, coef, intercept, C: float, class_weight, n_iter: int, max_iter: int,
               tol: float, seed: int):
     """The fitted ``Pipeline(StandardScaler, LogisticRegression | LinearSVC)`` the in-memory path would save."""
@@ -427,12 +463,20 @@ def _pipeline(kind: str, scaler, classes, coef, intercept, C: float, class_weigh
 
     pipe = make_estimator(kind, C, class_weight=class_weight, seed=seed)
     clf = pipe.named_steps["clf"]
-    clf.set_params(max_iter=max_iter, tol=tol)
     clf.classes_ = np.asarray(classes)
+    if kind == "linear":  # the attributes RidgeClassifier.fit sets: its +-1 label binarizer, its solver
+        from sklearn.preprocessing import LabelBinarizer
+
+        clf._label_binarizer = LabelBinarizer(pos_label=1, neg_label=-1).fit(np.asarray(classes))
+        clf.solver_, clf.n_iter_ = "cholesky", None
+    else:
+        clf.set_params(max_iter=max_iter, tol=tol)
+        clf.n_iter_ = np.asarray([n_iter], dtype=np.int32) if kind == "logistic" else int(n_iter)
     clf.coef_ = np.asarray(coef, dtype=np.float64)
     clf.intercept_ = np.asarray(intercept, dtype=np.float64)
     clf.n_features_in_ = int(coef.shape[1])
-    clf.n_iter_ = np.asarray([n_iter], dtype=np.int32) if kind == "logistic" else int(n_iter)
+    if kind == "linear" and len(coef) == 1:  # two classes: RidgeClassifier's coef_ is 1-D (intercept_ stays (1,))
+        clf.coef_ = clf.coef_[0]
     return Pipeline([("scale", scaler), ("clf", clf)])
 
 
@@ -470,7 +514,7 @@ def _predict(pipe, plan: _StreamPlan, sample: np.ndarray, train_src: _Source) ->
     in_sample[sample] = True
     preds = {name: [] for name in plan.evals}
     sample_preds = []
-    for src in {id(s): s for s in plan.sources.values()}.values():
+    for src in {id(s): s for s in (train_src, *plan.sources.values())}.values():
         names = [n for n in plan.evals if plan.sources[n] is src]
         for lo, chunk in src.chunks():
             hi = lo + len(chunk)
@@ -534,9 +578,13 @@ def fit_streaming(features, s, *, output=None, report_dir=None, val=None):
         max_iter = 1000 if kind == "logistic" else 5000  # as the in-memory estimators (featx.heads.pipelines)
         tol = 1e-4
         sw_sum = float((w_class[y_store[train.index]]).sum(dtype=np.float64))
-        coef, intercept, n_iter, ok, message = _minimise(
-            kind, batches, src.dim, len(classes), C=float(value), sw_sum=sw_sum, n_train=len(train), device=device,
-            max_iter=max_iter, tol=tol)
+        if kind == "linear":  # exact, one pass: nothing to iterate
+            coef, intercept = _ridge(batches, src.dim, len(classes), alpha=float(value), device=device)
+            n_iter, ok, message = 0, True, ""
+        else:
+            coef, intercept, n_iter, ok, message = _minimise(
+                kind, batches, src.dim, len(classes), C=float(value), sw_sum=sw_sum, n_train=len(train),
+                device=device, max_iter=max_iter, tol=tol)
         if not ok:
             log.warning("%s head: L-BFGS stopped after %d iterations without meeting tol=%g (%s)", kind, n_iter, tol,
                         message)
@@ -565,8 +613,10 @@ def fit_streaming(features, s, *, output=None, report_dir=None, val=None):
         import torch
 
         meta["versions"]["torch"] = torch.__version__
-        meta["training"]["solver"] = (f"L-BFGS-B (scipy) over chunks of {CHUNK_ROWS} rows, {n_iter} iterations, "
-                                      f"{passes} passes over the training rows")
+        meta["training"]["solver"] = (
+            f"normal equations summed over chunks of {CHUNK_ROWS} rows, one pass" if kind == "linear" else
+            f"L-BFGS-B (scipy) over chunks of {CHUNK_ROWS} rows, {n_iter} iterations, {passes} passes over the "
+            f"training rows")
         res = F.FitResult(head=Head(pipe, meta), scores=scores, cv=None, training=training, validation=plan.how)
         F._record_seen([res], plan, s, selected=False)
         if files:
