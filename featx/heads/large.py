@@ -101,12 +101,10 @@ def _check_settings(s, n: int, d: int) -> None:
     if s.C is None and int(s.cv) >= 2:
         raise UsageError(f"no cross-validated search of C on the streaming path ({n:,} rows: {s.cv} folds x each C "
                          f"would each pass over every row many times); give --C (e.g. --C 1) or --cv 0 for the "
-                         f"default C=1, and the validation rows score the head")
+                         f"head's default, and the validation rows score the head")
     if s.calibrate:
         raise UsageError("--calibrate is not available on the streaming path yet; fit without it, or pass "
                          "--backend sklearn to load every row")
-    if str(s.device).lower() not in ("auto", "cpu") and not str(s.device).lower().startswith("cuda"):
-        raise UsageError(f"unknown device {s.device!r}; use auto, cpu or cuda")
 
 
 # ------------------------------------------------------------------------------------------------ rows and chunks
