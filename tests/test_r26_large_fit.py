@@ -14,7 +14,7 @@ from featx.heads import large
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many small torch ops: 2 threads on 2 shared cores crawl
 
 
-def _store(path, n=3000, dim=24, classes=3, shard=500, seed=0, counts=None):
+def _store(path, n=3000, dim=24, classes=3, shard=500, seed=0, counts=None, dtype="float32"):
     """A sharded store of Gaussian clusters that overlap (accuracy well below 1, so solvers can disagree), 80/20
     train/val by row, ``shard`` rows per shard."""
     rng = np.random.default_rng(seed)
@@ -27,7 +27,7 @@ def _store(path, n=3000, dim=24, classes=3, shard=500, seed=0, counts=None):
     x = centers[y] * 0.6 + rng.normal(size=(n, dim)).astype(np.float32) + 2.0  # offset: the scaler must centre
     names = [f"c{k}" for k in range(classes)]
     w = ShardWriter(path, dim=dim, classes=names, meta={"backbone": "synthetic", "feature_dim": dim},
-                    shard_size=shard)
+                    shard_size=shard, dtype=dtype)
     w.add(x, [f"{names[k]}/{i:06d}.jpg" for i, k in enumerate(y)], [names[k] for k in y],
           np.where(np.arange(n) % 5 == 0, "val", "train"))
     w.close()
@@ -181,9 +181,12 @@ def test_streaming_fit_refuses_nonfinite_rows_and_honours_exclude(tmp_path, smal
 
 
 def test_device_cache_path_gives_the_same_head(tmp_path, small_chunks, monkeypatch):
-    """On a GPU the standardised rows stay on the device after the first pass; the cache must not change the fit."""
-    store = _store(tmp_path / "s", n=1200, shard=300)
+    """On a GPU the standardised rows stay on the device after the first pass; the cache must not change the fit.
+    A float16 store streams as its float32 values."""
+    store = _store(tmp_path / "s", n=1200, shard=300, dtype="float16")
     ref = featx.fit_head(store, C=1.0, cv=0, backend="stream", device="cpu")
+    skl = featx.fit_head(store, C=1.0, cv=0, backend="sklearn", device="cpu")
+    assert abs(ref.scores["val"]["accuracy"] - skl.scores["val"]["accuracy"]) <= 0.005
     monkeypatch.setattr(large, "_keep_on_device", lambda device, nbytes: True)
     got = featx.fit_head(store, C=1.0, cv=0, backend="stream", device="cpu")
     np.testing.assert_array_equal(got.head.pipeline.named_steps["clf"].coef_,
