@@ -39,8 +39,9 @@ DEFAULT_WORK = Path("/tmp/featx-scale-bench")
 SHARD = 65536
 # Expected peak RSS per step as a multiple of the float32 features (measured at 100k rows, BENCHMARKS.md; the issue
 # measured fit 5.0x and audit 6.8x at 200k): a step over the memory allowed is skipped, not started.
-# fit*: the streaming path (featx.heads.large) holds ~1 GB whatever the size (Python, torch, sklearn, one mapped
-# shard, a chunk) plus per-row paths and labels: 1.26 GB at 100k (2.5x), 1.43 GB at 1M (0.28x) for logistic.
+# fit*: the streaming path (featx.heads.large) holds ~1.2 GB whatever the size (Python, torch, sklearn, one mapped
+# shard, a chunk) plus per-row paths and labels: logistic and svm 1.25 GB at 100k (2.4x), 1.43 GB at 1M (0.28x);
+# linear (a d x d float64 Gram on top) 1.54 GB (3.0x) and 1.75 GB (0.34x).
 # fit_sklearn: the in-memory pipeline, 4.1x at 100k with --cv 0 (4.7x with its CV).
 PEAK_RATIO = {"rows": 0.1, "load": 1.2, "fit": 0.5, "fit_svm": 0.5, "fit_linear": 0.5, "fit_sklearn": 5.0,
               "audit": 7.0}
