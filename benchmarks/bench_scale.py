@@ -2,7 +2,9 @@
 
     python benchmarks/bench_scale.py formats [--n 100000] [--dim 1280]      # npz vs Parquet vs sharded .npy (f32/f16)
     python benchmarks/bench_scale.py float16                                 # logistic accuracy, float32 vs float16
-    python benchmarks/bench_scale.py scale [--sizes 100000,1000000] [--steps write,load,fit,audit]
+    python benchmarks/bench_scale.py scale [--sizes 100000,1000000] [--steps write,load,fit,fit_svm,fit_linear,
+        fit_sklearn,audit]
+        [--fit-backend auto|stream] [--work DIR]
 
 formats: the same synthetic N x D features written in each format; write time, disk size, then in a fresh process
 each: a full load (time, peak RSS) and a read of 1,000 random rows (what a data loader or a lazy reader does).
@@ -10,7 +12,9 @@ float16: a logistic head (C fixed, same split) on features stored as float32 and
 digits (raw pixels and a random-projection "embedding" of them) and on a featx store given with --features.
 scale: for each size, synthetic features with class structure (10 classes, Gaussian clusters, 80/20 train/val)
 written shard by shard into a sharded store (never the whole matrix in memory), then `load_features`,
-`fit_head(logistic, C=1)` and `audit(checks)` each in a fresh process: seconds, peak RSS (VmHWM), disk size,
+`fit_head(HEAD, C=1, cv=0)` (fit = logistic, fit_svm, fit_linear: the streaming path of featx.heads.large where it
+applies; fit_sklearn: the in-memory scikit-learn logistic pipeline on the same split, and the accuracy difference) and `audit(checks)` each in a fresh
+process: seconds, peak RSS (VmHWM, also as a multiple of the float32 features), disk size,
 and the slope log(t2/t1)/log(n2/n1) between consecutive sizes (1 = linear). A step whose expected peak (PEAK_RATIO
 x the features) exceeds the memory available now or --max-gb is skipped with a note, not started. Load averages are
 printed with every size: this machine is shared.
@@ -35,7 +39,14 @@ DEFAULT_WORK = Path("/tmp/featx-scale-bench")
 SHARD = 65536
 # Expected peak RSS per step as a multiple of the float32 features (measured at 100k rows, BENCHMARKS.md; the issue
 # measured fit 5.0x and audit 6.8x at 200k): a step over the memory allowed is skipped, not started.
-PEAK_RATIO = {"rows": 0.1, "load": 1.2, "fit": 5.0, "audit": 7.0}
+# fit*: the streaming path (featx.heads.large) holds ~1.2 GB whatever the size (Python, torch, sklearn, one mapped
+# shard, a chunk) plus per-row paths and labels: logistic and svm 1.25 GB at 100k (2.4x), 1.43 GB at 1M (0.28x);
+# linear (a d x d float64 Gram on top) 1.54 GB (3.0x) and 1.75 GB (0.34x).
+# fit_sklearn: the in-memory pipeline, 4.1x at 100k with --cv 0 (4.7x with its CV).
+PEAK_RATIO = {"rows": 0.1, "load": 1.2, "fit": 0.5, "fit_svm": 0.5, "fit_linear": 0.5, "fit_sklearn": 5.0,
+              "audit": 7.0}
+FIT_STEPS = {"fit": "logistic", "fit_svm": "svm", "fit_linear": "linear", "fit_sklearn": "logistic"}
+STEPS = ("rows", "load", *FIT_STEPS, "audit")
 
 
 def _rss_gb() -> float:
@@ -120,9 +131,16 @@ def _step(step: str, store: str, extra: str) -> dict:
             fs = featx.load_features(store)  # an .npz member cannot be read in part
             take = np.sort(rng.choice(len(fs), 1000, replace=False))
             out["rows"] = len(fs.features[take])
-    elif step == "fit":
-        res = featx.fit_head(store, head="logistic", C=1.0, device="cpu")
+    elif step in FIT_STEPS:
+        # fit (logistic), fit_svm, fit_linear: backend auto, which streams the store from featx.heads.large.STREAM_MIN
+        # values (2^28), or "stream" (extra) at any size; fit_sklearn: scikit-learn's in-memory logistic pipeline on
+        # the same split and C. --cv 0: one fit each (the streaming path runs no k-fold search or score)
+        backend = "sklearn" if step == "fit_sklearn" else (extra or "auto")
+        head = FIT_STEPS[step]
+        res = featx.fit_head(store, head=head, C=1.0, cv=0, backend=backend, device="cpu")
         out["accuracy"] = {k: round(float(v.get("accuracy", float("nan"))), 4) for k, v in res.scores.items()}
+        out.update({k: res.training.get(k) for k in ("backend", "fit_seconds", "iterations", "passes")
+                    if res.training.get(k) is not None})
     elif step == "audit":
         from featx.audit import audit
 
@@ -211,7 +229,7 @@ def cmd_scale(a) -> None:
         if "write" in steps or not (store / "manifest.json").is_file():
             row["write_s"] = round(synthetic(store, n, a.dim), 1)
         row["disk_gb"] = round(_disk(store) / 1e9, 2)
-        for step in ("rows", "load", "fit", "audit"):
+        for step in STEPS:
             if step not in steps:
                 continue
             budget = min(_available_gb() - 1, a.max_gb or float("inf"))
@@ -219,13 +237,21 @@ def cmd_scale(a) -> None:
                 row[step] = {"skipped": f"expected peak ~{PEAK_RATIO[step] * need:.1f} GB "
                                         f"({PEAK_RATIO[step]}x the features) > {budget:.1f} GB allowed"}
             else:
-                row[step] = _child(step, store, a.checks if step == "audit" else "")
+                extra = a.checks if step == "audit" else (a.fit_backend if step in ("fit", "fit_svm", "fit_linear")
+                                                          else "")
+                row[step] = _child(step, store, extra)
+                if "peak_rss_gb" in row[step]:
+                    row[step]["peak_x_features"] = round(row[step]["peak_rss_gb"] / need, 2)
             print(json.dumps({"n": n, step: row[step]}), flush=True)
+        if "accuracy" in row.get("fit", {}) and "accuracy" in row.get("fit_sklearn", {}):
+            row["fit_minus_sklearn_accuracy"] = {k: round(v - row["fit_sklearn"]["accuracy"].get(k, float("nan")), 4)
+                                                 for k, v in row["fit"]["accuracy"].items()}
+            print(json.dumps({"n": n, "fit_minus_sklearn_accuracy": row["fit_minus_sklearn_accuracy"]}), flush=True)
         row["load_average_at_end"] = _load()
         results.append(row)
     for prev, cur in zip(results, results[1:]):
         slopes = {}
-        for step in ("rows", "load", "fit", "audit"):
+        for step in STEPS:
             t1, t2 = (r.get(step, {}).get("seconds") for r in (prev, cur))
             if t1 and t2:
                 slopes[step] = round(math.log(t2 / t1) / math.log(cur["n"] / prev["n"]), 2)
@@ -248,7 +274,8 @@ def main() -> None:
     s = sub.add_parser("scale")
     s.add_argument("--sizes", default="100000,1000000")
     s.add_argument("--dim", type=int, default=1280)
-    s.add_argument("--steps", default="write,rows,load,fit,audit")
+    s.add_argument("--steps", default="write,rows,load,fit,fit_svm,fit_linear,fit_sklearn,audit")
+    s.add_argument("--fit-backend", default="auto", help="fit steps: auto (streams from 2^28 values) or stream")
     s.add_argument("--max-gb", type=float, default=None, help="skip steps expected to peak above this (shared hosts)")
     s.add_argument("--checks", default="duplicates,outliers", help="audit checks (labels runs a CV logistic)")
     s.add_argument("--work", default=str(DEFAULT_WORK))

@@ -30,7 +30,7 @@ def fit_cmd(
     cv: int = typer.Option(5, "--cv", help="Folds of the CV search: 2 or more, or 0 = off."),
     seed: int = typer.Option(0, "--seed", help="Seed for the hold-out, the CV folds and the SVMs."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: where the torch heads run (svm, mlp; logistic for large sets)."),
-    backend: str = typer.Option("auto", "--backend", help="auto | sklearn | torch (logistic, svm; mlp is always torch)."),
+    backend: str = typer.Option("auto", "--backend", help="auto | sklearn | torch (logistic, svm; mlp is always torch) | stream (logistic, svm, linear: read the store chunk by chunk, memory ~ one shard; needs --C or --cv 0, no CV search). auto streams from 2^28 values (rows x features, e.g. 210k x 1,280) and there refuses the heads that need every row in memory (svm-rbf, knn, mlp, all) unless --backend sklearn/torch is named."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Parallel CV fits (1 or more; -1 = all cores)."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Temperature-scale on the validation split (needs 5+ validation images of every class, and a mistake among them): probabilities for every head, ECE (cross-fitted on val) and a reliability diagram in the report."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs (head, reports, PNGs) that featx did not write."),

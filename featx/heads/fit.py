@@ -51,7 +51,7 @@ class FitSettings:
     cv: int = 5  # folds for the search (>= 2), lowered to the smallest class count; 0 switches CV off
     seed: int = 0  # seeds the hold-out (featx.data.split: the same images as finetune), CV folds, SVMs and the mlp
     device: str = "auto"  # torch heads (svm, mlp; logistic for large sets): auto = CUDA when present
-    backend: str = "auto"  # "sklearn", "torch" (logistic, svm, mlp), or auto (see _backend)
+    backend: str = "auto"  # "sklearn", "torch" (logistic, svm, mlp), "stream" (featx.heads.large), or auto (_backend)
     n_jobs: Optional[int] = None  # CV fits in parallel (joblib); None = 1, -1 = all cores
     # n * d above which "auto" fits the logistic head in torch on CUDA: ~20M (e.g. 16k x 1280) is where sklearn's
     # lbfgs starts taking tens of seconds while a GPU full-batch solve stays around a second.
@@ -166,8 +166,10 @@ def fit_head(features, head: str = "logistic", *, output=None, C: Optional[float
         cv: folds of the stratified CV search, 2 or more (lowered to the smallest class count); 0 turns CV off.
         device, backend: the mlp runs in torch (CUDA when present), the svm too from n x d >= 1M (liblinear below,
             or with ``backend="sklearn"``); the logistic head runs in torch with ``backend="torch"``, with
-            ``device="cuda"``, or automatically for large sets when CUDA is present. Every head is saved as an
-            ordinary sklearn pipeline.
+            ``device="cuda"``, or automatically for large sets when CUDA is present. ``backend="stream"`` (logistic,
+            svm, linear), automatic from ``featx.heads.large.STREAM_MIN`` values (n x d, 2^28 = 1 GiB of float32), reads the
+            store chunk by chunk and needs ``C`` or ``cv=0`` (featx.heads.large); the other heads are refused at that
+            size unless a backend is named. Every head is saved as an ordinary sklearn pipeline.
         report_dir: where ``<stem>.report.json`` and the PNGs go (default: beside the head).
         calibrate: fit a temperature on the validation split: every head then gives probabilities; ECE before and
             after goes in the report, a reliability diagram beside the confusion matrices.
@@ -184,7 +186,13 @@ def fit_head(features, head: str = "logistic", *, output=None, C: Optional[float
                     device=device, backend=backend, n_jobs=n_jobs, grid=grid, calibrate=calibrate,
                     overwrite=overwrite, exclude=exclude)
     _validate(s)
+    from . import large  # above large.STREAM_MIN values (or --backend stream): the store is read chunk by chunk
+
+    if large.chosen(s, large.store_size(features)):
+        return large.fit_streaming(features, s, output=output, report_dir=report_dir, val=val)
     fs = _as_features(features, "features")
+    if large.chosen(s, (len(fs), fs.dim)):  # a single-file store, read whole: the fit itself still streams
+        return large.fit_streaming(fs, s, output=output, report_dir=report_dir, val=val)
     excluded = None
     if s.exclude is not None:
         from .exclude import apply_exclusions
@@ -317,8 +325,8 @@ def _validate(s: FitSettings) -> None:
 
 
 def _validate_backend(s: FitSettings) -> None:
-    if s.backend not in ("auto", "sklearn", "torch"):
-        raise UsageError(f"unknown backend {s.backend!r}; use auto, sklearn or torch")
+    if s.backend not in ("auto", "sklearn", "torch", "stream"):
+        raise UsageError(f"unknown backend {s.backend!r}; use auto, sklearn, torch or stream")
     if s.backend == "torch" and s.head not in (*TORCH_KINDS, "all"):
         raise UsageError(f"the torch backend exists for the {', '.join(TORCH_KINDS)} heads, not {s.head!r}")
     if s.backend == "sklearn" and s.head == "mlp":
