@@ -190,7 +190,7 @@ def _candidates(index: NeighborIndex, engine, start: int, stop: int, r2: float) 
     q = index.Z[start:stop]
     if index.backend == "faiss":
         lims, _, cols = engine.range_search(q, r2)  # faiss L2 radii are squared
-        counts = np.diff(lims)
+        counts = np.diff(lims).astype(np.int64)  # faiss gives uint64 limits; np.repeat wants int64
         cols = np.asarray(cols, dtype=np.int64)
     else:
         from sklearn import config_context
