@@ -158,7 +158,7 @@ def audit(features, *, report_dir: Union[str, Path, None, bool] = True, images: 
         n = len(fs)
     engine, why = large.choose(s.index, n, s.large_above)
     if engine == "faiss":
-        fs = large.open_rows(features if fs is None else fs)
+        fs = large.open_rows(features) if fs is None else large.open_rows(fs, owned=True)  # read here: ours
     elif fs is None:
         fs = features if path is None else load_features(path)
     checks = _plan_checks(fs, s)

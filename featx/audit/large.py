@@ -43,7 +43,9 @@ RERANK = 3  # the graph keeps RERANK * k neighbours per row (duplicate candidate
 # full-dimension row read per image: the re-measure dominates the path's time at a million rows)
 NEAREST_OF = 3
 NPROBE = 16  # IVF cells searched per query
+CELLS_PER_SQRT_N = 4  # IVF cells: 4 sqrt(n) (4,000 at a million rows; faiss's guideline is 4-16 sqrt(n))
 TRAIN_PER_CELL = 40  # k-means training rows per IVF cell (faiss warns below 39)
+KMEANS_ITER = 10  # k-means iterations for the cells (faiss: 25); cells need not be optimal, only balanced
 LABEL_TRAIN_ROWS = 100_000  # rows each fold's logistic head is fitted on (label check, large path)
 
 
@@ -105,15 +107,16 @@ class StoreRows:
     dim: int
     store: object = None
     array: Optional[np.ndarray] = None
+    owned: bool = False  # array may be normalised in place (a FeatureSet this audit read itself)
     bounds: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
 
     def __len__(self) -> int:
         return len(self.paths)
 
     @classmethod
-    def from_featureset(cls, fs) -> "StoreRows":
+    def from_featureset(cls, fs, owned: bool = False) -> "StoreRows":
         return cls(paths=fs.paths, labels=fs.labels, splits=fs.splits, classes=fs.classes, meta=fs.meta,
-                   dim=fs.dim, array=fs.features)
+                   dim=fs.dim, array=fs.features, owned=owned)
 
     @classmethod
     def from_sharded(cls, store) -> "StoreRows":
@@ -146,6 +149,24 @@ class StoreRows:
                 yield int(self.bounds[i]) + lo, np.array(m[lo:lo + size], dtype=np.float32)
             del m
 
+    def normalised(self) -> np.ndarray:
+        """All rows normalised (featx.audit.neighbors.normalise) in one float32 N x D array, filled block by block:
+        the one full-dimension copy the path holds (a store's shards are mapped one at a time and unmapped; an
+        array this object owns is normalised in place)."""
+        if self.store is None and self.owned and self.array.dtype == np.float32:
+            X = self.array
+            self.array = None  # the rows are now the normalised ones: nothing else may read them as features
+            for lo in range(0, len(X), BLOCK):
+                _check_finite(X[lo:lo + BLOCK], lo)
+                _normalise_inplace(X[lo:lo + BLOCK])
+            return X
+        X = np.empty((len(self), self.dim), dtype=np.float32)
+        for lo, block in self.blocks():
+            _check_finite(block, lo)
+            _normalise_inplace(block)
+            X[lo:lo + len(block)] = block
+        return X
+
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The listed rows (any order, repeats allowed) as float32, gathered shard by shard."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -164,18 +185,19 @@ class StoreRows:
         return out
 
 
-def open_rows(features) -> StoreRows:
-    """A StoreRows for a path (a sharded store stays on disk; an .npz or Parquet file is read) or a FeatureSet."""
+def open_rows(features, owned: bool = False) -> StoreRows:
+    """A StoreRows for a path (a sharded store stays on disk; an .npz or Parquet file is read and owned) or a
+    FeatureSet (``owned``: its features may be normalised in place)."""
     from ..features import formats
     from ..features.store import FeatureSet, load_features
 
     if isinstance(features, FeatureSet):
-        return StoreRows.from_featureset(features)
+        return StoreRows.from_featureset(features, owned=owned)
     if formats.format_of(features) == "sharded":
         from ..features.sharded import open_sharded
 
         return StoreRows.from_sharded(open_sharded(features))
-    return StoreRows.from_featureset(load_features(features))
+    return StoreRows.from_featureset(load_features(features), owned=True)
 
 
 def count_rows(features) -> Optional[int]:
@@ -204,14 +226,17 @@ class Graph:
     info: dict
 
 
-def _normalise(block: np.ndarray, start: int) -> np.ndarray:
-    from .neighbors import normalise
-
+def _check_finite(block: np.ndarray, start: int) -> None:
     if not np.isfinite(block).all():
         bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
         raise DataError(f"the features contain NaN or Inf values (row {bad} first); re-extract them "
                         "(`featx extract ... --overwrite`)")
-    return normalise(block)
+
+
+def _normalise_inplace(c: np.ndarray) -> None:
+    """featx.audit.neighbors.normalise, in place on a float32 block (signed square root, unit rows)."""
+    np.copysign(np.sqrt(np.abs(c)), c, out=c)
+    c /= np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
 
 
 def build_graph(rows: StoreRows, *, k: int, threshold: Optional[float], seed: int = 0,
@@ -225,28 +250,27 @@ def build_graph(rows: StoreRows, *, k: int, threshold: Optional[float], seed: in
     rng = np.random.default_rng(seed)
     info, sec = {}, {}
     t = time.perf_counter()
+    X = rows.normalised()
     d = min(PROJECT_DIM if dim is None else dim, D)
-    pca = None
+    Z = X
     if d < D:
         sample = np.sort(rng.choice(n, min(n, PCA_SAMPLE), replace=False))
-        Xs = _normalise(rows.take(sample), 0)
         pca = PCA(n_components=min(d, len(sample)), svd_solver="randomized", iterated_power=2,
-                  random_state=seed).fit(Xs)
+                  random_state=seed).fit(X[sample])
         d = pca.n_components_
         info["pca_variance"] = round(float(pca.explained_variance_ratio_.sum()), 4)
-        del Xs
-    Z = np.empty((n, d), dtype=np.float32)
-    for lo, block in rows.blocks():
-        Xb = _normalise(block, lo)
-        Z[lo:lo + len(Xb)] = Xb if pca is None else pca.transform(Xb)
+        Z = np.empty((n, d), dtype=np.float32)
+        for lo in range(0, n, BLOCK):
+            Z[lo:lo + BLOCK] = pca.transform(X[lo:lo + BLOCK])
     sec["project"] = round(time.perf_counter() - t, 2)
 
     t = time.perf_counter()
-    nlist = int(max(1, min(round(2 * np.sqrt(n)), n // TRAIN_PER_CELL)))
+    nlist = int(max(1, min(round(CELLS_PER_SQRT_N * np.sqrt(n)), n // TRAIN_PER_CELL)))
     quantizer = faiss.IndexFlatL2(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
     train = Z if n <= nlist * TRAIN_PER_CELL else Z[np.sort(rng.choice(n, nlist * TRAIN_PER_CELL, replace=False))]
     index.cp.seed = seed  # k-means seed: the same store gives the same cells
+    index.cp.niter = KMEANS_ITER
     index.train(np.ascontiguousarray(train))
     for lo in range(0, n, 65536):
         index.add(Z[lo:lo + 65536])
@@ -264,8 +288,8 @@ def build_graph(rows: StoreRows, *, k: int, threshold: Optional[float], seed: in
     kth_sim = np.full(n, np.nan, dtype=np.float32)
     pi, pj, ps = [], [], []
     t_search = t_exact = 0.0
-    for lo, block in rows.blocks():
-        hi = lo + len(block)
+    for lo in range(0, n, BLOCK):
+        hi = min(n, lo + BLOCK)
         t = time.perf_counter()
         dist, idx = index.search(Z[lo:hi], want + 1)  # +1: a row usually finds itself
         own = np.arange(lo, hi)[:, None]
@@ -286,12 +310,10 @@ def build_graph(rows: StoreRows, *, k: int, threshold: Optional[float], seed: in
             need |= dist <= r2
         need &= idx >= 0
         qi, qc = np.nonzero(need)
-        Xq = _normalise(block, lo)
         sims = np.empty(len(qi), dtype=np.float32)
         for s in range(0, len(qi), BLOCK):
             e = min(len(qi), s + BLOCK)
-            other = _normalise(rows.take(idx[qi[s:e], qc[s:e]]), 0)
-            sims[s:e] = np.einsum("ij,ij->i", Xq[qi[s:e]], other)
+            sims[s:e] = np.einsum("ij,ij->i", X[lo + qi[s:e]], X[idx[qi[s:e], qc[s:e]]])
         exact = np.full(idx.shape, np.nan, dtype=np.float32)
         exact[qi, qc] = sims
         best = np.argmax(np.where(np.isnan(exact[:, :NEAREST_OF]), -np.inf, exact[:, :NEAREST_OF]), axis=1)
@@ -309,7 +331,7 @@ def build_graph(rows: StoreRows, *, k: int, threshold: Optional[float], seed: in
         t_exact += time.perf_counter() - t
         if progress:
             progress(hi, n)
-    del index
+    del index, X
     sec.update(search=round(t_search, 2), exact=round(t_exact, 2))
     pairs = _unique_pairs(pi, pj, ps)
     info.update(want=want, seconds=sec, candidate_pairs=None if r2 is None else int(sum(len(p) for p in pi)))
