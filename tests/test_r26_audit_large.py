@@ -20,7 +20,7 @@ needs_cleanlab = pytest.mark.skipif(importlib.util.find_spec("cleanlab") is None
                                     reason="cleanlab not installed (pip install 'featx[audit]')")
 
 
-def _store(n_per_class=300, classes=5, dim=96, copies=40, seed=0) -> tuple:
+def _store(n_per_class=200, classes=5, dim=96, copies=40, seed=0) -> tuple:
     """Clustered ReLU features (classes made of sub-clusters, as real embeddings are) with ``copies`` planted
     near-copies (3% noise), 4 foreign rows and a few swapped labels. Returns (FeatureSet, planted pairs)."""
     rng = np.random.default_rng(seed)
@@ -59,11 +59,13 @@ def both():
     checks = ["duplicates", "outliers"] + (["labels"] if importlib.util.find_spec("cleanlab") else [])
     mp = pytest.MonkeyPatch()
     mp.setattr(large, "PROJECT_DIM", 64)  # a projection that really drops dimensions
+    before = fs.features.copy()
     try:
         exact = audit(fs, report_dir=False, index="exact", checks=checks)
-        approx = audit(fs, report_dir=False, index="auto", large_above=1000, checks=checks)
+        approx = audit(fs, report_dir=False, index="auto", large_above=500, checks=checks)
     finally:
         mp.undo()
+    assert np.array_equal(fs.features, before)  # the caller's features are never normalised in place
     return fs, planted, exact, approx
 
 
@@ -98,14 +100,14 @@ def test_faiss_path_finds_the_planted_duplicates_the_exact_path_finds(both):
 def test_nearest_image_outliers_and_label_vote_agree_with_the_exact_path(both):
     fs, _, exact, approx = both
     e, a = exact.scores.columns, approx.scores.columns
-    # the nearest image: the best, in the full dimension, of the first 3 in the projection (0.83 measured)
+    # the nearest image: the best, in the full dimension, of the first 3 in the projection (0.85-0.88 measured, seeds 0-3)
     assert np.mean(np.array(e["nearest"]) == np.array(a["nearest"])) >= 0.75
-    # the k-th neighbour distance: re-measured exactly, of the k-th row in the projection (0.92 measured)
+    # the k-th neighbour distance: re-measured exactly, of the k-th row in the projection (0.93-0.94 measured)
     assert np.corrcoef(e["knn_distance"], a["knn_distance"])[0, 1] >= 0.85
     foreign = {p for p in fs.paths if p.endswith(tuple(f"img{i:05d}.jpg" for i in range(len(fs) - 4, len(fs))))}
     assert foreign <= {r["path"] for r in approx.outliers}
     assert foreign <= {r["path"] for r in exact.outliers}
-    assert np.corrcoef(e["outlier_score"], a["outlier_score"])[0, 1] >= 0.85  # 0.91 measured
+    assert np.corrcoef(e["outlier_score"], a["outlier_score"])[0, 1] >= 0.85  # 0.90 measured
     agree_e, agree_a = np.asarray(e["neighbour_agreement"]), np.asarray(a["neighbour_agreement"])
     if not np.isnan(agree_e).all():  # the vote is computed with the label check (cleanlab)
         assert np.mean(np.abs(agree_e - agree_a) <= 0.25) >= 0.9

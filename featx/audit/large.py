@@ -141,7 +141,7 @@ class StoreRows:
         read and unmapped in turn, so its pages leave this process's memory)."""
         if self.store is None:
             for lo in range(0, len(self), size):
-                yield lo, np.asarray(self.array[lo:lo + size], dtype=np.float32)
+                yield lo, np.array(self.array[lo:lo + size], dtype=np.float32)  # a copy: callers work in place
             return
         for i in range(len(self.store.shards)):
             m = self.store.features(i)
