@@ -123,7 +123,7 @@ def test_label_check_on_the_projection_with_sampled_folds_ranks_swapped_labels_h
     res = audit(fs, report_dir=False, index="faiss", checks=["labels"])
     top = {r["path"] for r in res.scores.ranked("label", 20)}
     assert len(swapped & top) >= 5
-    assert any("500 rows" in n for n in res.info["notes"])
+    assert any("fitted on 500 random rows" in n for n in res.info["notes"])
     assert len(swapped & {r["path"] for r in approx.scores.ranked("label", 20)}) >= 5
 
 

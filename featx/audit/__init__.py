@@ -278,11 +278,15 @@ def _run_large(rows, s: AuditSettings, checks: list, *, images=None, progress=No
                                  f"per image)", "searched_dim": gi["searched_dim"], "projected": True,
                       "candidate_pairs": gi["candidate_pairs"], "approximate": True,
                       "pca_variance": gi.get("pca_variance")}
+    from .report import ordinal
+
+    space = (f"a {gi['searched_dim']}-d PCA projection" if gi.get("pca_variance") is not None
+             else f"the {gi['searched_dim']} dimensions")
     info["notes"].append(
         f"{len(rows)} images: approximate search (--index {s.index}): one k-NN graph of the {gi['want']} nearest "
-        f"images in a {gi['searched_dim']}-d PCA projection (faiss IVF); duplicate candidates, the nearest image and "
-        f"the {s.k}-th neighbour re-measured in the full dimension. A near-duplicate not among an image's "
-        f"{gi['want']} nearest may be missed; --index exact searches exhaustively (O(n^2)).")
+        f"images in {space} (faiss IVF); duplicate candidates, the nearest image and the {ordinal(s.k)} neighbour "
+        f"re-measured in the full dimension. A near-duplicate not among an image's {gi['want']} nearest may be "
+        "missed; --index exact searches exhaustively (O(n^2)).")
     # a k-th neighbour the probed cells did not hold (tiny cells only): as far as a cosine distance goes (2)
     kth = np.where(np.isnan(g.kth_sim), 2.0, 1.0 - g.kth_sim).astype(np.float32)
     near = g.neighbours[:, :s.k]
@@ -317,10 +321,12 @@ def _run_large(rows, s: AuditSettings, checks: list, *, images=None, progress=No
         found = find_label_issues(g.Z, rows.labels, C=s.C, folds=s.folds, seed=s.seed, n_jobs=s.n_jobs,
                                   train_rows=large.LABEL_TRAIN_ROWS)
         info["seconds"]["labels"] = round(time.perf_counter() - t, 3)
+        sampled = found["n_checked"] * (found["folds"] - 1) > large.LABEL_TRAIN_ROWS * found["folds"]
         info["notes"] += found["notes"] + [
-            f"label check at this size: out-of-fold probabilities of a logistic head on the {gi['searched_dim']}-d "
-            f"projection, each of the {found['folds']} folds' heads fitted on at most {large.LABEL_TRAIN_ROWS} rows "
-            "of the other folds (not 5 full fits in the full dimension), mixed with the neighbours' vote"]
+            f"label check at this size: out-of-fold probabilities of a logistic head on {space}"
+            + (f", each of the {found['folds']} folds' heads fitted on {large.LABEL_TRAIN_ROWS} random rows of the "
+               "other folds" if sampled else f" ({found['folds']}-fold)")
+            + ", mixed with the neighbours' vote from the k-NN graph"]
         info["labels"] = {k: found[k] for k in ("folds", "n_checked", "cv_accuracy", "majority_rate", "chance_level",
                                                 "classes")}
         labs = [{"rank": n, "path": rows.paths[r], "split": _at(rows.splits, r), "role": _at(roles, r), "given": gv,
