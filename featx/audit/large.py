@@ -3,14 +3,16 @@
 Above ``large_above()`` rows (100,000; ``FEATX_AUDIT_LARGE_ABOVE`` or ``large_above=`` lowers it) and with faiss
 installed, ``featx audit`` (``--index auto``) stops using the exact O(n^2) search of :mod:`featx.audit.neighbors`:
 
-1. a PCA (``PROJECT_DIM`` components) is fitted on a random sample of the normalised features;
-2. the store is read block by block (a sharded store's memory-mapped shards; never all rows in full dimension at
-   once), each block normalised and projected: the N x 256 float32 projection is the only whole-set copy;
+1. the store is read shard by shard (memory-mapped, each shard unmapped before the next; ``ShardedStore.load`` is
+   never called) into ONE normalised float32 copy, the only full-dimension copy held (an ``.npz`` read here is
+   normalised in place): at 1M x 1,280 that is 1x the features, where the exact path holds ~5x;
+2. a PCA (``PROJECT_DIM`` components) is fitted on a random sample of it and every row projected (N x 256);
 3. a faiss ``IndexIVFFlat`` (inverted lists over k-means cells) is trained on a sample of the projection and holds
    it; every row asks it for its ``want`` nearest rows (``nprobe`` cells searched);
 4. that one k-NN graph serves every check: near-duplicate candidates are its edges within the duplicate radius in
-   the projection, each re-measured in the full dimension (kept at cosine >= threshold); the nearest image and the
-   k-th neighbour (outlier score) are re-measured in the full dimension too; the own-class k-th distance and the
+   the projection, each re-measured in the full dimension (kept at cosine >= threshold); the nearest image (the
+   closest in the full dimension of the first ``NEAREST_OF``) and the k-th neighbour (outlier score) are
+   re-measured too; the own-class k-th distance and the
    neighbours' label vote are read off the graph;
 5. the label check's out-of-fold probabilities come from a logistic head on the projection, each fold's head fitted
    on a random sample of the other folds (``LABEL_TRAIN_ROWS``): every row still gets a probability from a head
@@ -127,8 +129,6 @@ class StoreRows:
     @classmethod
     def from_sharded(cls, store) -> "StoreRows":
         """Paths, labels and splits of every shard (small); features stay on disk, mapped when read."""
-        from ..features.store import FeatureSet
-
         paths, labels, splits = [], [], []
         for i in range(len(store.shards)):
             rows = store.rows(i)
@@ -137,8 +137,6 @@ class StoreRows:
             splits.append(rows["splits"])
         join = (lambda vs: None if not vs or any(v is None for v in vs) else np.concatenate(vs).astype(str))
         bounds = np.cumsum([0] + [int(s["n"]) for s in store.shards]).astype(np.int64)
-        # the same checks load_features makes on paths / labels (FeatureSet's), on a zero-width stand-in
-        FeatureSet(features=np.zeros((0, 1), np.float32), paths=[], classes=store.classes)
         return cls(paths=paths, labels=join(labels), splits=join(splits), classes=list(store.classes),
                    meta=dict(store.meta), dim=int(store.dim), store=store, bounds=bounds)
 
