@@ -1,4 +1,4 @@
-"""Benchmark for issue 26 item 4: `featx audit` at a million rows, recall of planted duplicates, agreement with exact search.
+"""Issue 26 item 4: `featx audit` at a million rows, planted-duplicate recall, agreement with exact search.
 
     python benchmarks/bench_audit_large.py make --n 1000000 --out /work/scratch-c/planted-1m [--pairs 5000]
     flock /work/big.lock python benchmarks/bench_audit_large.py run /work/scratch-c/planted-1m [--queries 2000]
@@ -7,7 +7,8 @@ make: a sharded store of n x dim synthetic embeddings written shard by shard (ne
 128-d latent (10 classes, 50 sub-clusters each) mapped to dim dimensions plus isotropic noise, so that, as with a CNN
 embedding, PCA keeps most of the variance in 256 components (82% here) and no two distinct rows reach cosine 0.88;
 then `--pairs` near-duplicates planted over it: a copy of an earlier row (same shard or any earlier one) with
-multiplicative noise of sd 5-75% (cosine after featx's normalisation ~0.999 down to ~0.87, below the threshold), written over a random row. The planted (source, copy) pairs go to OUT/planted.json.
+multiplicative noise of sd 5-75% (cosine after featx's normalisation ~0.999 down to ~0.87, below the threshold),
+written over a random row. The planted (source, copy) pairs go to OUT/planted.json.
 run: in a fresh process, `featx.audit(store)` (``--index auto``: the faiss path above 100,000 rows) writing its
 report folder; then seconds per step, peak RSS (VmHWM) in GB and as a multiple of the float32 features, recall of
 the planted pairs whose exact cosine reaches the threshold (both rows in one duplicate group), and on a random

@@ -100,7 +100,7 @@ def test_faiss_path_finds_the_planted_duplicates_the_exact_path_finds(both):
 def test_nearest_image_outliers_and_label_vote_agree_with_the_exact_path(both):
     fs, _, exact, approx = both
     e, a = exact.scores.columns, approx.scores.columns
-    # the nearest image: the best, in the full dimension, of the first 3 in the projection (0.85-0.88 measured, seeds 0-3)
+    # the nearest image: the best, in full dimension, of the first 3 in the projection (0.85-0.88 measured, seeds 0-3)
     assert np.mean(np.array(e["nearest"]) == np.array(a["nearest"])) >= 0.75
     # the k-th neighbour distance: re-measured exactly, of the k-th row in the projection (0.93-0.94 measured)
     assert np.corrcoef(e["knn_distance"], a["knn_distance"])[0, 1] >= 0.85

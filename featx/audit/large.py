@@ -1,4 +1,4 @@
-"""The audit's large-n path: one approximate k-NN graph (faiss IVF on a PCA projection), features read a block at a time.
+"""The audit's large-n path: one approximate k-NN graph (faiss IVF on a PCA projection), a store read shard by shard.
 
 Above ``large_above()`` rows (100,000; ``FEATX_AUDIT_LARGE_ABOVE`` or ``large_above=`` lowers it) and with faiss
 installed, ``featx audit`` (``--index auto``) stops using the exact O(n^2) search of :mod:`featx.audit.neighbors`:
