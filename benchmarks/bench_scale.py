@@ -36,7 +36,8 @@ SHARD = 65536
 # Expected peak RSS per step as a multiple of the float32 features (measured at 100k rows, BENCHMARKS.md; the issue
 # measured fit 5.0x and audit 6.8x at 200k): a step over the memory allowed is skipped, not started.
 # audit: above 100,000 rows `featx audit` takes the faiss k-NN graph (featx/audit/large.py): 1.64x measured at
-# 1M x 1,280 (duplicates, outliers; 733 s at load 3-5 on 2 cores), 1.8 with room; at or below 100,000 rows the exact
+# 1M x 1,280 both on this script's store (duplicates, outliers: 733 s, load 3-5 on 2 cores) and on
+# bench_audit_large.py's planted store (all three checks and the report files: 429 s, load 3-4); 1.8 with room; at or below 100,000 rows the exact
 # search peaks higher (3.5x measured at 100k) but never near the limit at that size.
 PEAK_RATIO = {"rows": 0.1, "load": 1.2, "fit": 5.0, "audit": 1.8}
 

@@ -81,7 +81,7 @@ def resolve_backend(name: str) -> str:
         import faiss  # noqa: F401
     except ImportError:
         if name == "faiss":
-            raise UsageError("--backend faiss needs faiss: pip install faiss-cpu (or use --backend numpy)") from None
+            raise UsageError("--backend faiss needs faiss: pip install 'featx[faiss]' (or use --backend numpy)") from None
         return "numpy"
     return "faiss"
 
