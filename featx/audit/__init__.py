@@ -49,6 +49,10 @@ class AuditSettings:
     seed: int = 0  # seeds the hold-out (same rule as fit), the CV folds and the PCA
     backend: str = "auto"  # neighbour search: numpy (blocked products), sklearn, faiss; auto = faiss if installed
     n_jobs: Optional[int] = None  # parallel CV fits (joblib); None = 1
+    # exact: the exact search above (any n; O(n^2)); faiss: one approximate k-NN graph (faiss IVF on a PCA
+    # projection, featx.audit.large); auto: exact up to `large_above` rows, faiss beyond when installed
+    index: str = "auto"
+    large_above: Optional[int] = None  # None: featx.audit.large.LARGE_ABOVE, or FEATX_AUDIT_LARGE_ABOVE
 
     def validate(self) -> None:
         unknown = [c for c in self.checks if c not in CHECKS]
@@ -66,6 +70,10 @@ class AuditSettings:
         if self.fence < 0:
             raise UsageError("--fence must be zero or positive")
         neighbors.resolve_backend(self.backend)
+        from .large import INDEXES
+
+        if self.index not in INDEXES:
+            raise UsageError(f"unknown --index {self.index!r} (choose from {', '.join(INDEXES)})")
 
 
 @dataclass
@@ -139,8 +147,20 @@ def audit(features, *, report_dir: Union[str, Path, None, bool] = True, images: 
     s.validate()
     if top < 0:
         raise UsageError("--top must be zero or positive")
+    from . import large
+
     path = None if isinstance(features, FeatureSet) else Path(features)
-    fs = features if path is None else load_features(path)
+    # a sharded store is counted from its manifest, so the approximate path never reads it whole
+    n = len(features) if path is None else large.count_rows(path)
+    fs = None
+    if n is None:
+        fs = load_features(path)
+        n = len(fs)
+    engine, why = large.choose(s.index, n, s.large_above)
+    if engine == "faiss":
+        fs = large.open_rows(features) if fs is None else large.open_rows(fs, owned=True)  # read here: ours
+    elif fs is None:
+        fs = features if path is None else load_features(path)
     checks = _plan_checks(fs, s)
     out_dir = _resolve_report_dir(report_dir, path)
     root = images if images is not None else fs.meta.get("root")
@@ -150,7 +170,10 @@ def audit(features, *, report_dir: Union[str, Path, None, bool] = True, images: 
         refuse_inside(out_dir, root, what="report folder")
     outputs = rep.report_files(out_dir) if out_dir is not None else {}
     with rep.claim(outputs, overwrite=overwrite):  # checked and locked before any work
-        res = run_checks(fs, s, checks, images=images, progress=progress)
+        run = _run_large if engine == "faiss" else run_checks
+        res = run(fs, s, checks, images=images, progress=progress)
+        if why:
+            res.info["notes"].append(why)
         res.features_path = path
         res.top = top
         if out_dir is not None:
@@ -166,7 +189,7 @@ def _plan_checks(fs, s: AuditSettings) -> list:
     from ..features.store import check_paths
 
     check_paths(fs.paths, "the features")  # the gallery and the sha256 marks read root/path: never outside the root
-    if not np.isfinite(fs.features).all():
+    if hasattr(fs, "features") and not np.isfinite(fs.features).all():  # the large path checks block by block
         raise DataError("the features contain NaN or Inf values; re-extract them (`featx extract ... --overwrite`)")
     checks = [c for c in CHECKS if c in s.checks]
     if "labels" in checks and (fs.labels is None or not (fs.labels != "").any()):
@@ -230,6 +253,99 @@ def run_checks(fs, s: AuditSettings, checks: list, *, images=None, progress=None
         table.columns["outlier_flagged"] = [None] * len(fs)
     info["seconds"]["scores"] = round(time.perf_counter() - t, 3)
     return AuditResult(features_path=None, root=None if root is None else str(root), n_images=len(fs),
+                       duplicates=dups, label_issues=labs, outliers=outs, info=info, scores=table)
+
+
+def _run_large(rows, s: AuditSettings, checks: list, *, images=None, progress=None) -> AuditResult:
+    """run_checks on one approximate k-NN graph (featx.audit.large): same findings, same table, same files."""
+    from . import large
+    from .duplicates import describe_groups, group_pairs
+    from .labels import find_label_issues
+
+    root = Path(images) if images is not None else (Path(rows.meta["root"]) if rows.meta.get("root") else None)
+    info = {"settings": {k: getattr(s, k) for k in ("threshold", "k", "fence", "C", "folds", "val_split", "seed")},
+            "checks": checks, "skipped": [c for c in s.checks if c not in checks], "seconds": {}, "notes": []}
+    info["settings"]["checks"] = list(s.checks)
+    roles, how = _roles(rows, s)
+    info["split_rule"] = how
+    t = time.perf_counter()
+    g = large.build_graph(rows, k=s.k, threshold=s.threshold if "duplicates" in checks else None, seed=s.seed,
+                          progress=_stage(progress, ["neighbours"], "neighbours"))
+    gi = g.info
+    info["seconds"].update({f"graph_{k}": v for k, v in gi["seconds"].items()})
+    info["seconds"]["neighbours"] = round(time.perf_counter() - t, 3)
+    info["search"] = {"backend": f"faiss IVF (nlist {gi['nlist']}, nprobe {gi['nprobe']}, {gi['want']} neighbours "
+                                 f"per image)", "searched_dim": gi["searched_dim"], "projected": True,
+                      "candidate_pairs": gi["candidate_pairs"], "approximate": True,
+                      "pca_variance": gi.get("pca_variance")}
+    from .report import ordinal
+
+    space = (f"a {gi['searched_dim']}-d PCA projection" if gi.get("pca_variance") is not None
+             else f"the {gi['searched_dim']} dimensions")
+    info["notes"].append(
+        f"{len(rows)} images: approximate search (--index {s.index}): one k-NN graph of the {gi['want']} nearest "
+        f"images in {space} (faiss IVF); duplicate candidates, the nearest image and the {ordinal(s.k)} neighbour "
+        f"re-measured in the full dimension. A near-duplicate not among an image's {gi['want']} nearest may be "
+        "missed; --index exact searches exhaustively (O(n^2)).")
+    # a k-th neighbour the probed cells did not hold (tiny cells only): as far as a cosine distance goes (2)
+    kth = np.where(np.isnan(g.kth_sim), 2.0, 1.0 - g.kth_sim).astype(np.float32)
+    near = g.neighbours[:, :s.k]
+    near = np.where(near < 0, np.arange(len(rows))[:, None], near)  # none found: weight 0 in the vote (sim -inf)
+    knn = neighbors.KnnResult(distance=kth, k=min(s.k, gi["want"]), reference=len(rows), neighbours=near,
+                              similarities=g.proj_sims[:, :s.k].copy())
+    # scores.build takes the nearest image from the exact pairs, then the graph: its first neighbour, re-measured
+    knn.neighbours[:, 0] = np.where(g.nearest < 0, knn.neighbours[:, 0], g.nearest)
+    knn.similarities[:, 0] = g.nearest_sim
+    info["outlier_knn"] = {"k": knn.k, "reference": knn.reference}
+    dups, outs, labs = [], [], []
+    pairs = found = class_knn = None
+    if "duplicates" in checks:
+        t = time.perf_counter()
+        pairs = g.pairs
+        max_pairs = max(1000, 50 * len(rows))
+        if len(pairs[0]) > max_pairs:
+            raise UsageError(f"more than {max_pairs} image pairs reach cosine {s.threshold}: that is not "
+                             "duplication; raise --threshold")
+        groups = group_pairs(len(rows), *pairs[:2])
+        known = [x["paths"] for x in rows.meta.get("leakage") or [] if isinstance(x, dict) and x.get("paths")]
+        dups = describe_groups(groups, pairs, paths=rows.paths, splits=rows.splits, roles=roles, labels=rows.labels,
+                               root=root, known_exact=known)
+        info["n_similar_pairs"] = int(len(pairs[0]))
+        info["seconds"]["duplicates"] = round(time.perf_counter() - t, 3)
+    if "outliers" in checks:
+        outs = _outliers(rows, s, knn, roles, info)
+        if rows.labels is not None and (rows.labels != "").any():
+            class_knn = large.class_kth_distance(g, rows.labels, s.k)
+    if "labels" in checks:
+        t = time.perf_counter()
+        found = find_label_issues(g.Z, rows.labels, C=s.C, folds=s.folds, seed=s.seed, n_jobs=s.n_jobs,
+                                  train_rows=large.LABEL_TRAIN_ROWS)
+        info["seconds"]["labels"] = round(time.perf_counter() - t, 3)
+        sampled = found["n_checked"] * (found["folds"] - 1) > large.LABEL_TRAIN_ROWS * found["folds"]
+        info["notes"] += found["notes"] + [
+            f"label check at this size: out-of-fold probabilities of a logistic head on {space}"
+            + (f", each of the {found['folds']} folds' heads fitted on {large.LABEL_TRAIN_ROWS} random rows of the "
+               "other folds" if sampled else f" ({found['folds']}-fold)")
+            + ", mixed with the neighbours' vote from the k-NN graph"]
+        info["labels"] = {k: found[k] for k in ("folds", "n_checked", "cv_accuracy", "majority_rate", "chance_level",
+                                                "classes")}
+        labs = [{"rank": n, "path": rows.paths[r], "split": _at(rows.splits, r), "role": _at(roles, r), "given": gv,
+                 "suggested": sg, "given_probability": gp, "suggested_probability": sp}
+                for n, (r, gv, sg, gp, sp) in enumerate(zip(found["rows"], found["given"], found["suggested"],
+                                                            found["given_probability"],
+                                                            found["suggested_probability"]), 1)]
+    del g
+    t = time.perf_counter()
+    table = scores.build(rows, roles=roles, knn=knn, class_knn=class_knn, label_found=found, pairs=pairs,
+                         duplicates=dups if "duplicates" in checks else None,
+                         outliers=outs if "outliers" in checks else None,
+                         label_issues=labs if "labels" in checks else None)
+    if "outliers" not in checks:
+        for c in ("outlier_rank", "outlier_score", "outlier_percentile", "knn_distance", "class_knn_distance"):
+            table.columns[c] = np.full(len(rows), np.nan)
+        table.columns["outlier_flagged"] = [None] * len(rows)
+    info["seconds"]["scores"] = round(time.perf_counter() - t, 3)
+    return AuditResult(features_path=None, root=None if root is None else str(root), n_images=len(rows),
                        duplicates=dups, label_issues=labs, outliers=outs, info=info, scores=table)
 
 

@@ -81,7 +81,7 @@ def resolve_backend(name: str) -> str:
         import faiss  # noqa: F401
     except ImportError:
         if name == "faiss":
-            raise UsageError("--backend faiss needs faiss: pip install faiss-cpu (or use --backend numpy)") from None
+            raise UsageError("--backend faiss needs faiss: pip install 'featx[faiss]' (or use --backend numpy)") from None
         return "numpy"
     return "faiss"
 
@@ -190,7 +190,7 @@ def _candidates(index: NeighborIndex, engine, start: int, stop: int, r2: float) 
     q = index.Z[start:stop]
     if index.backend == "faiss":
         lims, _, cols = engine.range_search(q, r2)  # faiss L2 radii are squared
-        counts = np.diff(lims).astype(np.int64)  # faiss gives uint64 offsets; np.repeat wants int64
+        counts = np.diff(lims).astype(np.int64)  # faiss gives uint64 limits; np.repeat wants int64
         cols = np.asarray(cols, dtype=np.int64)
     else:
         from sklearn import config_context

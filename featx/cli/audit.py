@@ -33,6 +33,9 @@ def audit_cmd(
     val_split: float = typer.Option(0.2, "--val-split", help="As `featx fit`: hold-out fraction when there is no val split."),
     seed: int = typer.Option(0, "--seed", help="Seed of the hold-out (same rule as fit), CV folds and PCA."),
     backend: str = typer.Option("auto", "--backend", help="Neighbour search: auto | sklearn | faiss (if installed)."),
+    index: str = typer.Option("auto", "--index",
+                              help="auto | exact | faiss: faiss = approximate k-NN graph (pip install 'featx[faiss]'); "
+                                   "auto = exact up to 100,000 images, faiss beyond when installed."),
     report_dir: Optional[Path] = typer.Option(None, "--report-dir",
                                               help="Report folder (default: beside the store, <name>-audit/)."),
     no_report: bool = typer.Option(False, "--no-report", help="Print only; write no report folder."),
@@ -52,7 +55,7 @@ def audit_cmd(
         res = audit(features, report_dir=False if no_report else (report_dir or True), images=images,
                     overwrite=overwrite, checks=[c.strip() for c in checks.split(",") if c.strip()],
                     threshold=threshold, k=k, fence=fence, C=C, folds=folds, val_split=val_split, seed=seed,
-                    backend=backend, n_jobs=jobs, progress=update, top=top)
+                    backend=backend, index=index, n_jobs=jobs, progress=update, top=top)
     for note in res.info.get("notes", []):
         warn(note)
     if json_:
