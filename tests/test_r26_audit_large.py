@@ -163,9 +163,15 @@ def test_without_faiss_index_faiss_is_one_line_and_auto_falls_back_to_exact(monk
     fs, _ = _store(n_per_class=40, classes=2, copies=3)
     with pytest.raises(UsageError, match=r"pip install 'featx\[faiss\]'"):
         audit(fs, report_dir=False, index="faiss", checks=["duplicates"])
-    res = audit(fs, report_dir=False, large_above=10, checks=["duplicates", "outliers"])
+    res = audit(fs, report_dir=False, large_above=30, checks=["duplicates", "outliers"])  # 83 rows: up to 4 x 30
     assert res.info["search"].get("approximate") is None and len(res.duplicates) == 3
     assert any("featx[faiss]" in n for n in res.info["notes"])
+    # far above the switch (more than 4x), auto refuses the n^2 search before any work rather than run for hours
+    with pytest.raises(UsageError, match=r"--index exact"):
+        audit(fs, report_dir=False, large_above=20, checks=["duplicates"])
+    with pytest.raises(UsageError, match="--index exact"):
+        large.choose("auto", 41, 10)
+    assert large.choose("exact", 41, 10) == ("exact", None) and large.choose("auto", 40, 10)[0] == "exact"
 
 
 def test_cli_index_faiss_without_faiss_exits_2_naming_the_extra(tmp_path, monkeypatch):

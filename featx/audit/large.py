@@ -36,6 +36,9 @@ from ..errors import DataError, UsageError
 INDEXES = ("auto", "exact", "faiss")
 LARGE_ABOVE = 100_000  # --index auto: rows above which the approximate path runs (when faiss is installed)
 ENV_LARGE_ABOVE = "FEATX_AUDIT_LARGE_ABOVE"
+# --index auto without faiss: up to this many times `large_above` rows the exact search runs with a note (100k: 200 s,
+# 3.5x the features, BENCHMARKS.md); beyond, it is refused before any work (n^2: 400k would be ~1 h, 1M ~25 GB)
+EXACT_AUTO_FACTOR = 4
 FAISS_HINT = "pip install 'featx[faiss]'"
 PROJECT_DIM = 256  # as the exact path's projection (neighbors.PROJECT_DIM)
 PCA_SAMPLE = 20_000  # rows the PCA is fitted on
@@ -94,6 +97,9 @@ def choose(index: str, n: int, above: Optional[int] = None) -> tuple:
     limit = large_above(above)
     if n <= limit:
         return "exact", None
+    if not has_faiss() and n > EXACT_AUTO_FACTOR * limit:  # hours, and more memory than most machines: ask first
+        raise UsageError(f"{n:,} rows: without faiss the exact neighbour search would take hours and ~5x the "
+                         f"features in memory; install it ({FAISS_HINT}) or pass --index exact to run it anyway")
     if not has_faiss():
         return "exact", (f"{n} rows: the exact neighbour search grows as n^2 (hours, and memory ~5x the features, at "
                          f"a million rows); above {limit} rows `featx audit` uses an approximate faiss index when "
