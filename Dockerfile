@@ -17,7 +17,7 @@ COPY pyproject.toml README.md ./
 COPY featx ./featx
 # torch is already in the base image; the loose `torch>=2.3` range keeps pip from replacing it.
 # /cache and HOME are writable by any user (sticky, like /tmp): a named volume starts with these permissions.
-RUN pip install ".[embedded,audit,export,parquet]" && featx models >/dev/null \
+RUN pip install ".[embedded,audit,export,parquet,faiss]" && featx models >/dev/null \
     && mkdir -p /cache/huggingface /cache/torch /cache/featx /tmp/featx-home \
     && chmod -R 1777 /cache /tmp/featx-home
 
