@@ -50,8 +50,15 @@ OPSET = 17  # the highest opset the TorchScript exporter writes
 PARITY_ATOL = 1e-4
 PARITY_COSINE = 0.99999
 PARITY_IMAGES = 8
-_SESSIONS: "OrderedDict[tuple, object]" = OrderedDict()  # (graph key, threads) -> checked session, this process
+_SESSIONS: "OrderedDict[tuple, object]" = OrderedDict()  # (graph key, lanes) -> checked session, this process
 _MAX_SESSIONS = 4
+# How the session uses its threads. "lanes": a session with one intra-op thread, run on up to ``threads`` slices of
+# a batch at once (one slice per thread; onnxruntime's run is thread-safe and releases the GIL). "intra": one run
+# with ``threads`` intra-op threads. Lanes measured faster on the 2-core machine (BENCHMARKS.md "CPU runtime"):
+# lite0's many small layers each pay a hand-over between intra-op threads, and under other load one descheduled
+# intra-op thread stalls every layer, while a lane only slows itself; decode threads fill the gaps either way.
+PARALLEL = "lanes"
+MIN_LANE_IMAGES = 4  # a slice smaller than this costs more in hand-over than it gains
 
 
 def note(message: str) -> None:
@@ -326,7 +333,25 @@ class OnnxNetwork:
             self._start(x)
             if self.runtime == "torch":
                 return self._torch(x)
-        return self._session.run(None, {"pixels": x})[0]
+        return self._run(self._session, x)
+
+    def _lanes(self) -> int:
+        return self.threads if PARALLEL == "lanes" else 1
+
+    def _run(self, session, x: np.ndarray) -> np.ndarray:
+        """The session on ``x``: in lanes, up to ``threads`` slices at once (this thread runs the first)."""
+        lanes = min(self._lanes(), len(x) // MIN_LANE_IMAGES)
+        if lanes <= 1:
+            return session.run(None, {"pixels": x})[0]
+        bounds = np.linspace(0, len(x), lanes + 1).round().astype(int)
+        parts = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        pool = _lane_pool(lanes - 1)
+        futs = [pool.submit(session.run, None, {"pixels": p}) for p in parts[1:]]
+        try:
+            first = session.run(None, {"pixels": parts[0]})[0]
+        finally:  # an interrupted caller still waits for the slices in flight (under a second), never leaves them
+            rest = [f.result()[0] for f in futs]
+        return np.concatenate([first] + rest)
 
     def _torch(self, x: np.ndarray) -> np.ndarray:
         """``fn`` in torch exactly as the engine runs it for ``--runtime torch`` (same arithmetic, same memory
@@ -341,9 +366,9 @@ class OnnxNetwork:
         """Load (or build) the graph, check it on ``x[:PARITY_IMAGES]``; rebuild once on failure, then give up."""
         self._key = key = graph_key(self.module, self.preprocess, self.what)
         probe = x[:PARITY_IMAGES]
-        cached = _SESSIONS.get((key, self.threads))
+        cached = _SESSIONS.get((key, self.threads, PARALLEL))
         if cached is not None:  # checked earlier in this process
-            _SESSIONS.move_to_end((key, self.threads))
+            _SESSIONS.move_to_end((key, self.threads, PARALLEL))
             self._session = cached
             return
         ref = self._torch(probe)
@@ -355,7 +380,7 @@ class OnnxNetwork:
                             type(exc).__name__, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "")
                 self.runtime = "torch"
                 return
-            got = session.run(None, {"pixels": probe})[0]
+            got = self._run(session, probe)
             self.parity = compare_outputs(got, ref)
             if self.parity["ok"]:
                 self._accept(key, session, built)
@@ -378,7 +403,7 @@ class OnnxNetwork:
             self._record_parity(key)
         else:
             log.debug(line)
-        _SESSIONS[(key, self.threads)] = session
+        _SESSIONS[(key, self.threads, PARALLEL)] = session
         while len(_SESSIONS) > _MAX_SESSIONS:
             _SESSIONS.popitem(last=False)
         self._session = session
@@ -458,7 +483,7 @@ class OnnxNetwork:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
+        so.intra_op_num_threads = 1 if PARALLEL == "lanes" else self.threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -466,6 +491,24 @@ class OnnxNetwork:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
         return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+_POOL: list = [None, 0]  # [the lanes' thread pool, its size]
+
+
+def _lane_pool(n: int):
+    """The process-wide pool for the extra lanes: at least ``n`` threads (idle threads cost nothing; a larger
+    request replaces the pool, whose threads end once their work is done, so lane threads never exceed the
+    largest --threads asked for, minus one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool, size = _POOL
+    if pool is None or size < n:
+        if pool is not None:
+            pool.shutdown(wait=False)
+        pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="featx-lane")
+        _POOL[:] = [pool, n]
+    return pool
 
 
 def _versions() -> dict:
