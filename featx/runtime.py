@@ -313,9 +313,11 @@ class OnnxNetwork:
     """``fn`` on ``module`` as an onnxruntime session on uint8 pixels: built or loaded on the first call, checked
     against torch on that call's first images, then used for every batch (see the module docstring)."""
 
-    def __init__(self, fn: Callable, module, preprocess, *, what: str, threads: int, cache: Optional[Path] = None):
+    def __init__(self, fn: Callable, module, preprocess, *, what: str, threads: int, cache: Optional[Path] = None,
+                 parallel: Optional[str] = None):
         self.fn, self.module, self.preprocess, self.what = fn, module, preprocess, what
         self.threads = int(threads)
+        self.parallel = parallel or PARALLEL  # "lanes" | "intra" (see PARALLEL)
         self.cache = Path(cache) if cache is not None else cache_dir()
         self.runtime = "onnxruntime"
         self.parity: Optional[dict] = None  # the check this process ran (or None before the first batch)
@@ -336,7 +338,7 @@ class OnnxNetwork:
         return self._run(self._session, x)
 
     def _lanes(self) -> int:
-        return self.threads if PARALLEL == "lanes" else 1
+        return self.threads if self.parallel == "lanes" else 1
 
     def _run(self, session, x: np.ndarray) -> np.ndarray:
         """The session on ``x``: in lanes, up to ``threads`` slices at once (this thread runs the first)."""
@@ -366,9 +368,9 @@ class OnnxNetwork:
         """Load (or build) the graph, check it on ``x[:PARITY_IMAGES]``; rebuild once on failure, then give up."""
         self._key = key = graph_key(self.module, self.preprocess, self.what)
         probe = x[:PARITY_IMAGES]
-        cached = _SESSIONS.get((key, self.threads, PARALLEL))
+        cached = _SESSIONS.get((key, self.threads, self.parallel))
         if cached is not None:  # checked earlier in this process
-            _SESSIONS.move_to_end((key, self.threads, PARALLEL))
+            _SESSIONS.move_to_end((key, self.threads, self.parallel))
             self._session = cached
             return
         ref = self._torch(probe)
@@ -403,7 +405,7 @@ class OnnxNetwork:
             self._record_parity(key)
         else:
             log.debug(line)
-        _SESSIONS[(key, self.threads, PARALLEL)] = session
+        _SESSIONS[(key, self.threads, self.parallel)] = session
         while len(_SESSIONS) > _MAX_SESSIONS:
             _SESSIONS.popitem(last=False)
         self._session = session
@@ -483,11 +485,12 @@ class OnnxNetwork:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = 1 if PARALLEL == "lanes" else self.threads
+        so.intra_op_num_threads = 1 if self.parallel == "lanes" else self.threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Decode workers share these cores: idle onnxruntime threads must sleep, not spin, or they starve them.
+        # Decode threads share these cores: idle onnxruntime threads must sleep, not spin, or they starve them
+        # (with lanes there is no intra-op pool to spin; the setting matters for "intra").
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
         return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
