@@ -183,7 +183,7 @@ def breakdown(t: dict, n: int, ips: float) -> str:
         return ""
     wall = n / ips
     other = wall - t["network_s"] - t.get("input_wait_s", 0.0)
-    return (f"wall {wall:.2f} s = network {t['network_s']:.2f} + waiting for pixels {t.get('input_wait_s', 0):.2f} "
+    return (f"last round: wall {wall:.2f} s = network {t['network_s']:.2f} + waiting for pixels {t.get('input_wait_s', 0):.2f} "
             f"+ other {other:.2f}; beside it, decode {t.get('decode_s', 0):.2f} + resize {t.get('resize_s', 0):.2f} "
             f"thread-s")
 

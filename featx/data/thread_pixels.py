@@ -43,10 +43,9 @@ def default_threads(requested: Optional[int] = None, cores: Optional[int] = None
             raise UsageError(f"--workers must be 0 or more, not {requested}")
         return int(requested)
     if cores is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cores = os.cpu_count() or 1
+        from ..runtime import usable_cores  # affinity and cgroup quota, as onnxruntime's threads
+
+        cores = usable_cores()
     return max(1, min(4, int(cores)))
 
 

@@ -81,6 +81,8 @@ def iter_outputs(
     `batches` (lists of positions) fixes the batch layout; otherwise consecutive runs of `batch_size`.
     CUDA out-of-memory retries the same images in halves, so the output does not depend on the memory left.
     `decoder`: pil | torchvision | auto, see `featx.data.loader.iter_pixels` (same rows, errors and batches).
+    A network that takes uint8 pixels on the CPU (the onnxruntime runtime) is fed by decode threads instead of
+    worker processes (`_iter_threaded`; ``workers`` then counts threads); the rows, errors and batches are the same.
 
     The pipeline (each part switchable, for measuring it; the output is the same whatever the switches):
     `prefetch` batches are put on the device by a background thread while the network runs (None: the default
