@@ -157,3 +157,47 @@ def test_predictor_call_runs_on_the_runtime(bb, mixed, tmp_path):
     rows = {r["path"]: r for r in table.rows}
     assert [rows[str(p.relative_to(mixed))]["label"] for p in good] == \
         [pred.classes[i] for i in scores.argmax(1)]
+
+
+def test_a_later_process_checks_the_cached_graph_against_recorded_torch_outputs_without_running_torch(
+        bb, mixed, tmp_path, monkeypatch):
+    """torch's first forward costs ~1.5 s per process; a cached graph is checked against the torch outputs its
+    builder recorded on fixed probe images. A record that does not match the graph gets it rebuilt and checked
+    against torch itself."""
+    import base64
+    import json
+
+    from featx.data.decode import load_rgb
+
+    monkeypatch.setenv(runtime.CACHE_ENV, str(tmp_path / "cache"))
+    good = [p for p in _paths(mixed) if p.suffix == ".jpg" and p.stat().st_size > 200][:8]
+    pixels = np.stack([bb.preprocess.resize_crop(load_rgb(p)) for p in good])
+    what = f"features of {bb.name} at {bb.layer}"
+    calls: list = []
+
+    def counted(x):
+        calls.append(len(x))
+        return bb.forward_features(x)
+
+    def fresh():  # a new process: no session kept
+        monkeypatch.setattr(runtime, "_SESSIONS", runtime.OrderedDict())
+        calls.clear()
+        return runtime.OnnxNetwork(counted, bb.model, bb.preprocess, what=what, threads=2)
+
+    first = fresh()
+    ref = first(pixels)
+    assert first.built_seconds is not None and calls  # built here, checked against torch itself
+    side_file = next((tmp_path / "cache" / "graphs").glob("*.json"))
+    side = json.loads(side_file.read_text())
+    assert side["probe"]["images"] == runtime.PROBE_IMAGES and side["parity"]["ok"]
+
+    later = fresh()
+    np.testing.assert_array_equal(later(pixels), ref)
+    assert not calls and later.built_seconds is None and later.parity["ok"]  # no torch forward at all
+
+    rec = np.frombuffer(base64.b64decode(side["probe"]["outputs"]), "<f4") * 1.01  # a record that is off
+    side["probe"]["outputs"] = base64.b64encode(rec.astype("<f4").tobytes()).decode()
+    side_file.write_text(json.dumps(side))
+    tampered = fresh()
+    np.testing.assert_allclose(tampered(pixels), ref, atol=TOL)
+    assert tampered.built_seconds is not None and calls  # rebuilt, and checked against torch again
