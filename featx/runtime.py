@@ -13,11 +13,12 @@ features equal to 1e-6 (BENCHMARKS.md "CPU runtime"). Why the TorchScript export
 The graph cache (`cache_dir`: ``$FEATX_CACHE_DIR/graphs``, default ``~/.cache/featx/graphs``; the Docker image sets
 ``FEATX_CACHE_DIR=/cache/featx``): one ``<key>.onnx`` per (network weights and buffers, input size, what it
 outputs), with a ``<key>.json`` sidecar written last that records the file's sha256, how it was built and how it
-agreed with torch (and torch's outputs on fixed probe images, which a later process checks the loaded graph against
-instead of running torch again: see PROBE_IMAGES). Writes are atomic and made under an exclusive lock on ``<key>.lock``: two processes that need the
-same graph build it once (the second waits, then loads the first's). A file whose hash does not match its sidecar,
-or that disagrees with torch, is rebuilt, never used; a freshly built graph that still disagrees is dropped and the
-run goes on in torch (with a warning), so a wrong feature is never written.
+agreed with torch (and torch's outputs on fixed probe images, which a later process checks the loaded graph
+against instead of running torch again: see PROBE_IMAGES). Writes are atomic and made under an exclusive lock on
+``<key>.lock``: two processes that need the same graph build it once (the second waits, then loads the first's).
+A file whose hash does not match its sidecar, or that disagrees with torch, is rebuilt, never used; a freshly
+built graph that still disagrees is dropped and the run goes on in torch (with a warning), so a wrong feature is
+never written.
 """
 from __future__ import annotations
 
