@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -365,8 +366,9 @@ class OnnxNetwork:
             return session.run(None, {"pixels": x})[0]
         bounds = np.linspace(0, len(x), lanes + 1).round().astype(int)
         parts = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        pool = _lane_pool(lanes - 1)
-        futs = [pool.submit(session.run, None, {"pixels": p}) for p in parts[1:]]
+        with _POOL_LOCK:  # a pool is only replaced (and shut down) under this lock: never between get and submit
+            pool = _lane_pool(lanes - 1)
+            futs = [pool.submit(session.run, None, {"pixels": p}) for p in parts[1:]]
         try:
             first = session.run(None, {"pixels": parts[0]})[0]
         finally:  # an interrupted caller still waits for the slices in flight (under a second), never leaves them
@@ -544,6 +546,7 @@ class OnnxNetwork:
 
 
 _POOL: list = [None, 0]  # [the lanes' thread pool, its size]
+_POOL_LOCK = threading.Lock()
 
 
 def _lane_pool(n: int):
