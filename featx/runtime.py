@@ -13,13 +13,16 @@ features equal to 1e-6 (BENCHMARKS.md "CPU runtime"). Why the TorchScript export
 The graph cache (`cache_dir`: ``$FEATX_CACHE_DIR/graphs``, default ``~/.cache/featx/graphs``; the Docker image sets
 ``FEATX_CACHE_DIR=/cache/featx``): one ``<key>.onnx`` per (network weights and buffers, input size, what it
 outputs), with a ``<key>.json`` sidecar written last that records the file's sha256, how it was built and how it
-agreed with torch. Writes are atomic and made under an exclusive lock on ``<key>.lock``: two processes that need the
-same graph build it once (the second waits, then loads the first's). A file whose hash does not match its sidecar,
-or that disagrees with torch, is rebuilt, never used; a freshly built graph that still disagrees is dropped and the
-run goes on in torch (with a warning), so a wrong feature is never written.
+agreed with torch (and torch's outputs on fixed probe images, which a later process checks the loaded graph
+against instead of running torch again: see PROBE_IMAGES). Writes are atomic and made under an exclusive lock on
+``<key>.lock``: two processes that need the same graph build it once (the second waits, then loads the first's).
+A file whose hash does not match its sidecar, or that disagrees with torch, is rebuilt, never used; a freshly
+built graph that still disagrees is dropped and the run goes on in torch (with a warning), so a wrong feature is
+never written.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -27,6 +30,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -50,8 +54,20 @@ OPSET = 17  # the highest opset the TorchScript exporter writes
 PARITY_ATOL = 1e-4
 PARITY_COSINE = 0.99999
 PARITY_IMAGES = 8
-_SESSIONS: "OrderedDict[tuple, object]" = OrderedDict()  # (graph key, threads) -> checked session, this process
+# A cached graph loaded by a later process is checked against the torch outputs its builder recorded on PROBE_IMAGES
+# fixed synthetic images (`probe_pixels`), not by running torch again: torch's first forward in a process costs
+# about 1.5 s on the 2-core machine (more than a third of extracting 398 photos on the CPU runtime). A graph whose
+# sidecar records no probe gets the full check on real pixels, and its probe is recorded then.
+PROBE_IMAGES = 2
+_SESSIONS: "OrderedDict[tuple, object]" = OrderedDict()  # (graph key, lanes) -> checked session, this process
 _MAX_SESSIONS = 4
+# How the session uses its threads. "lanes": a session with one intra-op thread, run on up to ``threads`` slices of
+# a batch at once (one slice per thread; onnxruntime's run is thread-safe and releases the GIL). "intra": one run
+# with ``threads`` intra-op threads. Lanes measured faster on the 2-core machine (BENCHMARKS.md "CPU runtime"):
+# lite0's many small layers each pay a hand-over between intra-op threads, and under other load one descheduled
+# intra-op thread stalls every layer, while a lane only slows itself; decode threads fill the gaps either way.
+PARALLEL = "lanes"
+MIN_LANE_IMAGES = 4  # a slice smaller than this costs more in hand-over than it gains
 
 
 def note(message: str) -> None:
@@ -285,6 +301,16 @@ def _PixelModule(fn, module, preprocess):
     return _pixel_module_class()(fn, module, preprocess)
 
 
+def probe_pixels(preprocess) -> np.ndarray:
+    """PROBE_IMAGES fixed uint8 (S, S, 3) images: seeded noise and a smooth colour gradient (inputs that any change
+    to the graph shows on, made the same in every process)."""
+    s = int(preprocess.input_size)
+    noise = np.random.default_rng(23).integers(0, 256, (s, s, 3), dtype=np.uint8)
+    ramp = np.linspace(0, 255, s)
+    grad = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], ramp[::-1][:, None] * 0 + 128), -1)
+    return np.stack([noise, grad.astype(np.uint8)])[:PROBE_IMAGES]
+
+
 def compare_outputs(got: np.ndarray, ref: np.ndarray) -> dict:
     """Largest absolute difference, the tolerance it is held to, and the smallest row cosine."""
     got = np.asarray(got, np.float64).reshape(len(got), -1)
@@ -306,9 +332,11 @@ class OnnxNetwork:
     """``fn`` on ``module`` as an onnxruntime session on uint8 pixels: built or loaded on the first call, checked
     against torch on that call's first images, then used for every batch (see the module docstring)."""
 
-    def __init__(self, fn: Callable, module, preprocess, *, what: str, threads: int, cache: Optional[Path] = None):
+    def __init__(self, fn: Callable, module, preprocess, *, what: str, threads: int, cache: Optional[Path] = None,
+                 parallel: Optional[str] = None):
         self.fn, self.module, self.preprocess, self.what = fn, module, preprocess, what
         self.threads = int(threads)
+        self.parallel = parallel or PARALLEL  # "lanes" | "intra" (see PARALLEL)
         self.cache = Path(cache) if cache is not None else cache_dir()
         self.runtime = "onnxruntime"
         self.parity: Optional[dict] = None  # the check this process ran (or None before the first batch)
@@ -326,7 +354,26 @@ class OnnxNetwork:
             self._start(x)
             if self.runtime == "torch":
                 return self._torch(x)
-        return self._session.run(None, {"pixels": x})[0]
+        return self._run(self._session, x)
+
+    def _lanes(self) -> int:
+        return self.threads if self.parallel == "lanes" else 1
+
+    def _run(self, session, x: np.ndarray) -> np.ndarray:
+        """The session on ``x``: in lanes, up to ``threads`` slices at once (this thread runs the first)."""
+        lanes = min(self._lanes(), len(x) // MIN_LANE_IMAGES)
+        if lanes <= 1:
+            return session.run(None, {"pixels": x})[0]
+        bounds = np.linspace(0, len(x), lanes + 1).round().astype(int)
+        parts = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        with _POOL_LOCK:  # a pool is only replaced (and shut down) under this lock: never between get and submit
+            pool = _lane_pool(lanes - 1)
+            futs = [pool.submit(session.run, None, {"pixels": p}) for p in parts[1:]]
+        try:
+            first = session.run(None, {"pixels": parts[0]})[0]
+        finally:  # an interrupted caller still waits for the slices in flight (under a second), never leaves them
+            rest = [f.result()[0] for f in futs]
+        return np.concatenate([first] + rest)
 
     def _torch(self, x: np.ndarray) -> np.ndarray:
         """``fn`` in torch exactly as the engine runs it for ``--runtime torch`` (same arithmetic, same memory
@@ -338,15 +385,16 @@ class OnnxNetwork:
             return self.fn(xt.contiguous()).float().numpy()
 
     def _start(self, x: np.ndarray) -> None:
-        """Load (or build) the graph, check it on ``x[:PARITY_IMAGES]``; rebuild once on failure, then give up."""
+        """Load (or build) the graph and check it: a cached graph against the torch outputs recorded with it (see
+        PROBE_IMAGES), else against torch on ``x[:PARITY_IMAGES]``; rebuild once on failure, then give up."""
         self._key = key = graph_key(self.module, self.preprocess, self.what)
         probe = x[:PARITY_IMAGES]
-        cached = _SESSIONS.get((key, self.threads))
+        cached = _SESSIONS.get((key, self.threads, self.parallel))
         if cached is not None:  # checked earlier in this process
-            _SESSIONS.move_to_end((key, self.threads))
+            _SESSIONS.move_to_end((key, self.threads, self.parallel))
             self._session = cached
             return
-        ref = self._torch(probe)
+        ref = None
         for attempt in (0, 1):
             try:
                 session, built = self._load_or_build(key, rebuild=attempt == 1)
@@ -355,7 +403,21 @@ class OnnxNetwork:
                             type(exc).__name__, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "")
                 self.runtime = "torch"
                 return
-            got = session.run(None, {"pixels": probe})[0]
+            recorded = None if built else self._recorded_probe(key)
+            if recorded is not None:
+                self.parity = compare_outputs(self._run(session, probe_pixels(self.preprocess)), recorded)
+                self.parity["against"] = "torch outputs recorded when the graph was built"
+                if self.parity["ok"]:
+                    self._accept(key, session, built, record=False)
+                    return
+                log.warning("the cached CPU graph for %s disagrees with the torch outputs recorded with it (largest "
+                            "difference %.2g, cosine %.6f); rebuilding it", self.what, self.parity["max_abs_diff"],
+                            self.parity["cosine"])
+                _drop(*self._paths(key))
+                continue
+            if ref is None:
+                ref = self._torch(probe)
+            got = self._run(session, probe)
             self.parity = compare_outputs(got, ref)
             if self.parity["ok"]:
                 self._accept(key, session, built)
@@ -369,16 +431,17 @@ class OnnxNetwork:
         log.warning("running %s in torch instead of onnxruntime (slower, same features)", self.what)
         self.runtime = "torch"
 
-    def _accept(self, key: str, session, built: bool) -> None:
+    def _accept(self, key: str, session, built: bool, record: bool = True) -> None:
         p = self.parity
         line = (f"checked the CPU graph against torch on {p['images']} images: largest difference "
                 f"{p['max_abs_diff']:.2g}, cosine {p['cosine']:.7f}")
         if built:
             note(line)
-            self._record_parity(key)
         else:
             log.debug(line)
-        _SESSIONS[(key, self.threads)] = session
+        if record:  # checked against torch itself here: record the check and the probe for later processes
+            self._record_parity(key)
+        _SESSIONS[(key, self.threads, self.parallel)] = session
         while len(_SESSIONS) > _MAX_SESSIONS:
             _SESSIONS.popitem(last=False)
         self._session = session
@@ -449,23 +512,56 @@ class OnnxNetwork:
         try:
             side = json.loads(side_path.read_text())
             side["parity"] = self.parity
+            probe = self._torch(probe_pixels(self.preprocess)).astype("<f4")
+            side["probe"] = {"images": PROBE_IMAGES, "shape": list(probe.shape),
+                             "outputs": base64.b64encode(probe.tobytes()).decode("ascii")}
             with atomic_write(side_path, "w") as fh:
                 json.dump(side, fh, indent=1)
         except (OSError, ValueError, OutputError):  # the record is informative; the graph stays valid without it
             pass
 
+    def _recorded_probe(self, key: str) -> Optional[np.ndarray]:
+        """The torch outputs on `probe_pixels` recorded in the graph's sidecar, or None (none recorded, unreadable)."""
+        try:
+            rec = json.loads(self._paths(key)[1].read_text()).get("probe") or {}
+            shape = tuple(int(v) for v in rec["shape"])
+            out = np.frombuffer(base64.b64decode(rec["outputs"], validate=True), dtype="<f4").reshape(shape)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return out.astype(np.float32) if shape and shape[0] == PROBE_IMAGES else None
+
     def _session_from(self, data: bytes):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
+        so.intra_op_num_threads = 1 if self.parallel == "lanes" else self.threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Decode workers share these cores: idle onnxruntime threads must sleep, not spin, or they starve them.
+        # Decode threads share these cores: idle onnxruntime threads must sleep, not spin, or they starve them
+        # (with lanes there is no intra-op pool to spin; the setting matters for "intra").
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
         return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+_POOL: list = [None, 0]  # [the lanes' thread pool, its size]
+_POOL_LOCK = threading.Lock()
+
+
+def _lane_pool(n: int):
+    """The process-wide pool for the extra lanes: at least ``n`` threads (idle threads cost nothing; a larger
+    request replaces the pool, whose threads end once their work is done, so lane threads never exceed the
+    largest --threads asked for, minus one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool, size = _POOL
+    if pool is None or size < n:
+        if pool is not None:
+            pool.shutdown(wait=False)
+        pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="featx-lane")
+        _POOL[:] = [pool, n]
+    return pool
 
 
 def _versions() -> dict:

@@ -179,7 +179,8 @@ def test_sigkill_of_the_main_process_leaves_no_worker_alive(tmp_path):
     env = {**os.environ, "FEATX_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     # batches of 32 images of 32 px (~100 KB) cannot fit a 64 KB pipe: a worker whose reader died blocks for good
     p = subprocess.Popen([sys.executable, "-m", "featx", "extract", str(data), "-o", str(tmp_path / "f.npz"),
-                          "--workers", "2", "--image-size", "32", "--batch-size", "32", "--no-pretrained"],
+                          "--workers", "2", "--image-size", "32", "--batch-size", "32", "--no-pretrained",
+                          "--runtime", "torch"],  # worker processes: the CPU runtime decodes in threads instead
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     workers: list = []

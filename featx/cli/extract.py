@@ -29,7 +29,8 @@ def extract_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
                                              help="Images per batch (default 32 CPU, 256 CUDA; capped to what memory holds)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: CPU count, at most 8)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: CPU count, at most 8); with the CPU runtime "
+                                         "(onnxruntime), decoding threads (default: usable cores, at most 4)."),
     runtime: str = typer.Option("auto", "--runtime", help="auto | torch | onnx: how the network runs (auto = onnxruntime on the CPU, a graph built once and cached; torch on CUDA)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime threads (default: the cores this process may use)."),
     chunk_size: int = typer.Option(1024, "--chunk-size", min=1, help="Images per resumable chunk."),

@@ -33,7 +33,8 @@ def predict_cmd(
     strict: bool = typer.Option(False, "--strict", help="Exit 6 if any image could not be read (after writing the rest) or a folder was skipped (before any work); with --sort-into, stop at the first file that cannot be sorted (exit 7)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (auto = CUDA when present)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per batch (default 32 CPU, 256 CUDA; capped to what memory holds)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: CPU count, at most 8)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes (default: CPU count, at most 8); with the CPU runtime "
+                                         "(onnxruntime), decoding threads (default: usable cores, at most 4)."),
     runtime: str = typer.Option("auto", "--runtime", help="auto | torch | onnx: how the network runs (auto = onnxruntime on the CPU, a graph built once and cached; torch on CUDA)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime threads (default: the cores this process may use)."),
     report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Labelled input: where confusion.png, misclassified.png, metrics.json go (default: <output stem>.report/)."),

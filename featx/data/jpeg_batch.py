@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import stat
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -52,16 +53,28 @@ _O_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 
 
 
 # -- shared: the CPU (PIL) path ------------------------------------------------------------------------------------
-def pil_pixels(path, preprocess, max_pixels: Optional[int] = None):
-    """The PIL path for one file -> (uint8 HxWx3 array or None, error reason, stage). Same as decoder="pil"."""
+def pil_pixels(path, preprocess, max_pixels: Optional[int] = None, clock: Optional[list] = None):
+    """The PIL path for one file -> (uint8 HxWx3 array or None, error reason, stage). Same as decoder="pil".
+
+    ``clock`` (a list of two floats, optional) gets the seconds spent decoding and resizing added to it."""
     from .decode import DecodeError, load_rgb
 
     kw = {"draft_size": preprocess.resize if preprocess.jpeg_draft else None}
     if max_pixels:
         kw["max_pixels"] = max_pixels
     try:
-        img = load_rgb(path, **kw)
-        return preprocess.resize_crop(img), None, None
+        if clock is None:
+            return preprocess.resize_crop(load_rgb(path, **kw)), None, None
+        t0 = time.perf_counter()
+        try:
+            img = load_rgb(path, **kw)
+        finally:
+            t1 = time.perf_counter()
+            clock[0] += t1 - t0
+        try:
+            return preprocess.resize_crop(img), None, None
+        finally:
+            clock[1] += time.perf_counter() - t1
     except DecodeError as exc:
         return None, exc.reason, exc.stage
     except (KeyboardInterrupt, MemoryError):

@@ -81,6 +81,8 @@ def iter_outputs(
     `batches` (lists of positions) fixes the batch layout; otherwise consecutive runs of `batch_size`.
     CUDA out-of-memory retries the same images in halves, so the output does not depend on the memory left.
     `decoder`: pil | torchvision | auto, see `featx.data.loader.iter_pixels` (same rows, errors and batches).
+    A network that takes uint8 pixels on the CPU (the onnxruntime runtime) is fed by decode threads instead of
+    worker processes (`_iter_threaded`; ``workers`` then counts threads); the rows, errors and batches are the same.
 
     The pipeline (each part switchable, for measuring it; the output is the same whatever the switches):
     `prefetch` batches are put on the device by a background thread while the network runs (None: the default
@@ -96,6 +98,10 @@ def iter_outputs(
     if batches is None:
         batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
     stats = {} if stats is None else stats
+    if _on_threads(fn, device, decoder, preprocess):
+        yield from _iter_threaded(paths, preprocess, fn, batches=batches, workers=workers, max_pixels=max_pixels,
+                                  prefetch=prefetch, stats=stats)
+        return
     stats.setdefault("output_wait_s", 0.0)
     norm = normalizer(preprocess, device)
     pending = None
@@ -114,6 +120,36 @@ def iter_outputs(
         pending = ready
     if pending is not None:
         yield pending.batch(stats)
+
+
+def _on_threads(fn, device, decoder, preprocess) -> bool:
+    """Does this run decode in threads (`featx.data.thread_pixels`) rather than DataLoader worker processes?
+    Yes for a network that takes uint8 pixels on the CPU (onnxruntime, `featx.runtime`) with the PIL decoder: the
+    session and Pillow both release the GIL, so threads overlap them without pickling a batch between processes.
+    ``--runtime torch`` keeps the worker processes (its input side is unchanged)."""
+    from ..data.jpeg_batch import resolve_decoder
+    from ..runtime import takes_pixels
+
+    return takes_pixels(fn) and getattr(device, "type", str(device)) == "cpu" and \
+        resolve_decoder(decoder, device, preprocess) == "pil"
+
+
+def _iter_threaded(paths, preprocess, fn, *, batches, workers, max_pixels, prefetch, stats) -> Iterator[Batch]:
+    """The CPU runtime's loop: decode threads feed ``fn`` (uint8 NHWC numpy -> float32 numpy) in this thread.
+    ``workers`` counts decode threads here (0: decode in this thread). ``stats`` also gets ``network_s``."""
+    from ..data.thread_pixels import PREFETCH as AHEAD, iter_thread_pixels
+
+    stats.setdefault("network_s", 0.0)
+    for idx, pixels, errors in iter_thread_pixels(paths, preprocess, batches=batches, threads=workers,
+                                                  max_pixels=max_pixels, stats=stats,
+                                                  prefetch=AHEAD if prefetch is None else prefetch):
+        if pixels is None:
+            yield Batch(idx, np.zeros((0, 0), np.float32), errors)
+            continue
+        t0 = time.perf_counter()
+        out = fn(pixels)
+        stats["network_s"] += time.perf_counter() - t0
+        yield Batch(idx, np.asarray(out, dtype=np.float32), errors)
 
 
 class _Outputs:

@@ -145,6 +145,9 @@ class PredictResult:
     # links): [{"path", "reason", "stage": "discover"}], no rows; the same list `featx extract` records
     skipped: list = field(default_factory=list)
     runtime: str = "torch"  # the engine that ran the network: "torch" | "onnxruntime" (featx.runtime)
+    # seconds inside images_per_s, where the engine measures them (`featx.features.engine.iter_outputs`'s stats:
+    # network_s, decode_s, resize_s, input_wait_s on the CPU runtime); not in to_dict
+    timings: dict = field(default_factory=dict)
 
     def __iter__(self):
         return iter(self.rows)
@@ -325,11 +328,14 @@ def predict_folder(
         pred = load_predictor(s.model, weights=s.weights, strict=s.strict, image_size=s.image_size)
         _check_against_model(pred, plan, s)
         if folder.records:
-            scores, errors_at, run_seconds, note, ran = _classify(folder.records, pred, dev, s, progress, root)
+            timings: dict = {}
+            scores, errors_at, run_seconds, note, ran = _classify(folder.records, pred, dev, s, progress, root,
+                                                                  timings)
         else:  # a finished --move emptied the folder (see _discover): its images are in the journal, not here
             scores, errors_at, run_seconds, note, ran = np.empty((0, len(pred.classes))), {}, 0.0, None, None
         res = _result(folder, pred, scores, errors_at, s, plan, str(dev), run_seconds)
         res.runtime = ran
+        res.timings = {k: round(float(v), 3) for k, v in timings.items()} if folder.records else {}
         res.warnings += [note] if note else []
         res.seconds = time.perf_counter() - t0
         if folder.has_labels and folder.records:
@@ -425,7 +431,7 @@ def _check_against_model(pred: Predictor, plan: _Plan, s: PredictSettings) -> No
         check_sort_targets(plan.sort_root, plan.root, pred.classes, uncertain=s.min_confidence is not None)
 
 
-def _classify(records, pred: Predictor, dev, s: PredictSettings, progress, root):
+def _classify(records, pred: Predictor, dev, s: PredictSettings, progress, root, timings: Optional[dict] = None):
     """Run the model over every record -> (scores N x C with NaN rows for failures, {index: (reason, stage)},
     seconds spent, a note when the batch size was capped, the engine that ran the network)."""
     from ..features.engine import GARBAGE_WINDOW
@@ -444,7 +450,7 @@ def _classify(records, pred: Predictor, dev, s: PredictSettings, progress, root)
     done = failed = 0
     if progress:
         progress(0, n)
-    for idx, batch_scores, errors in _score_batches([r.path for r in records], pred, fn, dev, s, bsize):
+    for idx, batch_scores, errors in _score_batches([r.path for r in records], pred, fn, dev, s, bsize, timings):
         if len(idx):
             scores[idx] = batch_scores
         for i, reason, stage in errors:
@@ -471,7 +477,8 @@ def _batch_size(pred: Predictor, dev, s: PredictSettings, n: int):
                           workers=default_workers(s.workers), n_images=n, largest_activation=pred.largest_activation)
 
 
-def _score_batches(paths: list, pred: Predictor, fn, dev, s: PredictSettings, bsize: int):
+def _score_batches(paths: list, pred: Predictor, fn, dev, s: PredictSettings, bsize: int,
+                   timings: Optional[dict] = None):
     """(positions, their scores, [(position, reason, stage)]) per batch, in input order. A torch model runs through
     the extraction engine; an ONNX model gets the same batches of the same PIL pixels from featx.data.numpy_pixels."""
     if pred.needs_torch:
@@ -479,7 +486,7 @@ def _score_batches(paths: list, pred: Predictor, fn, dev, s: PredictSettings, bs
 
         # Same decoder policy as extract (GPU JPEG decoding on CUDA, PIL elsewhere), so predict sees extract's pixels.
         for b in iter_outputs(paths, pred.preprocess, fn, device=dev, batch_size=bsize, workers=s.workers,
-                              decoder="auto"):
+                              decoder="auto", stats=timings):
             yield b.indices, (pred.to_scores(b.outputs) if len(b.indices) else None), b.errors
         return
     from ..data.numpy_pixels import iter_numpy_pixels

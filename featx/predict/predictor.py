@@ -73,6 +73,10 @@ class Predictor:
     what: str = "outputs"
     # the images the model was trained or selected on (featx.data.seen record); None: the artifact records none
     seen: Optional[dict] = None
+    # how ``__call__`` runs ``forward`` (featx.runtime: auto = onnxruntime on the CPU, torch on CUDA); predict_folder
+    # takes its own --runtime instead
+    runtime: str = "auto"
+    _net: object = field(default=None, repr=False, compare=False)  # (device, runtime) -> network, made on first call
 
     @property
     def needs_torch(self) -> bool:
@@ -111,10 +115,27 @@ class Predictor:
         if x.ndim == 3:
             x = x[None]
         device = self.device if self.device is not None else torch.device("cpu")
+        net = self._network(device)
+        from ..runtime import takes_pixels
+
+        if takes_pixels(net):  # onnxruntime on uint8 pixels, normalisation inside (featx.runtime)
+            return np.asarray(self.to_scores(np.asarray(net(x.numpy()), dtype=np.float32)), dtype=np.float64)
         x = self.preprocess.normalize(x.to(device).permute(0, 3, 1, 2)).contiguous()
         with torch.inference_mode():
-            out = self.forward(x).float().cpu().numpy()
+            out = net(x).float().cpu().numpy()
         return np.asarray(self.to_scores(out), dtype=np.float64)
+
+    def _network(self, device):
+        """``forward`` as `featx.runtime.network_for` runs it on ``device`` (made once per device and runtime: the
+        onnxruntime graph is loaded and parity-checked on the first call)."""
+        from ..runtime import network_for
+
+        key = (str(device), str(self.runtime))
+        if self._net is None or self._net[0] != key:
+            fn = self.forward if self.network is None else network_for(
+                self.forward, self.network, self.preprocess, device, runtime=self.runtime, what=self.what)
+            self._net = (key, fn)
+        return self._net[1]
 
     def check_image_size(self, image_size: Optional[int]) -> None:
         """``--image-size`` can only confirm the size the model was made at: a head's features, and a trained
