@@ -125,3 +125,14 @@ def _raise_terminated(signum, _frame):
         return  # already stopping: let the cleanup finish
     _TERM["seen"] = True
     raise _Terminated()
+
+
+def signals_to_main_thread() -> None:
+    """Block SIGINT / SIGTERM in the calling worker thread (a ThreadPoolExecutor ``initializer``).
+
+    Why: the kernel may deliver a process's signal to any thread that does not block it; Python runs the handler
+    (Ctrl-C / SIGTERM -> cleanup, exit 130 / 143) only in the main thread, and a main thread blocked in a system call
+    is woken (EINTR) only if the signal was delivered to it. Blocking them in featx's decode and lane threads sends
+    every such signal to the main thread."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})

@@ -559,7 +559,9 @@ def _lane_pool(n: int):
     if pool is None or size < n:
         if pool is not None:
             pool.shutdown(wait=False)
-        pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="featx-lane")
+        from .errors import signals_to_main_thread
+
+        pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="featx-lane", initializer=signals_to_main_thread)
         _POOL[:] = [pool, n]
     return pool
 

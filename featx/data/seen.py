@@ -44,7 +44,9 @@ def content_prefixes(paths: Sequence, workers: Optional[int] = None) -> list:
     if not paths:
         return []
     n = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=n) as pool:
+    from ..errors import signals_to_main_thread
+
+    with ThreadPoolExecutor(max_workers=n, initializer=signals_to_main_thread) as pool:
         return list(pool.map(_prefix, paths, chunksize=64))
 
 

@@ -73,7 +73,9 @@ def iter_thread_pixels(paths: Sequence, preprocess, *, batches: list, threads: O
             yield _collect(batch, items, stats)
         return
     ahead = n + max(0, int(prefetch)) * max((len(b) for b in batches), default=1)  # images in flight at most
-    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="featx-decode")
+    from ..errors import signals_to_main_thread
+
+    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="featx-decode", initializer=signals_to_main_thread)
     pending: deque = deque()  # futures in input order
     todo = ((i, paths[i]) for batch in batches for i in batch)
     try:
