@@ -101,7 +101,7 @@ class Trainer:
         self.precision = devices.resolve_precision(device, cfg.precision)
         self.scaler = devices.grad_scaler(device, self.precision)
         # channels_last: on CUDA whenever autocast runs (tensor cores); on the CPU where the recipe measured it faster
-        # (finetune's backbones 1.4-1.6x, featx's small CNNs but LeNet-5: benchmarks/bench_cpu_training.py)
+        # (idle 2-core machine: finetune's lite0 1.7x, featx's small CNNs 1.2-1.4x; benchmarks/bench_cpu_training.py)
         self.channels_last = (self.precision.dtype is not None) if device.type == "cuda" else \
             (device.type == "cpu" and bool(cpu_channels_last))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

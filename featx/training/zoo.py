@@ -109,16 +109,16 @@ class Arch:
     cls: type
     image_size: int  # default --image-size for this net
     description: str
-    # Train in channels_last on the CPU: measured faster for vgg_small (1.9x) and resnet20 (1.15x), slower for lenet5
-    # (0.77x: too little convolution to pay for the layout), benchmarks/bench_cpu_training.py, BENCHMARKS.md.
+    # Train in channels_last on the CPU: measured faster on the idle 2-core machine for every net here (vgg_small
+    # and resnet20 1.40x, lenet5 1.24x; benchmarks/bench_cpu_training.py, BENCHMARKS.md). A net that measures slower
+    # sets it False.
     cpu_channels_last: bool = True
 
 
 ARCHS = {
     a.name: a
     for a in (
-        Arch("lenet5", LeNet5, 32, "LeNet-5 (ReLU, max-pool), 62k parameters at 10 classes; digits, tiny icons",
-             cpu_channels_last=False),
+        Arch("lenet5", LeNet5, 32, "LeNet-5 (ReLU, max-pool), 62k parameters at 10 classes; digits, tiny icons"),
         Arch("vgg_small", SmallVGG, 64, "VGG-style 3x3 conv stacks with BatchNorm and dropout, 1.1M parameters"),
         Arch("resnet20", ResNetCifar, 32, "CIFAR-style ResNet-20 (3 stages x 3 basic blocks), 0.27M parameters"),
     )
