@@ -209,17 +209,23 @@ def _resolve_report_dir(report_dir, path: Optional[Path]) -> Optional[Path]:
     return Path(report_dir)
 
 
-def run_checks(fs, s: AuditSettings, checks: list, *, images=None, progress=None) -> AuditResult:
-    """The computation, no files written: neighbour index, then each requested check."""
-    from ..features.store import check_paths
 
-    check_paths(fs.paths, "the features")  # the gallery and the sha256 marks read root/path: never outside the root
+def _begin(fs, s: AuditSettings, checks: list, images) -> tuple:
+    """(image root, the run's info record, train/val roles): what both search paths start from."""
     root = Path(images) if images is not None else (Path(fs.meta["root"]) if fs.meta.get("root") else None)
     info = {"settings": {k: getattr(s, k) for k in ("threshold", "k", "fence", "C", "folds", "val_split", "seed")},
             "checks": checks, "skipped": [c for c in s.checks if c not in checks], "seconds": {}, "notes": []}
     info["settings"]["checks"] = list(s.checks)
     roles, how = _roles(fs, s)
     info["split_rule"] = how
+    return root, info, roles
+
+def run_checks(fs, s: AuditSettings, checks: list, *, images=None, progress=None) -> AuditResult:
+    """The computation, no files written: neighbour index, then each requested check."""
+    from ..features.store import check_paths
+
+    check_paths(fs.paths, "the features")  # the gallery and the sha256 marks read root/path: never outside the root
+    root, info, roles = _begin(fs, s, checks, images)
     dups, outs, labs = [], [], []
     pairs = found = class_knn = None
     # one neighbour index and one k-NN pass serve every check: outlier scores, the nearest image of every row
@@ -242,6 +248,12 @@ def run_checks(fs, s: AuditSettings, checks: list, *, images=None, progress=None
             info["seconds"]["class_outliers"] = round(time.perf_counter() - t, 3)
     if "labels" in checks:
         labs, found = _label_issues(fs, s, roles, info)
+    return _result(fs, root, info, checks, roles, knn, class_knn, found, pairs, dups, outs, labs)
+
+
+
+def _result(fs, root, info: dict, checks: list, roles, knn, class_knn, found, pairs, dups, outs, labs) -> AuditResult:
+    """The per-image score table and the AuditResult, from what either search path found."""
     t = time.perf_counter()
     table = scores.build(fs, roles=roles, knn=knn, class_knn=class_knn, label_found=found, pairs=pairs,
                          duplicates=dups if "duplicates" in checks else None,
@@ -255,19 +267,13 @@ def run_checks(fs, s: AuditSettings, checks: list, *, images=None, progress=None
     return AuditResult(features_path=None, root=None if root is None else str(root), n_images=len(fs),
                        duplicates=dups, label_issues=labs, outliers=outs, info=info, scores=table)
 
-
 def _run_large(rows, s: AuditSettings, checks: list, *, images=None, progress=None) -> AuditResult:
     """run_checks on one approximate k-NN graph (featx.audit.large): same findings, same table, same files."""
     from . import large
     from .duplicates import describe_groups, group_pairs
     from .labels import find_label_issues
 
-    root = Path(images) if images is not None else (Path(rows.meta["root"]) if rows.meta.get("root") else None)
-    info = {"settings": {k: getattr(s, k) for k in ("threshold", "k", "fence", "C", "folds", "val_split", "seed")},
-            "checks": checks, "skipped": [c for c in s.checks if c not in checks], "seconds": {}, "notes": []}
-    info["settings"]["checks"] = list(s.checks)
-    roles, how = _roles(rows, s)
-    info["split_rule"] = how
+    root, info, roles = _begin(rows, s, checks, images)
     t = time.perf_counter()
     g = large.build_graph(rows, k=s.k, threshold=s.threshold if "duplicates" in checks else None, seed=s.seed,
                           progress=_stage(progress, ["neighbours"], "neighbours"))
@@ -335,18 +341,7 @@ def _run_large(rows, s: AuditSettings, checks: list, *, images=None, progress=No
                                                             found["given_probability"],
                                                             found["suggested_probability"]), 1)]
     del g
-    t = time.perf_counter()
-    table = scores.build(rows, roles=roles, knn=knn, class_knn=class_knn, label_found=found, pairs=pairs,
-                         duplicates=dups if "duplicates" in checks else None,
-                         outliers=outs if "outliers" in checks else None,
-                         label_issues=labs if "labels" in checks else None)
-    if "outliers" not in checks:
-        for c in ("outlier_rank", "outlier_score", "outlier_percentile", "knn_distance", "class_knn_distance"):
-            table.columns[c] = np.full(len(rows), np.nan)
-        table.columns["outlier_flagged"] = [None] * len(rows)
-    info["seconds"]["scores"] = round(time.perf_counter() - t, 3)
-    return AuditResult(features_path=None, root=None if root is None else str(root), n_images=len(rows),
-                       duplicates=dups, label_issues=labs, outliers=outs, info=info, scores=table)
+    return _result(rows, root, info, checks, roles, knn, class_knn, found, pairs, dups, outs, labs)
 
 
 def _roles(fs, s: AuditSettings) -> tuple:
