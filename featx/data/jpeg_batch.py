@@ -53,6 +53,19 @@ _O_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 
 
 
 # -- shared: the CPU (PIL) path ------------------------------------------------------------------------------------
+def stack_batch(positions, results) -> tuple:
+    """One batch's ``pil_pixels`` results, in order -> (positions of the good files as int64, their stacked pixels
+    or None, [(position, reason, stage)]): what every CPU pixel stream yields per batch."""
+    good, pixels, errors = [], [], []
+    for i, (px, reason, stage) in zip(positions, results):
+        if px is None:
+            errors.append((i, reason, stage))
+        else:
+            good.append(i)
+            pixels.append(px)
+    return np.asarray(good, dtype=np.int64), (np.stack(pixels) if pixels else None), errors
+
+
 def pil_pixels(path, preprocess, max_pixels: Optional[int] = None, clock: Optional[list] = None):
     """The PIL path for one file -> (uint8 HxWx3 array or None, error reason, stage). Same as decoder="pil".
 

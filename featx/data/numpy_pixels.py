@@ -21,7 +21,6 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Iterator, Optional, Sequence
 
-import numpy as np
 
 from .._io import safe_str
 from ..errors import DataError
@@ -88,14 +87,6 @@ def _worker_init(parent_pid: int) -> None:
 
 def _decode_batch(positions: list, paths: list, preprocess, max_pixels) -> tuple:
     """One batch -> (positions of the good files, their stacked pixels or None, [(position, reason, stage)])."""
-    from .jpeg_batch import pil_pixels
+    from .jpeg_batch import pil_pixels, stack_batch
 
-    good, pixels, errors = [], [], []
-    for i, path in zip(positions, paths):
-        px, reason, stage = pil_pixels(path, preprocess, max_pixels)
-        if px is None:
-            errors.append((i, reason, stage))
-        else:
-            good.append(i)
-            pixels.append(px)
-    return np.asarray(good, dtype=np.int64), (np.stack(pixels) if pixels else None), errors
+    return stack_batch(positions, [pil_pixels(path, preprocess, max_pixels) for path in paths])

@@ -26,8 +26,6 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional, Sequence
 
-import numpy as np
-
 PREFETCH = 2  # batches decoded ahead of the one the caller is working on
 
 
@@ -105,13 +103,9 @@ def _one(path: str, preprocess, max_pixels) -> tuple:
 
 
 def _collect(positions: list, items: list, stats: dict) -> tuple:
-    good, pixels, errors = [], [], []
-    for i, (px, reason, stage, clock) in zip(positions, items):
+    from .jpeg_batch import stack_batch
+
+    for *_, clock in items:
         stats["decode_s"] += clock[0]
         stats["resize_s"] += clock[1]
-        if px is None:
-            errors.append((i, reason, stage))
-        else:
-            good.append(i)
-            pixels.append(px)
-    return np.asarray(good, dtype=np.int64), (np.stack(pixels) if pixels else None), errors
+    return stack_batch(positions, [item[:3] for item in items])
